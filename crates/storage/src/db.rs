@@ -1,0 +1,288 @@
+use std::{path::Path, sync::Arc, time::Duration};
+
+use deadpool::{
+    Runtime,
+    managed::{self, Metrics, RecycleError, RecycleResult},
+};
+use deadpool_sync::SyncWrapper;
+use diesel::{Connection, PgConnection, SqliteConnection, connection::SimpleConnection};
+
+use crate::{DbConnection, DbError, Migration, TxError, migrate};
+
+/// Which database a [`Db`] talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// Pool sizing.
+#[derive(Clone, Debug)]
+pub struct DbOptions {
+    /// Connections per pool (PostgreSQL) or read connections (SQLite).
+    pub pool_size: usize,
+    /// How long a caller waits for a free connection before failing.
+    pub wait_timeout: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 8,
+            wait_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Our own deadpool manager (instead of deadpool-diesel's) for two reasons:
+/// SQLite connections need their pragmas on every new connection, and the
+/// multi-backend `establish` hides the real connect error, which operators
+/// need to see.
+struct Manager {
+    backend: Backend,
+    url: String,
+}
+
+impl managed::Manager for Manager {
+    type Type = SyncWrapper<DbConnection>;
+    type Error = DbError;
+
+    async fn create(&self) -> Result<Self::Type, DbError> {
+        let (backend, url) = (self.backend, self.url.clone());
+        SyncWrapper::new(Runtime::Tokio1, move || establish(backend, &url)).await
+    }
+
+    async fn recycle(&self, obj: &mut Self::Type, _: &Metrics) -> RecycleResult<DbError> {
+        use diesel::connection::TransactionManager;
+        if obj.is_mutex_poisoned() {
+            return Err(RecycleError::message("connection mutex poisoned"));
+        }
+        let broken = obj
+            .interact(|c| {
+                <DbConnection as Connection>::TransactionManager::is_broken_transaction_manager(c)
+            })
+            .await
+            .map_err(|e| RecycleError::message(format!("{e}")))?;
+        if broken {
+            return Err(RecycleError::message("connection left in a transaction"));
+        }
+        Ok(())
+    }
+}
+
+fn establish(backend: Backend, url: &str) -> Result<DbConnection, DbError> {
+    let conn = match backend {
+        Backend::Postgres => PgConnection::establish(url).map(DbConnection::Postgresql),
+        Backend::Sqlite => SqliteConnection::establish(url).map(DbConnection::Sqlite),
+    };
+    let mut conn = conn.map_err(|source| {
+        let url = redact(url);
+        tracing::warn!(%url, error = %source, "database connection failed");
+        DbError::Connect { url, source }
+    })?;
+    if backend == Backend::Sqlite {
+        // WAL lets readers run beside the writer; synchronous=FULL makes every
+        // commit durable (an acknowledged allocation must survive power loss);
+        // busy_timeout covers other processes on the same file.
+        conn.batch_execute(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+        )?;
+    }
+    Ok(conn)
+}
+
+/// Hides the password of a PostgreSQL URL for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+type Pool = managed::Pool<Manager>;
+
+struct Inner {
+    backend: Backend,
+    url: String,
+    write: Pool,
+    read: Pool,
+}
+
+/// A service's database: a pool for write transactions and one for reads.
+///
+/// On PostgreSQL both are the same pool. On SQLite writes go through a
+/// single connection: SQLite has one writer anyway, and funnelling writers
+/// through one connection avoids the lock-upgrade deadlocks of concurrent
+/// deferred transactions, while WAL readers proceed in parallel.
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("backend", &self.inner.backend)
+            .field("url", &self.inner.url)
+            .finish()
+    }
+}
+
+impl Db {
+    /// Opens pools for `url`: `postgres://…`/`postgresql://…`, or a SQLite
+    /// file as `sqlite://path`, `sqlite:path` or a plain path (its folder is
+    /// created). Connects once eagerly so that a wrong URL fails here.
+    pub async fn connect(url: &str, options: DbOptions) -> Result<Db, DbError> {
+        let (backend, conn_url) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            (Backend::Postgres, url.to_owned())
+        } else {
+            let path = url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+                .unwrap_or(url);
+            if let Some(parent) = Path::new(path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent).map_err(|e| DbError::Pool(format!("creating {}: {e}", parent.display())))?;
+            }
+            (Backend::Sqlite, path.to_owned())
+        };
+        let build = |size: usize| {
+            Pool::builder(Manager {
+                backend,
+                url: conn_url.clone(),
+            })
+            .max_size(size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(options.wait_timeout))
+            .create_timeout(Some(Duration::from_secs(15)))
+            .build()
+            .map_err(|e| DbError::Pool(e.to_string()))
+        };
+        let write = build(match backend {
+            Backend::Postgres => options.pool_size,
+            Backend::Sqlite => 1,
+        })?;
+        let read = match backend {
+            Backend::Postgres => write.clone(),
+            Backend::Sqlite => build(options.pool_size)?,
+        };
+        let db = Db {
+            inner: Arc::new(Inner {
+                backend,
+                url: redact(url),
+                write,
+                read,
+            }),
+        };
+        // Fail fast with the real error rather than at the first query.
+        drop(db.inner.write.get().await.map_err(pool_error)?);
+        Ok(db)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.inner.backend
+    }
+
+    /// Applies every migration of `sets` not applied yet, in order, under a
+    /// lock so that replicas starting together do not race.
+    pub async fn migrate(&self, sets: &[&'static [Migration]]) -> Result<(), DbError> {
+        let backend = self.inner.backend;
+        let sets: Vec<&'static [Migration]> = sets.to_vec();
+        self.with_conn(&self.inner.write, move |c| migrate::run(c, backend, &sets))
+            .await?
+    }
+
+    /// Runs `f` in a write transaction on the blocking pool. Retryable
+    /// failures ([`TxError::is_retryable`]) roll back and run `f` again, a
+    /// few times, with a short backoff.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: TxError,
+        F: FnMut(&mut DbConnection) -> Result<T, E> + Send + 'static,
+    {
+        self.transaction(&self.inner.write, f).await
+    }
+
+    /// Runs `f` in a read transaction (one consistent snapshot on SQLite;
+    /// READ COMMITTED statements on PostgreSQL).
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: TxError,
+        F: FnMut(&mut DbConnection) -> Result<T, E> + Send + 'static,
+    {
+        self.transaction(&self.inner.read, f).await
+    }
+
+    async fn transaction<T, E, F>(&self, pool: &Pool, mut f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: TxError,
+        F: FnMut(&mut DbConnection) -> Result<T, E> + Send + 'static,
+    {
+        self.with_conn(pool, move |conn| {
+            let mut attempt = 0u32;
+            loop {
+                match conn.transaction(&mut f) {
+                    Err(e) if e.is_retryable() && attempt < 8 => {
+                        attempt += 1;
+                        // Runs on a blocking-pool thread, so sleeping here
+                        // does not stall the async runtime.
+                        std::thread::sleep(Duration::from_millis(2u64 << attempt.min(6)));
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .map_err(E::from)?
+    }
+
+    async fn with_conn<T, F>(&self, pool: &Pool, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConnection) -> T + Send + 'static,
+    {
+        let obj = pool.get().await.map_err(pool_error)?;
+        obj.interact(f)
+            .await
+            .map_err(|e| DbError::Panic(e.to_string()))
+    }
+
+    /// Connections in use and idle, for metrics.
+    pub fn pool_status(&self) -> (usize, usize) {
+        let s = self.inner.write.status();
+        (s.size - s.available, s.available)
+    }
+}
+
+fn pool_error(e: managed::PoolError<DbError>) -> DbError {
+    match e {
+        managed::PoolError::Backend(e) => e,
+        other => DbError::Pool(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("/tmp/x.db"), "/tmp/x.db");
+    }
+}

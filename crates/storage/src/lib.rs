@@ -1,0 +1,33 @@
+//! Persistence shared by the three services: one diesel query codebase for
+//! SQLite (the embedded default) and PostgreSQL (production), selected at run
+//! time by the database URL.
+//!
+//! It provides the [`DbConnection`] enum (`#[derive(MultiConnection)]`), a
+//! [`Db`] handle that runs transactions on the blocking pool, portable
+//! embedded migrations ([`Migration`]), and the two tables every saga
+//! participant needs: the transactional [`outbox`] and the consumer
+//! [`inbox`]. Each service owns its database; nothing here is shared at run
+//! time.
+
+mod conn;
+mod db;
+mod error;
+pub mod inbox;
+pub mod lock;
+mod migrate;
+pub mod outbox;
+
+pub use conn::{DbConnection, MultiBackend};
+pub use db::{Backend, Db, DbOptions};
+pub use error::{DbError, TxError, is_retryable};
+pub use migrate::Migration;
+
+/// Migrations of the tables defined here (outbox, inbox, locks). Every
+/// service applies them before its own.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: "storage_0001_outbox_inbox",
+    up: include_str!("../migrations/0001_outbox_inbox.sql"),
+}];
+
+/// Re-exported so that services build queries against the same diesel.
+pub use diesel;

@@ -1,0 +1,146 @@
+//! The transactional outbox. Writers call [`append`] inside the transaction
+//! that changes state; the relay (in `gpualloc-saga`) reads [`pending`] rows,
+//! publishes them and calls [`mark_published`] after JetStream's ack.
+
+use std::collections::BTreeMap;
+
+use diesel::prelude::*;
+
+use crate::DbConnection;
+
+diesel::table! {
+    outbox (id) {
+        id -> BigInt,
+        event_id -> Text,
+        subject -> Text,
+        payload -> Binary,
+        headers -> Text,
+        aggregate_id -> Text,
+        origin -> Text,
+        created_at -> BigInt,
+        published_at -> Nullable<BigInt>,
+    }
+}
+
+/// An event to publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxMessage {
+    pub event_id: String,
+    /// Relative to the subject prefix, e.g. `saga.allocation.requested`.
+    pub subject: String,
+    pub payload: Vec<u8>,
+    /// NATS headers to send along (trace context, request id).
+    pub headers: BTreeMap<String, String>,
+    pub aggregate_id: String,
+}
+
+/// A stored, not yet published event.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = outbox)]
+pub struct PendingRow {
+    pub id: i64,
+    pub event_id: String,
+    pub subject: String,
+    pub payload: Vec<u8>,
+    pub headers: String,
+    pub created_at: i64,
+}
+
+impl PendingRow {
+    pub fn header_map(&self) -> BTreeMap<String, String> {
+        serde_json::from_str(&self.headers).unwrap_or_default()
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = outbox)]
+struct NewRow<'a> {
+    event_id: &'a str,
+    subject: &'a str,
+    payload: &'a Vec<u8>,
+    headers: String,
+    aggregate_id: &'a str,
+    origin: &'a str,
+    created_at: i64,
+}
+
+/// Stores `messages` in the caller's transaction, in order.
+pub fn append(
+    conn: &mut DbConnection,
+    origin: &str,
+    now: i64,
+    messages: &[OutboxMessage],
+) -> QueryResult<()> {
+    for m in messages {
+        diesel::insert_into(outbox::table)
+            .values(NewRow {
+                event_id: &m.event_id,
+                subject: &m.subject,
+                payload: &m.payload,
+                headers: serde_json::to_string(&m.headers).unwrap_or_else(|_| "{}".into()),
+                aggregate_id: &m.aggregate_id,
+                origin,
+                created_at: now,
+            })
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+/// Unpublished rows in commit order: all of `origin`'s, and other replicas'
+/// once they are older than `foreign_before` (their writer may have died).
+pub fn pending(
+    conn: &mut DbConnection,
+    origin: &str,
+    foreign_before: i64,
+    limit: i64,
+) -> QueryResult<Vec<PendingRow>> {
+    outbox::table
+        .filter(outbox::published_at.is_null())
+        .filter(
+            outbox::origin
+                .eq(origin)
+                .or(outbox::created_at.lt(foreign_before)),
+        )
+        .order(outbox::id)
+        .limit(limit)
+        .select(PendingRow::as_select())
+        .load(conn)
+}
+
+/// Marks rows published (after JetStream acknowledged them).
+pub fn mark_published(conn: &mut DbConnection, ids: &[i64], now: i64) -> QueryResult<usize> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    diesel::update(outbox::table.filter(outbox::id.eq_any(ids)))
+        .filter(outbox::published_at.is_null())
+        .set(outbox::published_at.eq(now))
+        .execute(conn)
+}
+
+/// Unpublished rows and the creation time of the oldest, for metrics.
+pub fn backlog(conn: &mut DbConnection) -> QueryResult<(i64, Option<i64>)> {
+    let count = outbox::table
+        .filter(outbox::published_at.is_null())
+        .count()
+        .get_result(conn)?;
+    let oldest = outbox::table
+        .filter(outbox::published_at.is_null())
+        .select(diesel::dsl::min(outbox::created_at))
+        .first(conn)?;
+    Ok((count, oldest))
+}
+
+/// Deletes rows published before `before`; they only served replays.
+pub fn prune(conn: &mut DbConnection, before: i64) -> QueryResult<usize> {
+    diesel::delete(outbox::table.filter(outbox::published_at.lt(before))).execute(conn)
+}
+
+/// Marks every row unpublished again: an operator's replay after the
+/// broker lost data. Consumers' inboxes make the replay harmless.
+pub fn mark_all_unpublished(conn: &mut DbConnection) -> QueryResult<usize> {
+    diesel::update(outbox::table.filter(outbox::published_at.is_not_null()))
+        .set(outbox::published_at.eq(None::<i64>))
+        .execute(conn)
+}
