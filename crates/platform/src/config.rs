@@ -1,0 +1,125 @@
+use std::time::Duration;
+
+use gpualloc_saga::BusConfig;
+use gpualloc_storage::DbOptions;
+
+/// Settings every service takes, from flags or `GPUALLOC_*` environment
+/// variables.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CommonConfig {
+    /// Database: `postgres://…` or a SQLite file (`sqlite://path`).
+    #[arg(long, env = "GPUALLOC_DATABASE_URL")]
+    pub database_url: String,
+
+    /// Size of the database connection pool.
+    #[arg(long, env = "GPUALLOC_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: usize,
+
+    /// NATS server URL(s), comma-separated.
+    #[arg(long, env = "GPUALLOC_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// JetStream stream holding the saga's events.
+    #[arg(long, env = "GPUALLOC_STREAM", default_value = "GPUALLOC")]
+    pub stream: String,
+
+    /// Subject prefix of the saga's events.
+    #[arg(long, env = "GPUALLOC_SUBJECT_PREFIX", default_value = "gpualloc")]
+    pub subject_prefix: String,
+
+    /// Replicas of the JetStream stream (3 on a NATS cluster).
+    #[arg(long, env = "GPUALLOC_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
+
+    /// This replica's id (defaults to a random one per start). Outbox rows
+    /// carry it so each replica publishes its own rows first.
+    #[arg(long, env = "GPUALLOC_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// Longest a shutdown waits for in-flight RPCs, consumers and the outbox.
+    #[arg(long, env = "GPUALLOC_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Time between reporting NOT_SERVING and refusing new RPCs, so that
+    /// load balancers stop sending first (set to a few seconds on
+    /// Kubernetes).
+    #[arg(long, env = "GPUALLOC_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+}
+
+impl CommonConfig {
+    /// Defaults for everything but the two URLs (tests and embedding).
+    pub fn new(database_url: impl Into<String>, nats_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            db_pool_size: 8,
+            nats_url: nats_url.into(),
+            stream: "GPUALLOC".into(),
+            subject_prefix: "gpualloc".into(),
+            stream_replicas: 1,
+            replica_id: None,
+            shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
+        }
+    }
+
+    /// Uses another stream and subject prefix (tests isolate themselves so).
+    pub fn with_stream(mut self, stream: &str, prefix: &str) -> Self {
+        self.stream = stream.into();
+        self.subject_prefix = prefix.into();
+        self
+    }
+
+    pub fn bus(&self) -> BusConfig {
+        let mut b = BusConfig::new(self.nats_url.clone());
+        b.stream = self.stream.clone();
+        b.prefix = self.subject_prefix.clone();
+        b.stream_replicas = self.stream_replicas;
+        b
+    }
+
+    pub fn db_options(&self) -> DbOptions {
+        DbOptions {
+            pool_size: self.db_pool_size,
+            ..DbOptions::default()
+        }
+    }
+}
+
+/// Parses `500ms`, `30s`, `5m`, `2h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 5m or 2h"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in {s:?}; use ms, s, m or h")),
+    };
+    if !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("x").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}

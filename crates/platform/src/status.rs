@@ -1,0 +1,84 @@
+//! Builders for the gRPC statuses clients see, with `google.rpc` details so
+//! that programs need not parse messages: BadRequest field violations,
+//! ErrorInfo reasons, QuotaFailure, RetryInfo.
+
+use std::collections::HashMap;
+
+use gpualloc_domain::Violations;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, QuotaViolation, StatusExt};
+
+/// The ErrorInfo domain of every gpualloc error.
+pub const DOMAIN: &str = "gpualloc.dev";
+
+/// INVALID_ARGUMENT listing every field violation.
+pub fn invalid_argument(v: &Violations) -> Status {
+    let violations: Vec<FieldViolation> = v
+        .0
+        .iter()
+        .map(|v| FieldViolation::new(v.field.clone(), v.description.clone()))
+        .collect();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid request: {v}"),
+        ErrorDetails::with_bad_request(violations),
+    )
+}
+
+/// INVALID_ARGUMENT for one field.
+pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
+    invalid_argument(&Violations::single(field, description))
+}
+
+/// NOT_FOUND with the resource named in ResourceInfo.
+pub fn not_found(resource_type: &str, name: &str) -> Status {
+    Status::with_error_details(
+        Code::NotFound,
+        format!("{resource_type} {name:?} not found"),
+        ErrorDetails::with_resource_info(resource_type, name, "", ""),
+    )
+}
+
+/// FAILED_PRECONDITION with an ErrorInfo `reason` (UPPER_SNAKE_CASE) that
+/// programs can branch on.
+pub fn failed_precondition(reason: &str, message: impl Into<String>, metadata: HashMap<String, String>) -> Status {
+    Status::with_error_details(
+        Code::FailedPrecondition,
+        message,
+        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
+    )
+}
+
+/// FAILED_PRECONDITION with QuotaFailure (`subject` = resource class) and
+/// ErrorInfo (`reason` = EXCEEDS_QUOTA or UNSATISFIABLE).
+pub fn quota_failure(
+    reason: &str,
+    message: impl Into<String>,
+    violations: Vec<(String, String)>,
+    metadata: HashMap<String, String>,
+) -> Status {
+    let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
+    let violations: Vec<QuotaViolation> = violations
+        .into_iter()
+        .map(|(subject, description)| QuotaViolation::new(subject, description))
+        .collect();
+    if !violations.is_empty() {
+        details.set_quota_failure(violations);
+    }
+    Status::with_error_details(Code::FailedPrecondition, message, details)
+}
+
+/// UNAVAILABLE with a retry hint.
+pub fn unavailable(message: impl Into<String>, retry_after: std::time::Duration) -> Status {
+    Status::with_error_details(
+        Code::Unavailable,
+        message,
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
+}
+
+/// INTERNAL without leaking details to the client; the error is logged.
+pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Status {
+    tracing::error!(error = %error, "{context}");
+    Status::internal(format!("{context}; see the server log"))
+}

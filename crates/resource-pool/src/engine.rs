@@ -1,0 +1,448 @@
+//! The placement and quota rules, as pure functions over in-memory state.
+//! The store loads the state inside the decision transaction, asks these
+//! functions, and writes the result back with guarded counter updates;
+//! the property tests drive the same functions against a reference model.
+//!
+//! Placement policy: a request goes on exactly one pool, every class at
+//! once. Among the pools where it fits now, the best fit wins:
+//! 1. GPU requests: least leftover of the GPU model granted (with
+//!    `gpu_model` empty, every model of the pool is a candidate), so small
+//!    requests fill fragments and whole nodes stay free for large ones;
+//!    requests without GPUs prefer the pools with the fewest free GPUs,
+//!    keeping GPU pools for GPU work;
+//! 2. then least leftover CPU, then memory;
+//! 3. then the pool id, so that every replica decides alike.
+
+use std::{cmp::Ordering, collections::BTreeMap};
+
+use gpualloc_domain::{Class, GpuModel, PoolId, Resources};
+
+/// A pool's counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolState {
+    pub id: PoolId,
+    pub max_hold: Option<i64>,
+    pub capacity: BTreeMap<Class, i64>,
+    pub used: BTreeMap<Class, i64>,
+}
+
+impl PoolState {
+    pub fn free(&self, class: &Class) -> i64 {
+        self.capacity.get(class).copied().unwrap_or(0) - self.used.get(class).copied().unwrap_or(0)
+    }
+
+    pub fn fits_now(&self, lines: &[(Class, i64)]) -> bool {
+        lines.iter().all(|(c, v)| self.free(c) >= *v)
+    }
+
+    pub fn fits_empty(&self, lines: &[(Class, i64)]) -> bool {
+        lines
+            .iter()
+            .all(|(c, v)| self.capacity.get(c).copied().unwrap_or(0) >= *v)
+    }
+
+    pub fn take(&mut self, lines: &[(Class, i64)]) {
+        for (c, v) in lines {
+            *self.used.entry(c.clone()).or_default() += v;
+        }
+    }
+
+    pub fn give_back(&mut self, lines: &[(Class, i64)]) {
+        for (c, v) in lines {
+            *self.used.entry(c.clone()).or_default() -= v;
+        }
+    }
+
+    fn gpu_models(&self) -> impl Iterator<Item = &GpuModel> {
+        self.capacity.keys().filter_map(|c| match c {
+            Class::GpusOf(m) => Some(m),
+            _ => None,
+        })
+    }
+
+    fn free_gpus(&self) -> i64 {
+        self.capacity
+            .keys()
+            .filter(|c| matches!(c, Class::GpusOf(_)))
+            .map(|c| self.free(c))
+            .sum()
+    }
+
+    /// The ways `demand` could be laid out on this pool: one per GPU model
+    /// it may use.
+    fn layouts(&self, demand: &Resources) -> Vec<(Option<GpuModel>, Vec<(Class, i64)>)> {
+        if demand.gpus == 0 {
+            return vec![(None, demand.pool_lines(None))];
+        }
+        match &demand.gpu_model {
+            Some(m) => vec![(Some(m.clone()), demand.pool_lines(Some(m)))],
+            None => self
+                .gpu_models()
+                .map(|m| (Some(m.clone()), demand.pool_lines(Some(m))))
+                .collect(),
+        }
+    }
+}
+
+/// Where a request goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub pool: PoolId,
+    pub model: Option<GpuModel>,
+    /// Pool-class amounts to take.
+    pub lines: Vec<(Class, i64)>,
+}
+
+/// Best-fit placement among pools where `demand` fits now (see the module
+/// docs); `None` when it fits nowhere now.
+pub fn place(demand: &Resources, pools: &[PoolState]) -> Option<Placement> {
+    let mut best: Option<((i64, i64, i64), Placement)> = None;
+    for pool in pools {
+        for (model, lines) in pool.layouts(demand) {
+            if !pool.fits_now(&lines) {
+                continue;
+            }
+            let gpu_score = match &model {
+                Some(m) => pool.free(&Class::GpusOf(m.clone())) - demand.gpus,
+                None => pool.free_gpus(),
+            };
+            let score = (
+                gpu_score,
+                pool.free(&Class::CpuMillis) - demand.cpu_millis,
+                pool.free(&Class::MemoryMib) - demand.memory_mib,
+            );
+            let better = match &best {
+                None => true,
+                Some((s, p)) => match score.cmp(s) {
+                    Ordering::Less => true,
+                    Ordering::Equal => pool.id < p.pool,
+                    Ordering::Greater => false,
+                },
+            };
+            if better {
+                best = Some((
+                    score,
+                    Placement {
+                        pool: pool.id.clone(),
+                        model,
+                        lines,
+                    },
+                ));
+            }
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// Whether some pool could hold `demand` if it were empty.
+pub fn ever_fits(demand: &Resources, pools: &[PoolState]) -> bool {
+    candidates(demand, pools).next().is_some()
+}
+
+/// Pools that could hold `demand` if they were empty.
+pub fn candidates<'a>(
+    demand: &'a Resources,
+    pools: &'a [PoolState],
+) -> impl Iterator<Item = &'a PoolState> + 'a {
+    pools.iter().filter(move |p| {
+        p.layouts(demand)
+            .iter()
+            .any(|(_, lines)| p.fits_empty(lines))
+    })
+}
+
+/// A tenant's quota counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantState {
+    pub limits: BTreeMap<Class, i64>,
+    /// Granted plus held.
+    pub charged: BTreeMap<Class, i64>,
+    pub granted: BTreeMap<Class, i64>,
+    pub approval_above: Resources,
+    pub max_hold: Option<i64>,
+}
+
+/// One class over quota.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaViolation {
+    pub class: Class,
+    pub limit: i64,
+    pub used: i64,
+    pub requested: i64,
+}
+
+impl QuotaViolation {
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {} requested, {} of {} already in use",
+            self.class, self.requested, self.used, self.limit
+        )
+    }
+}
+
+pub fn quota_violations(demand: &Resources, tenant: &TenantState) -> Vec<QuotaViolation> {
+    demand
+        .quota_lines()
+        .into_iter()
+        .filter_map(|(class, requested)| {
+            let limit = tenant.limits.get(&class).copied().unwrap_or(0);
+            let used = tenant.charged.get(&class).copied().unwrap_or(0);
+            (used + requested > limit).then_some(QuotaViolation {
+                class,
+                limit,
+                used,
+                requested,
+            })
+        })
+        .collect()
+}
+
+/// The answer to "would this be admitted now?".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allowed(Placement),
+    InsufficientCapacity,
+    ExceedsQuota {
+        reason: String,
+        violations: Vec<QuotaViolation>,
+    },
+    Unsatisfiable(String),
+}
+
+/// Decides a request the way the saga does. The order matters: a tenant
+/// without quota is told so first; a request no pool could ever hold is
+/// UNSATISFIABLE even if it is also over quota (no quota change would help).
+pub fn decide(demand: &Resources, tenant: Option<&TenantState>, pools: &[PoolState]) -> Verdict {
+    let Some(tenant) = tenant else {
+        return Verdict::ExceedsQuota {
+            reason: "the tenant has no quota; an administrator must set one".into(),
+            violations: Vec::new(),
+        };
+    };
+    if !ever_fits(demand, pools) {
+        return Verdict::Unsatisfiable(if pools.is_empty() {
+            "there are no pools".into()
+        } else {
+            "no pool is large enough for this request, even when empty".into()
+        });
+    }
+    let violations = quota_violations(demand, tenant);
+    if !violations.is_empty() {
+        let detail: Vec<String> = violations.iter().map(QuotaViolation::describe).collect();
+        return Verdict::ExceedsQuota {
+            reason: format!("over quota: {}", detail.join("; ")),
+            violations,
+        };
+    }
+    match place(demand, pools) {
+        Some(p) => Verdict::Allowed(p),
+        None => Verdict::InsufficientCapacity,
+    }
+}
+
+/// When a request held now must be rejected: the tenant's limit, and the
+/// most patient limit among the pools that could ever hold it (when all
+/// of them have one).
+pub fn hold_deadline(
+    now: i64,
+    demand: &Resources,
+    tenant: &TenantState,
+    pools: &[PoolState],
+) -> Option<i64> {
+    let mut pool_limit: Option<i64> = None;
+    for p in candidates(demand, pools) {
+        match p.max_hold {
+            None => {
+                pool_limit = None;
+                break;
+            }
+            Some(h) => pool_limit = Some(pool_limit.map_or(h, |l| l.max(h))),
+        }
+    }
+    let limit = match (pool_limit, tenant.max_hold) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    limit.map(|l| now.saturating_add(l))
+}
+
+/// A request waiting for capacity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub allocation_id: String,
+    pub priority: i32,
+    pub request_time: i64,
+    pub demand: Resources,
+}
+
+/// Admission order: priority (higher first), then age, then id.
+pub fn admission_order(a: &Held, b: &Held) -> Ordering {
+    b.priority
+        .cmp(&a.priority)
+        .then(a.request_time.cmp(&b.request_time))
+        .then_with(|| a.allocation_id.cmp(&b.allocation_id))
+}
+
+/// Admits held requests in admission order wherever they fit now. A request
+/// that does not fit is skipped, never blocking those behind it (other GPU
+/// models, smaller requests). `pools` is updated with every admission.
+pub fn admit(held: &mut [Held], pools: &mut [PoolState]) -> Vec<(String, Placement)> {
+    held.sort_by(admission_order);
+    let mut out = Vec::new();
+    for h in held.iter() {
+        if let Some(p) = place(&h.demand, pools) {
+            if let Some(pool) = pools.iter_mut().find(|x| x.id == p.pool) {
+                pool.take(&p.lines);
+            }
+            out.push((h.allocation_id.clone(), p));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use gpualloc_domain::{CustomClass, GpuModel};
+
+    use super::*;
+
+    fn pool(id: &str, gpus: &[(&str, i64)], cpu: i64) -> PoolState {
+        let mut capacity = BTreeMap::new();
+        capacity.insert(Class::CpuMillis, cpu);
+        for (m, n) in gpus {
+            capacity.insert(Class::GpusOf(GpuModel::parse(*m).unwrap()), *n);
+        }
+        PoolState {
+            id: PoolId::parse(id).unwrap(),
+            max_hold: None,
+            capacity,
+            used: BTreeMap::new(),
+        }
+    }
+
+    fn gpus(n: i64, model: &str) -> Resources {
+        Resources {
+            gpus: n,
+            gpu_model: (!model.is_empty()).then(|| GpuModel::parse(model).unwrap()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn best_fit_leaves_the_big_pool_whole() {
+        let pools = [pool("big", &[("A100", 8)], 0), pool("small", &[("A100", 2)], 0)];
+        let p = place(&gpus(2, "A100"), &pools).unwrap();
+        assert_eq!(p.pool.as_str(), "small");
+        let p = place(&gpus(8, ""), &pools).unwrap();
+        assert_eq!(p.pool.as_str(), "big");
+        assert_eq!(p.model.unwrap().as_str(), "A100");
+    }
+
+    #[test]
+    fn any_model_picks_the_tightest_model() {
+        let pools = [pool("mixed", &[("A100", 4), ("H100", 2)], 0)];
+        let p = place(&gpus(2, ""), &pools).unwrap();
+        assert_eq!(p.model.unwrap().as_str(), "H100");
+    }
+
+    #[test]
+    fn cpu_work_avoids_gpu_pools() {
+        let pools = [pool("gpu", &[("A100", 8)], 64_000), pool("cpu", &[], 64_000)];
+        let demand = Resources {
+            cpu_millis: 1000,
+            ..Default::default()
+        };
+        assert_eq!(place(&demand, &pools).unwrap().pool.as_str(), "cpu");
+    }
+
+    #[test]
+    fn all_classes_must_fit_on_one_pool() {
+        let mut a = pool("a", &[("A100", 4)], 1000);
+        let b = pool("b", &[], 8000);
+        a.used.insert(Class::CpuMillis, 0);
+        let demand = Resources {
+            cpu_millis: 4000,
+            gpus: 1,
+            ..Default::default()
+        };
+        // GPUs only on a, CPU only enough on b: fits nowhere, ever.
+        assert_eq!(place(&demand, &[a.clone(), b.clone()]), None);
+        assert!(!ever_fits(&demand, &[a, b]));
+    }
+
+    #[test]
+    fn custom_classes_are_counted() {
+        let seat = CustomClass::parse("SEAT").unwrap();
+        let mut hall = pool("hall", &[], 0);
+        hall.capacity.insert(Class::Custom(seat.clone()), 5);
+        let mut book = Resources::default();
+        book.custom.insert(seat.clone(), 3);
+        let p = place(&book, std::slice::from_ref(&hall)).unwrap();
+        hall.take(&p.lines);
+        assert_eq!(hall.free(&Class::Custom(seat.clone())), 2);
+        assert_eq!(place(&book, std::slice::from_ref(&hall)), None);
+        hall.give_back(&p.lines);
+        assert!(place(&book, &[hall]).is_some());
+    }
+
+    #[test]
+    fn verdicts_in_order() {
+        let pools = [pool("p", &[("A100", 4)], 0)];
+        let mut t = TenantState::default();
+        t.limits.insert(Class::Gpus, 6);
+        assert!(matches!(decide(&gpus(1, ""), None, &pools), Verdict::ExceedsQuota { .. }));
+        assert!(matches!(decide(&gpus(5, ""), Some(&t), &pools), Verdict::Unsatisfiable(_)));
+        assert!(matches!(decide(&gpus(2, "H100"), Some(&t), &pools), Verdict::Unsatisfiable(_)));
+        assert!(matches!(decide(&gpus(4, ""), Some(&t), &pools), Verdict::Allowed(_)));
+        t.charged.insert(Class::Gpus, 4);
+        match decide(&gpus(3, ""), Some(&t), &pools) {
+            Verdict::ExceedsQuota { violations, .. } => {
+                assert_eq!(violations[0].used, 4);
+                assert_eq!(violations[0].limit, 6);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut busy = pools.clone();
+        busy[0].used.insert(Class::GpusOf(GpuModel::parse("A100").unwrap()), 3);
+        assert_eq!(decide(&gpus(2, ""), Some(&t), &busy), Verdict::InsufficientCapacity);
+    }
+
+    #[test]
+    fn admission_skips_what_does_not_fit() {
+        let mut pools = vec![pool("a", &[("A100", 2)], 0), pool("h", &[("H100", 1)], 0)];
+        let held = |id: &str, prio: i32, t: i64, d: Resources| Held {
+            allocation_id: id.into(),
+            priority: prio,
+            request_time: t,
+            demand: d,
+        };
+        let mut queue = vec![
+            held("old-big", 0, 1, gpus(4, "A100")),
+            held("h100", 0, 2, gpus(1, "H100")),
+            held("young", 0, 3, gpus(2, "A100")),
+            held("urgent", 5, 9, gpus(1, "A100")),
+        ];
+        let admitted: Vec<String> = admit(&mut queue, &mut pools).into_iter().map(|(id, _)| id).collect();
+        // Priority first; the big request that cannot fit blocks nobody.
+        assert_eq!(admitted, ["urgent", "h100"]);
+    }
+
+    #[test]
+    fn hold_deadline_takes_the_tighter_of_tenant_and_pools() {
+        let mut a = pool("a", &[("A100", 4)], 0);
+        let mut b = pool("b", &[("A100", 8)], 0);
+        let t = TenantState::default();
+        assert_eq!(hold_deadline(100, &gpus(2, ""), &t, &[a.clone(), b.clone()]), None);
+        a.max_hold = Some(10);
+        assert_eq!(hold_deadline(100, &gpus(2, ""), &t, &[a.clone(), b.clone()]), None);
+        b.max_hold = Some(50);
+        assert_eq!(hold_deadline(100, &gpus(2, ""), &t, &[a.clone(), b.clone()]), Some(150));
+        // Only b could hold 6 GPUs.
+        assert_eq!(hold_deadline(100, &gpus(6, ""), &t, &[a.clone(), b.clone()]), Some(150));
+        let t = TenantState {
+            max_hold: Some(20),
+            ..Default::default()
+        };
+        assert_eq!(hold_deadline(100, &gpus(2, ""), &t, &[a, b]), Some(120));
+    }
+}

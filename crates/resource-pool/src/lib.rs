@@ -1,0 +1,97 @@
+//! The resource-pool service: owns pools (capacity), tenant quotas,
+//! reservations and the hold queue, and is the authority on capacity. It
+//! consumes `AllocationRequested` and `AllocationCancelled` from JetStream
+//! and decides every placement in one transaction (grant on exactly one
+//! pool, hold, or reject), releases leases when they end, and admits held
+//! requests whenever capacity frees up. Its `CheckQuota` RPC is the
+//! read-only dry run the allocation service calls synchronously.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use gpualloc_platform::{CommonConfig, Platform, config::parse_duration, telemetry::LogFormat};
+use gpualloc_proto::resourcepool::v1::resource_pool_service_server::ResourcePoolServiceServer;
+use gpualloc_saga::{ConsumerSpec, subjects};
+use gpualloc_storage::Migration;
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+
+pub mod engine;
+mod error;
+mod handler;
+pub mod ops;
+mod schema;
+mod service;
+pub mod store;
+mod sweeper;
+
+pub use error::Error;
+pub use handler::AllocationEvents;
+pub use service::PoolService;
+
+/// The fully-qualified gRPC service name (also its health-check name).
+pub const SERVICE_NAME: &str = <ResourcePoolServiceServer<PoolService> as NamedService>::NAME;
+
+/// Durable consumer name, shared by all replicas.
+pub const CONSUMER: &str = "resource-pool";
+
+/// This service's migrations (after the shared outbox/inbox ones).
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: "resource_pool_0001_pools_quotas_reservations",
+    up: include_str!("../migrations/0001_pools_quotas_reservations.sql"),
+}];
+
+/// Settings of the resource-pool service.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "gpualloc-resource-pool", version, about = "gpualloc resource-pool service")]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "GPUALLOC_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// Longest time between two sweeps for ended leases and overdue holds
+    /// (the sweeper also wakes at the next known deadline).
+    #[arg(long, env = "GPUALLOC_SWEEP_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// Log format.
+    #[arg(long, env = "GPUALLOC_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn new(common: CommonConfig) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            common,
+            sweep_interval: Duration::from_secs(1),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Runs the service on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
+    let service = PoolService::new(platform.db(), platform.relay(), platform.origin().to_owned());
+    let sweep_interval = config.sweep_interval;
+    platform.start(MIGRATIONS, move |ready| {
+        ready.spawn_consumer(
+            ConsumerSpec::new(CONSUMER, subjects::FILTER_ALLOCATION_SAGA, &ready.origin),
+            Arc::new(AllocationEvents),
+        );
+        let (db, relay, origin) = (ready.db.clone(), ready.relay.clone(), ready.origin.clone());
+        ready.spawn(move |cancel| sweeper::run(db, relay, origin, sweep_interval, cancel));
+    });
+    platform
+        .serve(listener, shutdown, |routes| {
+            routes.add_service(ResourcePoolServiceServer::new(service))
+        })
+        .await
+}

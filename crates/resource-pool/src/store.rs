@@ -1,0 +1,409 @@
+//! Queries of the resource-pool database. Counter updates are guarded (the
+//! `WHERE` re-checks the bound) and backed by CHECK constraints, so a bug
+//! elsewhere fails the transaction instead of over-allocating.
+
+use std::collections::BTreeMap;
+
+use diesel::prelude::*;
+use gpualloc_domain::{Class, GpuModel, PoolId, Resources};
+use gpualloc_storage::DbConnection;
+
+use crate::{
+    Error,
+    engine::{Held, PoolState, TenantState},
+    schema::{pool_resources, pools, reservations, tenant_quotas, tenant_usage},
+};
+
+pub const HELD: &str = "HELD";
+pub const GRANTED: &str = "GRANTED";
+pub const RELEASED: &str = "RELEASED";
+pub const REJECTED: &str = "REJECTED";
+
+/// Lock name serialising every decision that reads and changes counters.
+pub const PLACEMENT_LOCK: &str = "placement";
+
+fn parse_class(s: &str) -> Result<Class, Error> {
+    s.parse()
+        .map_err(|e| Error::Invariant(format!("stored class {s:?}: {e}")))
+}
+
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = pools)]
+pub struct PoolRow {
+    pub pool_id: String,
+    pub max_hold_micros: Option<i64>,
+    pub version: i64,
+    pub create_time: i64,
+    pub update_time: i64,
+}
+
+/// A pool with its counters and metadata.
+#[derive(Clone, Debug)]
+pub struct PoolRecord {
+    pub row: PoolRow,
+    pub state: PoolState,
+}
+
+pub fn load_pools(conn: &mut DbConnection) -> Result<Vec<PoolRecord>, Error> {
+    let rows: Vec<PoolRow> = pools::table
+        .order(pools::pool_id)
+        .select(PoolRow::as_select())
+        .load(conn)?;
+    let resources: Vec<(String, String, i64, i64)> = pool_resources::table
+        .select((
+            pool_resources::pool_id,
+            pool_resources::class,
+            pool_resources::capacity,
+            pool_resources::used,
+        ))
+        .load(conn)?;
+    let mut by_pool: BTreeMap<String, (BTreeMap<Class, i64>, BTreeMap<Class, i64>)> = BTreeMap::new();
+    for (pool, class, capacity, used) in resources {
+        let class = parse_class(&class)?;
+        let entry = by_pool.entry(pool).or_default();
+        entry.0.insert(class.clone(), capacity);
+        entry.1.insert(class, used);
+    }
+    rows.into_iter()
+        .map(|row| {
+            let (capacity, used) = by_pool.remove(&row.pool_id).unwrap_or_default();
+            let id = PoolId::parse(row.pool_id.clone()).map_err(Error::Invariant)?;
+            Ok(PoolRecord {
+                state: PoolState {
+                    id,
+                    max_hold: row.max_hold_micros,
+                    capacity,
+                    used,
+                },
+                row,
+            })
+        })
+        .collect()
+}
+
+pub fn pool_states(conn: &mut DbConnection) -> Result<Vec<PoolState>, Error> {
+    Ok(load_pools(conn)?.into_iter().map(|p| p.state).collect())
+}
+
+/// Adds `lines` to a pool's usage, refusing to pass capacity.
+pub fn take_pool(conn: &mut DbConnection, pool: &PoolId, lines: &[(Class, i64)]) -> Result<(), Error> {
+    for (class, v) in lines {
+        let n = diesel::update(
+            pool_resources::table
+                .filter(pool_resources::pool_id.eq(pool.as_str()))
+                .filter(pool_resources::class.eq(class.to_string()))
+                .filter((pool_resources::used + *v).le(pool_resources::capacity)),
+        )
+        .set(pool_resources::used.eq(pool_resources::used + *v))
+        .execute(conn)?;
+        if n != 1 {
+            return Err(Error::Invariant(format!("{class} of {v} does not fit pool {pool}")));
+        }
+    }
+    Ok(())
+}
+
+/// Returns `lines` to a pool.
+pub fn release_pool(conn: &mut DbConnection, pool: &str, lines: &[(Class, i64)]) -> Result<(), Error> {
+    for (class, v) in lines {
+        let n = diesel::update(
+            pool_resources::table
+                .filter(pool_resources::pool_id.eq(pool))
+                .filter(pool_resources::class.eq(class.to_string()))
+                .filter(pool_resources::used.ge(*v)),
+        )
+        .set(pool_resources::used.eq(pool_resources::used - *v))
+        .execute(conn)?;
+        if n != 1 {
+            return Err(Error::Invariant(format!("releasing {class} of {v} from pool {pool}")));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = tenant_quotas)]
+pub struct QuotaRow {
+    pub tenant: String,
+    pub approval_above: String,
+    pub max_hold_micros: Option<i64>,
+    pub version: i64,
+    pub update_time: i64,
+}
+
+pub fn load_tenant(conn: &mut DbConnection, tenant: &str) -> Result<Option<(QuotaRow, TenantState)>, Error> {
+    let Some(row) = tenant_quotas::table
+        .find(tenant)
+        .select(QuotaRow::as_select())
+        .first(conn)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let usage: Vec<(String, i64, i64, i64)> = tenant_usage::table
+        .filter(tenant_usage::tenant.eq(tenant))
+        .select((
+            tenant_usage::class,
+            tenant_usage::quota_limit,
+            tenant_usage::charged,
+            tenant_usage::granted,
+        ))
+        .load(conn)?;
+    let mut state = TenantState {
+        approval_above: serde_json::from_str(&row.approval_above)
+            .map_err(|e| Error::Invariant(format!("stored approval_above: {e}")))?,
+        max_hold: row.max_hold_micros,
+        ..Default::default()
+    };
+    for (class, limit, charged, granted) in usage {
+        let class = parse_class(&class)?;
+        state.limits.insert(class.clone(), limit);
+        state.charged.insert(class.clone(), charged);
+        state.granted.insert(class, granted);
+    }
+    Ok(Some((row, state)))
+}
+
+/// Changes a tenant's counters by `sign` × `lines`: `charged` always,
+/// `granted` when `granted` is set. Refuses to pass the quota.
+pub fn charge_tenant(
+    conn: &mut DbConnection,
+    tenant: &str,
+    lines: &[(Class, i64)],
+    sign: i64,
+    charged: bool,
+    granted: bool,
+) -> Result<(), Error> {
+    for (class, v) in lines {
+        let d = sign * v;
+        let dc = if charged { d } else { 0 };
+        let dg = if granted { d } else { 0 };
+        let n = diesel::update(
+            tenant_usage::table
+                .filter(tenant_usage::tenant.eq(tenant))
+                .filter(tenant_usage::class.eq(class.to_string()))
+                .filter((tenant_usage::charged + dc).le(tenant_usage::quota_limit))
+                .filter((tenant_usage::charged + dc).ge(tenant_usage::granted + dg))
+                .filter((tenant_usage::granted + dg).ge(0)),
+        )
+        .set((
+            tenant_usage::charged.eq(tenant_usage::charged + dc),
+            tenant_usage::granted.eq(tenant_usage::granted + dg),
+        ))
+        .execute(conn)?;
+        if n != 1 {
+            return Err(Error::Invariant(format!(
+                "tenant {tenant}: changing {class} by {d} breaks its quota counters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = reservations)]
+pub struct ReservationRow {
+    pub allocation_id: String,
+    pub tenant: String,
+    pub state: String,
+    pub demand: String,
+    pub pool_id: Option<String>,
+    pub gpu_model: Option<String>,
+    pub priority: i32,
+    pub request_time: i64,
+    pub lease_micros: Option<i64>,
+    pub hold_deadline: Option<i64>,
+    pub expire_time: Option<i64>,
+    pub reason: String,
+    pub version: i64,
+    pub create_time: i64,
+    pub update_time: i64,
+}
+
+impl ReservationRow {
+    pub fn demand(&self) -> Result<Resources, Error> {
+        serde_json::from_str(&self.demand).map_err(|e| Error::Invariant(format!("stored demand: {e}")))
+    }
+
+    pub fn model(&self) -> Result<Option<GpuModel>, Error> {
+        self.gpu_model
+            .as_deref()
+            .map(GpuModel::parse)
+            .transpose()
+            .map_err(Error::Invariant)
+    }
+
+    /// The pool-class amounts it holds (when granted).
+    pub fn pool_lines(&self) -> Result<Vec<(Class, i64)>, Error> {
+        Ok(self.demand()?.pool_lines(self.model()?.as_ref()))
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = reservations)]
+pub struct NewReservation<'a> {
+    pub allocation_id: &'a str,
+    pub tenant: &'a str,
+    pub state: &'a str,
+    pub demand: String,
+    pub pool_id: Option<&'a str>,
+    pub gpu_model: Option<&'a str>,
+    pub priority: i32,
+    pub request_time: i64,
+    pub lease_micros: Option<i64>,
+    pub hold_deadline: Option<i64>,
+    pub expire_time: Option<i64>,
+    pub reason: &'a str,
+    pub version: i64,
+    pub create_time: i64,
+    pub update_time: i64,
+}
+
+pub fn insert_reservation(conn: &mut DbConnection, r: &NewReservation<'_>) -> Result<(), Error> {
+    diesel::insert_into(reservations::table)
+        .values(r)
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn get_reservation(conn: &mut DbConnection, allocation_id: &str) -> Result<Option<ReservationRow>, Error> {
+    Ok(reservations::table
+        .find(allocation_id)
+        .select(ReservationRow::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+/// Moves a reservation from `from` to `to` (guarded on `from`, so a
+/// concurrent move makes this fail rather than apply twice).
+pub fn move_reservation(
+    conn: &mut DbConnection,
+    r: &ReservationRow,
+    to: &str,
+    reason: &str,
+    placed: Option<(&str, Option<&str>, Option<i64>)>,
+    now: i64,
+) -> Result<i64, Error> {
+    let version = r.version + 1;
+    let q = diesel::update(
+        reservations::table
+            .filter(reservations::allocation_id.eq(&r.allocation_id))
+            .filter(reservations::state.eq(&r.state))
+            .filter(reservations::version.eq(r.version)),
+    );
+    let n = match placed {
+        Some((pool, model, expire)) => q
+            .set((
+                reservations::state.eq(to),
+                reservations::reason.eq(reason),
+                reservations::pool_id.eq(Some(pool)),
+                reservations::gpu_model.eq(model),
+                reservations::expire_time.eq(expire),
+                reservations::version.eq(version),
+                reservations::update_time.eq(now),
+            ))
+            .execute(conn)?,
+        None => q
+            .set((
+                reservations::state.eq(to),
+                reservations::reason.eq(reason),
+                reservations::version.eq(version),
+                reservations::update_time.eq(now),
+            ))
+            .execute(conn)?,
+    };
+    if n != 1 {
+        return Err(Error::Invariant(format!(
+            "reservation {} changed under the placement lock",
+            r.allocation_id
+        )));
+    }
+    Ok(version)
+}
+
+pub fn held(conn: &mut DbConnection) -> Result<Vec<ReservationRow>, Error> {
+    Ok(reservations::table
+        .filter(reservations::state.eq(HELD))
+        .order((
+            reservations::priority.desc(),
+            reservations::request_time,
+            reservations::allocation_id,
+        ))
+        .select(ReservationRow::as_select())
+        .load(conn)?)
+}
+
+pub fn held_queue(rows: &[ReservationRow]) -> Result<Vec<Held>, Error> {
+    rows.iter()
+        .map(|r| {
+            Ok(Held {
+                allocation_id: r.allocation_id.clone(),
+                priority: r.priority,
+                request_time: r.request_time,
+                demand: r.demand()?,
+            })
+        })
+        .collect()
+}
+
+/// 1-based admission position of a held request among all held requests.
+pub fn position(conn: &mut DbConnection, r: &ReservationRow) -> Result<i64, Error> {
+    let ahead: i64 = reservations::table
+        .filter(reservations::state.eq(HELD))
+        .filter(
+            reservations::priority.gt(r.priority).or(reservations::priority
+                .eq(r.priority)
+                .and(
+                    reservations::request_time.lt(r.request_time).or(reservations::request_time
+                        .eq(r.request_time)
+                        .and(reservations::allocation_id.lt(&r.allocation_id))),
+                )),
+        )
+        .count()
+        .get_result(conn)?;
+    Ok(ahead + 1)
+}
+
+pub fn expired_leases(conn: &mut DbConnection, now: i64, limit: i64) -> Result<Vec<ReservationRow>, Error> {
+    Ok(reservations::table
+        .filter(reservations::state.eq(GRANTED))
+        .filter(reservations::expire_time.le(now))
+        .order(reservations::expire_time)
+        .limit(limit)
+        .select(ReservationRow::as_select())
+        .load(conn)?)
+}
+
+pub fn overdue_holds(conn: &mut DbConnection, now: i64, limit: i64) -> Result<Vec<ReservationRow>, Error> {
+    Ok(reservations::table
+        .filter(reservations::state.eq(HELD))
+        .filter(reservations::hold_deadline.le(now))
+        .order(reservations::hold_deadline)
+        .limit(limit)
+        .select(ReservationRow::as_select())
+        .load(conn)?)
+}
+
+/// Earliest lease end or hold deadline still ahead, for the sweeper's timer.
+pub fn next_deadline(conn: &mut DbConnection) -> Result<Option<i64>, Error> {
+    let lease: Option<i64> = reservations::table
+        .filter(reservations::state.eq(GRANTED))
+        .select(diesel::dsl::min(reservations::expire_time))
+        .first(conn)?;
+    let hold: Option<i64> = reservations::table
+        .filter(reservations::state.eq(HELD))
+        .select(diesel::dsl::min(reservations::hold_deadline))
+        .first(conn)?;
+    Ok(match (lease, hold) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
+}
+
+pub fn granted_on_pool(conn: &mut DbConnection, pool: &str) -> Result<i64, Error> {
+    Ok(reservations::table
+        .filter(reservations::state.eq(GRANTED))
+        .filter(reservations::pool_id.eq(pool))
+        .count()
+        .get_result(conn)?)
+}

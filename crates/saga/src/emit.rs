@@ -1,0 +1,118 @@
+use std::collections::BTreeMap;
+
+use gpualloc_domain::time;
+use gpualloc_storage::{DbConnection, diesel::QueryResult, outbox};
+use prost::Message;
+
+use crate::{Event, Payload, subjects};
+
+/// Headers that carry trace context and request identity from the gRPC call
+/// that started a saga through every event it causes: W3C trace context,
+/// Envoy's B3 headers and `x-request-id`.
+pub const TRACE_HEADERS: &[&str] = &[
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+/// Builds events and stages them for the outbox of the current transaction.
+/// Create one per transaction attempt, call [`Emitter::emit`] for each event,
+/// then [`Emitter::flush`] before committing.
+#[derive(Debug)]
+pub struct Emitter {
+    origin: String,
+    now: i64,
+    headers: BTreeMap<String, String>,
+    staged: Vec<outbox::OutboxMessage>,
+    events: Vec<Event>,
+}
+
+impl Emitter {
+    /// `origin` is this replica's id; `headers` the trace context to pass on.
+    pub fn new(origin: &str, now: i64, headers: BTreeMap<String, String>) -> Self {
+        Self {
+            origin: origin.to_owned(),
+            now,
+            headers,
+            staged: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn now(&self) -> i64 {
+        self.now
+    }
+
+    pub fn headers(&self) -> &BTreeMap<String, String> {
+        &self.headers
+    }
+
+    /// Stages one event about `aggregate_id` (an allocation id, pool id or
+    /// tenant) and returns it.
+    pub fn emit(
+        &mut self,
+        allocation_id: &str,
+        tenant: &str,
+        aggregate_version: i64,
+        payload: Payload,
+    ) -> &Event {
+        let subject = subjects::of(&payload);
+        let event = Event {
+            event_id: uuid::Uuid::now_v7().to_string(),
+            allocation_id: allocation_id.to_owned(),
+            tenant: tenant.to_owned(),
+            aggregate_version,
+            event_time: Some(time::to_timestamp(self.now)),
+            payload: Some(payload),
+        };
+        let aggregate_id = match &event.payload {
+            _ if !allocation_id.is_empty() => allocation_id.to_owned(),
+            Some(Payload::PoolChanged(p)) => {
+                format!("pool:{}", p.pool.as_ref().map(|p| p.pool_id.as_str()).unwrap_or(""))
+            }
+            _ => format!("tenant:{tenant}"),
+        };
+        self.staged.push(outbox::OutboxMessage {
+            event_id: event.event_id.clone(),
+            subject: subject.to_owned(),
+            payload: event.encode_to_vec(),
+            headers: self.headers.clone(),
+            aggregate_id,
+        });
+        self.events.push(event);
+        self.events.last().expect("just pushed")
+    }
+
+    /// Events staged so far.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.staged.is_empty()
+    }
+
+    /// Writes the staged events to the outbox in the caller's transaction.
+    pub fn flush(&mut self, conn: &mut DbConnection) -> QueryResult<()> {
+        let staged = std::mem::take(&mut self.staged);
+        outbox::append(conn, &self.origin, self.now, &staged)
+    }
+}
+
+/// Decodes a message payload into an [`Event`] that has a payload.
+pub fn decode(bytes: &[u8]) -> Result<Event, String> {
+    let event = Event::decode(bytes).map_err(|e| format!("undecodable event: {e}"))?;
+    if event.event_id.is_empty() {
+        return Err("event without event_id".into());
+    }
+    if event.payload.is_none() {
+        return Err(format!("event {} has no (known) payload", event.event_id));
+    }
+    Ok(event)
+}

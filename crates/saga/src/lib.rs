@@ -1,0 +1,25 @@
+//! The allocation saga's delivery machinery, shared by every service:
+//!
+//! - [`Bus`]: the NATS connection and the JetStream stream, provisioned
+//!   idempotently at start-up;
+//! - [`Emitter`]: builds [`Event`]s and stages them as outbox rows in the
+//!   caller's transaction;
+//! - [`relay`]: publishes outbox rows with `Nats-Msg-Id` = event id and marks
+//!   them published only after JetStream's ack;
+//! - [`consumer`]: durable pull consumers that apply a batch of events in one
+//!   transaction, record each event id in the inbox, and ack after commit.
+//!
+//! Together these make every effect happen once although delivery is
+//! at-least-once (DESIGN.md section 3).
+
+mod bus;
+pub mod consumer;
+mod emit;
+pub mod relay;
+pub mod subjects;
+
+pub use bus::{Bus, BusConfig};
+pub use consumer::{Consumer, ConsumerSpec, Handler};
+pub use emit::{Emitter, TRACE_HEADERS, decode};
+pub use gpualloc_proto::events::v1::{Event, event::Payload};
+pub use relay::{Relay, RelayConfig};

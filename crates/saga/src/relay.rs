@@ -1,0 +1,185 @@
+//! The outbox relay: publishes committed events in commit order and marks
+//! them published only after JetStream acknowledged them. A crash between
+//! the ack and the mark republishes the rows; JetStream drops the copy
+//! within the duplicate window (same `Nats-Msg-Id`) and consumers' inboxes
+//! after it.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::{HeaderMap, jetstream::context::PublishAckFuture};
+use bytes::Bytes;
+use gpualloc_domain::time::now_micros;
+use gpualloc_storage::{Db, DbError, outbox};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::Bus;
+
+/// Relay tuning.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    /// This replica's id, as written in `outbox.origin`.
+    pub origin: String,
+    /// Rows per publish round (published pipelined, then acked together).
+    pub batch: i64,
+    /// Poll interval when nobody nudges the relay (rows from other replicas,
+    /// retries after errors).
+    pub poll: Duration,
+    /// Other replicas' rows are published only when older than this: their
+    /// writer normally publishes them itself; this picks up after a crash.
+    pub foreign_grace: Duration,
+}
+
+impl RelayConfig {
+    pub fn new(origin: impl Into<String>) -> Self {
+        Self {
+            origin: origin.into(),
+            batch: 512,
+            poll: Duration::from_millis(500),
+            foreign_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Handle to a running relay.
+#[derive(Clone)]
+pub struct Relay {
+    notify: Arc<Notify>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Relay")
+    }
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Relay {
+    /// A handle whose task is started later with [`Relay::run`]. Writers can
+    /// nudge it before the task runs; nothing is lost, the task drains the
+    /// table when it starts.
+    pub fn new() -> Self {
+        Self {
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Asks the relay to publish now (call after committing outbox rows).
+    pub fn nudge(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Publishes until `cancel` fires, then makes a last attempt to drain
+    /// what is committed (bounded by `drain_timeout`).
+    pub async fn run(
+        self,
+        db: Db,
+        bus: Bus,
+        config: RelayConfig,
+        cancel: CancellationToken,
+        drain_timeout: Duration,
+    ) {
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(config.poll) => {}
+            }
+            match drain(&db, &bus, &config).await {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = format!("{e:#}"), failures, "outbox relay round failed");
+                    let backoff = Duration::from_millis((50u64 << failures.min(6)).min(2_000));
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout(drain_timeout, drain(&db, &bus, &config)).await {
+            Ok(Ok(n)) => tracing::info!(published = n, "outbox flushed on shutdown"),
+            Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "outbox flush on shutdown failed; the rows stay for the next start"),
+            Err(_) => tracing::warn!("outbox flush on shutdown timed out; the rows stay for the next start"),
+        }
+    }
+}
+
+/// Publishes every pending row; returns how many were published.
+pub async fn drain(db: &Db, bus: &Bus, config: &RelayConfig) -> anyhow::Result<usize> {
+    let mut total = 0;
+    loop {
+        let origin = config.origin.clone();
+        let grace = i64::try_from(config.foreign_grace.as_micros()).unwrap_or(i64::MAX);
+        let batch = config.batch;
+        let rows = db
+            .read(move |c| Ok::<_, DbError>(outbox::pending(c, &origin, now_micros() - grace, batch)?))
+            .await?;
+        if rows.is_empty() {
+            return Ok(total);
+        }
+        let full = rows.len() as i64 == batch;
+        let published = publish(bus, &rows).await;
+        let ok = published.ids.len();
+        if ok > 0 {
+            let ids = published.ids;
+            db.write(move |c| Ok::<_, DbError>(outbox::mark_published(c, &ids, now_micros())?))
+                .await?;
+            total += ok;
+        }
+        if let Some(e) = published.error {
+            return Err(e);
+        }
+        if !full {
+            return Ok(total);
+        }
+    }
+}
+
+struct Published {
+    /// Rows acknowledged by JetStream, a prefix of the batch.
+    ids: Vec<i64>,
+    error: Option<anyhow::Error>,
+}
+
+/// Sends the whole batch pipelined, then awaits the acks in order. Stops
+/// at the first failure so that rows are marked in commit order only.
+async fn publish(bus: &Bus, rows: &[outbox::PendingRow]) -> Published {
+    let mut acks: Vec<(i64, PublishAckFuture)> = Vec::with_capacity(rows.len());
+    let mut error = None;
+    for row in rows {
+        let mut headers = HeaderMap::new();
+        for (k, v) in row.header_map() {
+            headers.insert(k.as_str(), v.as_str());
+        }
+        let message = async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(row.payload.clone()))
+            .headers(headers)
+            .message_id(&row.event_id);
+        match bus.js.send_publish(bus.subject(&row.subject), message).await {
+            Ok(ack) => acks.push((row.id, ack)),
+            Err(e) => {
+                error = Some(anyhow::Error::from_boxed(Box::new(e)).context("publishing an outbox row"));
+                break;
+            }
+        }
+    }
+    let mut ids = Vec::with_capacity(acks.len());
+    for (id, ack) in acks {
+        match ack.await {
+            Ok(_) => ids.push(id),
+            Err(e) => {
+                error.get_or_insert(anyhow::Error::from_boxed(Box::new(e)).context("awaiting a JetStream ack"));
+                break;
+            }
+        }
+    }
+    Published { ids, error }
+}
