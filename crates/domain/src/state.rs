@@ -43,7 +43,7 @@ impl State {
         matches!(
             (self, to),
             (AwaitingApproval, Pending | Rejected | Cancelled)
-                | (Pending, Allocated | Held | Rejected | Cancelling)
+                | (Pending, Allocated | Held | Rejected | Cancelling | AwaitingApproval)
                 | (Held, Allocated | Rejected | Cancelling)
                 | (Allocated, Cancelling | Expired)
                 | (Cancelling, Cancelled | Expired | Rejected)

@@ -58,6 +58,8 @@ CREATE TABLE reservations (
     hold_deadline BIGINT,
     expire_time BIGINT,
     reason TEXT NOT NULL,
+    -- Why it ended, for programs: the RejectCause or ReleaseCause name.
+    outcome TEXT,
     version BIGINT NOT NULL,
     create_time BIGINT NOT NULL,
     update_time BIGINT NOT NULL,

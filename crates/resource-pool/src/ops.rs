@@ -19,8 +19,75 @@ use crate::{
     store::{self, GRANTED, HELD, NewReservation, REJECTED, RELEASED, ReservationRow},
 };
 
+/// What a new reservation row records.
+struct NewRow<'a> {
+    state: &'a str,
+    demand: &'a Resources,
+    pool: Option<&'a str>,
+    model: Option<&'a str>,
+    hold_deadline: Option<i64>,
+    expire_time: Option<i64>,
+    reason: &'a str,
+    outcome: Option<&'a str>,
+}
+
+impl<'a> NewRow<'a> {
+    fn ended(state: &'a str, demand: &'a Resources, reason: &'a str, outcome: &'a str) -> Self {
+        NewRow {
+            state,
+            demand,
+            pool: None,
+            model: None,
+            hold_deadline: None,
+            expire_time: None,
+            reason,
+            outcome: Some(outcome),
+        }
+    }
+}
+
+/// The request fields that travel with every reservation row.
+struct RequestInfo {
+    priority: i32,
+    request_time: i64,
+    lease: Option<i64>,
+}
+
+fn insert_row(
+    conn: &mut DbConnection,
+    event: &Event,
+    info: &RequestInfo,
+    row: NewRow<'_>,
+    now: i64,
+) -> Result<(), Error> {
+    store::insert_reservation(
+        conn,
+        &NewReservation {
+            allocation_id: &event.allocation_id,
+            tenant: &event.tenant,
+            state: row.state,
+            demand: serde_json::to_string(row.demand).unwrap_or_else(|_| "{}".into()),
+            pool_id: row.pool,
+            gpu_model: row.model,
+            priority: info.priority,
+            request_time: info.request_time,
+            lease_micros: info.lease,
+            hold_deadline: row.hold_deadline,
+            expire_time: row.expire_time,
+            reason: row.reason,
+            outcome: row.outcome,
+            version: 1,
+            create_time: now,
+            update_time: now,
+        },
+    )
+}
+
 /// AllocationRequested: decide grant, hold or reject, exactly once per
-/// allocation (a second request, or one after a cancel, finds the row).
+/// allocation. A request for an allocation the pool already knows (a
+/// re-drive by the allocation's reconciler, or a request overtaken by its
+/// cancel) changes nothing; the pool re-announces its decision so that a
+/// decision lost on the way is delivered again.
 pub fn on_requested(
     conn: &mut DbConnection,
     emit: &mut Emitter,
@@ -29,89 +96,140 @@ pub fn on_requested(
 ) -> Result<(), Error> {
     lock::acquire(conn, store::PLACEMENT_LOCK)?;
     let id = event.allocation_id.as_str();
-    if store::get_reservation(conn, id)?.is_some() {
-        return Ok(());
+    if let Some(r) = store::get_reservation(conn, id)? {
+        return announce(conn, emit, &r);
     }
     let now = emit.now();
-    let request_time = req.create_time.as_ref().map(time::from_timestamp).unwrap_or(now);
     let lease = req.lease.as_ref().map(time::parse_duration).transpose();
+    let info = RequestInfo {
+        priority: req.priority,
+        request_time: req.create_time.as_ref().map(time::from_timestamp).unwrap_or(now),
+        lease: lease.clone().ok().flatten(),
+    };
     let tenant = TenantId::parse(event.tenant.clone());
-    let demand = req
-        .resources
-        .clone()
-        .map(Resources::try_from)
-        .transpose();
-    let (tenant, demand, lease) = match (tenant, demand, lease) {
-        (Ok(t), Ok(Some(d)), Ok(l)) if !d.is_empty() => (t, d, l),
+    let demand = req.resources.clone().map(Resources::try_from).transpose();
+    let (tenant, demand) = match (tenant, demand, lease) {
+        (Ok(t), Ok(Some(d)), Ok(_)) if !d.is_empty() => (t, d),
         _ => {
             // Allocation validates before emitting; this is a defence
             // against a foreign publisher, not a normal path.
             let reason = "the request is malformed";
-            insert(conn, event, &Resources::default(), REJECTED, None, request_time, None, None, reason, now, 0)?;
-            emit.emit(id, &event.tenant, 1, rejected(reason, ev::RejectCause::Unspecified));
+            let cause = ev::RejectCause::Unspecified;
+            insert_row(conn, event, &info, NewRow::ended(REJECTED, &Resources::default(), reason, cause.as_str_name()), now)?;
+            emit.emit(id, &event.tenant, 1, rejected(reason, cause));
             return Ok(());
         }
     };
     let pools = store::pool_states(conn)?;
     let tenant_state = store::load_tenant(conn, tenant.as_str())?.map(|(_, s)| s);
-    match engine::decide(&demand, tenant_state.as_ref(), &pools) {
+    let verdict = engine::decide(&demand, tenant_state.as_ref(), &pools);
+    let over_threshold = tenant_state
+        .as_ref()
+        .map(|t| demand.above_threshold(&t.approval_above))
+        .unwrap_or_default();
+    if !req.approved && !over_threshold.is_empty() && matches!(verdict, Verdict::Allowed(_) | Verdict::InsufficientCapacity) {
+        // Nothing is reserved: after approval a new request comes.
+        let classes: Vec<String> = over_threshold.iter().map(ToString::to_string).collect();
+        emit.emit(
+            id,
+            tenant.as_str(),
+            0,
+            Payload::ReservationNeedsApproval(ev::ReservationNeedsApproval {
+                reason: format!("above the tenant's approval threshold in {}", classes.join(", ")),
+            }),
+        );
+        return Ok(());
+    }
+    match verdict {
         Verdict::ExceedsQuota { reason, .. } => {
-            insert(conn, event, &demand, REJECTED, None, request_time, lease, None, &reason, now, req.priority)?;
-            emit.emit(id, tenant.as_str(), 1, rejected(&reason, ev::RejectCause::ExceedsQuota));
+            let cause = ev::RejectCause::ExceedsQuota;
+            insert_row(conn, event, &info, NewRow::ended(REJECTED, &demand, &reason, cause.as_str_name()), now)?;
+            emit.emit(id, tenant.as_str(), 1, rejected(&reason, cause));
         }
         Verdict::Unsatisfiable(reason) => {
-            insert(conn, event, &demand, REJECTED, None, request_time, lease, None, &reason, now, req.priority)?;
-            emit.emit(id, tenant.as_str(), 1, rejected(&reason, ev::RejectCause::Unsatisfiable));
+            let cause = ev::RejectCause::Unsatisfiable;
+            insert_row(conn, event, &info, NewRow::ended(REJECTED, &demand, &reason, cause.as_str_name()), now)?;
+            emit.emit(id, tenant.as_str(), 1, rejected(&reason, cause));
         }
         Verdict::Allowed(p) => {
             store::charge_tenant(conn, tenant.as_str(), &demand.quota_lines(), 1, true, true)?;
             store::take_pool(conn, &p.pool, &p.lines)?;
-            let expire = lease.map(|l| now.saturating_add(l));
+            let expire = info.lease.map(|l| now.saturating_add(l));
             let model = p.model.as_ref().map(|m| m.as_str());
-            store::insert_reservation(conn, &NewReservation {
-                allocation_id: id,
-                tenant: tenant.as_str(),
+            let row = NewRow {
                 state: GRANTED,
-                demand: demand_json(&demand),
-                pool_id: Some(p.pool.as_str()),
-                gpu_model: model,
-                priority: req.priority,
-                request_time,
-                lease_micros: lease,
+                demand: &demand,
+                pool: Some(p.pool.as_str()),
+                model,
                 hold_deadline: None,
                 expire_time: expire,
                 reason: "granted",
-                version: 1,
-                create_time: now,
-                update_time: now,
-            })?;
+                outcome: None,
+            };
+            insert_row(conn, event, &info, row, now)?;
             emit.emit(id, tenant.as_str(), 1, granted(p.pool.as_str(), model, expire));
         }
         Verdict::InsufficientCapacity => {
             let tenant_state = tenant_state.unwrap_or_default();
             store::charge_tenant(conn, tenant.as_str(), &demand.quota_lines(), 1, true, false)?;
-            let deadline = engine::hold_deadline(now, &demand, &tenant_state, &pools);
-            let reason = "waiting for capacity";
-            insert(conn, event, &demand, HELD, None, request_time, lease, deadline, reason, now, req.priority)?;
-            let row = store::get_reservation(conn, id)?
+            let row = NewRow {
+                state: HELD,
+                demand: &demand,
+                pool: None,
+                model: None,
+                hold_deadline: engine::hold_deadline(now, &demand, &tenant_state, &pools),
+                expire_time: None,
+                reason: "waiting for capacity",
+                outcome: None,
+            };
+            insert_row(conn, event, &info, row, now)?;
+            let r = store::get_reservation(conn, id)?
                 .ok_or_else(|| Error::Invariant(format!("reservation {id} vanished")))?;
-            let position = store::position(conn, &row)?;
-            emit.emit(
-                id,
-                tenant.as_str(),
-                1,
-                Payload::ReservationHeld(ev::ReservationHeld {
-                    position,
-                    reason: format!("{reason}; position {position} in the hold queue"),
-                }),
-            );
+            announce(conn, emit, &r)?;
         }
     }
     Ok(())
 }
 
+/// Emits the reservation's current decision (with its current version, so
+/// the allocation applies it at most once).
+fn announce(conn: &mut DbConnection, emit: &mut Emitter, r: &ReservationRow) -> Result<(), Error> {
+    let payload = match r.state.as_str() {
+        GRANTED => granted(
+            r.pool_id.as_deref().unwrap_or_default(),
+            r.gpu_model.as_deref(),
+            r.expire_time,
+        ),
+        HELD => {
+            let position = store::position(conn, r)?;
+            Payload::ReservationHeld(ev::ReservationHeld {
+                position,
+                reason: format!("waiting for capacity; position {position} in the hold queue"),
+            })
+        }
+        REJECTED => rejected(
+            &r.reason,
+            r.outcome
+                .as_deref()
+                .and_then(ev::RejectCause::from_str_name)
+                .unwrap_or(ev::RejectCause::Unspecified),
+        ),
+        _ => released(
+            r.outcome
+                .as_deref()
+                .and_then(ev::ReleaseCause::from_str_name)
+                .unwrap_or(ev::ReleaseCause::Cancelled),
+            &r.reason,
+            r.pool_id.as_deref().unwrap_or_default(),
+        ),
+    };
+    emit.emit(&r.allocation_id, &r.tenant, r.version, payload);
+    Ok(())
+}
+
 /// AllocationCancelled: release whatever is held for the allocation (the
-/// compensation), or record that it must never be granted.
+/// compensation), or record that it must never be granted. Cancelling what
+/// already ended re-announces how it ended.
 pub fn on_cancelled(
     conn: &mut DbConnection,
     emit: &mut Emitter,
@@ -126,30 +244,34 @@ pub fn on_cancelled(
     } else {
         format!("cancelled: {}", req.reason)
     };
+    let cause = ev::ReleaseCause::Cancelled;
     let Some(r) = store::get_reservation(conn, id)? else {
         // The cancel overtook its request: leave a released row so that the
         // request, when it arrives, is never granted.
         let reason = format!("{reason} (before the request reached the pool)");
-        insert(conn, event, &Resources::default(), RELEASED, None, now, None, None, &reason, now, 0)?;
-        emit.emit(id, &event.tenant, 1, released(ev::ReleaseCause::Cancelled, &reason, ""));
+        let info = RequestInfo {
+            priority: 0,
+            request_time: now,
+            lease: None,
+        };
+        insert_row(conn, event, &info, NewRow::ended(RELEASED, &Resources::default(), &reason, cause.as_str_name()), now)?;
+        emit.emit(id, &event.tenant, 1, released(cause, &reason, ""));
         return Ok(());
     };
     match r.state.as_str() {
         HELD => {
             store::charge_tenant(conn, &r.tenant, &r.demand()?.quota_lines(), -1, true, false)?;
-            let v = store::move_reservation(conn, &r, RELEASED, &reason, None, now)?;
-            emit.emit(id, &r.tenant, v, released(ev::ReleaseCause::Cancelled, &reason, ""));
+            let v = store::move_reservation(conn, &r, RELEASED, &reason, Some(cause.as_str_name()), None, now)?;
+            emit.emit(id, &r.tenant, v, released(cause, &reason, ""));
         }
         GRANTED => {
             release_granted(conn, &r)?;
-            let v = store::move_reservation(conn, &r, RELEASED, &reason, None, now)?;
+            let v = store::move_reservation(conn, &r, RELEASED, &reason, Some(cause.as_str_name()), None, now)?;
             let pool = r.pool_id.as_deref().unwrap_or_default();
-            emit.emit(id, &r.tenant, v, released(ev::ReleaseCause::Cancelled, &reason, pool));
+            emit.emit(id, &r.tenant, v, released(cause, &reason, pool));
             admit(conn, emit)?;
         }
-        // Already ended (released, expired, rejected): its final event is on
-        // its way; nothing more to release or say.
-        _ => {}
+        _ => announce(conn, emit, &r)?,
     }
     Ok(())
 }
@@ -183,9 +305,10 @@ pub fn admit(conn: &mut DbConnection, emit: &mut Emitter) -> Result<usize, Error
         }
         let r = by_id[h.allocation_id.as_str()];
         let reason = "no pool can hold this request any more (a pool was shrunk or deleted)";
+        let cause = ev::RejectCause::Unsatisfiable;
         store::charge_tenant(conn, &r.tenant, &h.demand.quota_lines(), -1, true, false)?;
-        let v = store::move_reservation(conn, r, REJECTED, reason, None, now)?;
-        emit.emit(&r.allocation_id, &r.tenant, v, rejected(reason, ev::RejectCause::Unsatisfiable));
+        let v = store::move_reservation(conn, r, REJECTED, reason, Some(cause.as_str_name()), None, now)?;
+        emit.emit(&r.allocation_id, &r.tenant, v, rejected(reason, cause));
     }
     let admitted = engine::admit(&mut queue, &mut pools);
     for (id, p) in &admitted {
@@ -194,7 +317,8 @@ pub fn admit(conn: &mut DbConnection, emit: &mut Emitter) -> Result<usize, Error
         store::charge_tenant(conn, &r.tenant, &r.demand()?.quota_lines(), 1, false, true)?;
         let expire = r.lease_micros.map(|l| now.saturating_add(l));
         let model = p.model.as_ref().map(|m| m.as_str());
-        let v = store::move_reservation(conn, r, GRANTED, "granted from the hold queue", Some((p.pool.as_str(), model, expire)), now)?;
+        let placed = Some((p.pool.as_str(), model, expire));
+        let v = store::move_reservation(conn, r, GRANTED, "granted from the hold queue", None, placed, now)?;
         emit.emit(id, &r.tenant, v, granted(p.pool.as_str(), model, expire));
     }
     Ok(admitted.len())
@@ -216,16 +340,18 @@ pub fn sweep(conn: &mut DbConnection, emit: &mut Emitter, batch: i64) -> Result<
     for r in store::expired_leases(conn, now, batch)? {
         release_granted(conn, &r)?;
         let reason = "lease expired";
-        let v = store::move_reservation(conn, &r, RELEASED, reason, None, now)?;
+        let cause = ev::ReleaseCause::Expired;
+        let v = store::move_reservation(conn, &r, RELEASED, reason, Some(cause.as_str_name()), None, now)?;
         let pool = r.pool_id.as_deref().unwrap_or_default();
-        emit.emit(&r.allocation_id, &r.tenant, v, released(ev::ReleaseCause::Expired, reason, pool));
+        emit.emit(&r.allocation_id, &r.tenant, v, released(cause, reason, pool));
         swept.expired += 1;
     }
     for r in store::overdue_holds(conn, now, batch)? {
         store::charge_tenant(conn, &r.tenant, &r.demand()?.quota_lines(), -1, true, false)?;
         let reason = "waited longer than the maximum hold time";
-        let v = store::move_reservation(conn, &r, REJECTED, reason, None, now)?;
-        emit.emit(&r.allocation_id, &r.tenant, v, rejected(reason, ev::RejectCause::HoldTimeout));
+        let cause = ev::RejectCause::HoldTimeout;
+        let v = store::move_reservation(conn, &r, REJECTED, reason, Some(cause.as_str_name()), None, now)?;
+        emit.emit(&r.allocation_id, &r.tenant, v, rejected(reason, cause));
         swept.hold_timeouts += 1;
     }
     if swept.expired > 0 {
@@ -490,43 +616,6 @@ pub fn pool_to_proto(p: &store::PoolRecord) -> pb::Pool {
         create_time: Some(time::to_timestamp(p.row.create_time)),
         update_time: Some(time::to_timestamp(p.row.update_time)),
     }
-}
-
-fn demand_json(d: &Resources) -> String {
-    serde_json::to_string(d).unwrap_or_else(|_| "{}".into())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn insert(
-    conn: &mut DbConnection,
-    event: &Event,
-    demand: &Resources,
-    state: &str,
-    pool: Option<&str>,
-    request_time: i64,
-    lease: Option<i64>,
-    hold_deadline: Option<i64>,
-    reason: &str,
-    now: i64,
-    priority: i32,
-) -> Result<(), Error> {
-    store::insert_reservation(conn, &NewReservation {
-        allocation_id: &event.allocation_id,
-        tenant: &event.tenant,
-        state,
-        demand: demand_json(demand),
-        pool_id: pool,
-        gpu_model: None,
-        priority,
-        request_time,
-        lease_micros: lease,
-        hold_deadline,
-        expire_time: None,
-        reason,
-        version: 1,
-        create_time: now,
-        update_time: now,
-    })
 }
 
 fn rejected(reason: &str, cause: ev::RejectCause) -> Payload {

@@ -51,6 +51,7 @@ diesel::table! {
         hold_deadline -> Nullable<BigInt>,
         expire_time -> Nullable<BigInt>,
         reason -> Text,
+        outcome -> Nullable<Text>,
         version -> BigInt,
         create_time -> BigInt,
         update_time -> BigInt,

@@ -215,6 +215,7 @@ pub struct ReservationRow {
     pub hold_deadline: Option<i64>,
     pub expire_time: Option<i64>,
     pub reason: String,
+    pub outcome: Option<String>,
     pub version: i64,
     pub create_time: i64,
     pub update_time: i64,
@@ -254,6 +255,7 @@ pub struct NewReservation<'a> {
     pub hold_deadline: Option<i64>,
     pub expire_time: Option<i64>,
     pub reason: &'a str,
+    pub outcome: Option<&'a str>,
     pub version: i64,
     pub create_time: i64,
     pub update_time: i64,
@@ -281,6 +283,7 @@ pub fn move_reservation(
     r: &ReservationRow,
     to: &str,
     reason: &str,
+    outcome: Option<&str>,
     placed: Option<(&str, Option<&str>, Option<i64>)>,
     now: i64,
 ) -> Result<i64, Error> {
@@ -296,6 +299,7 @@ pub fn move_reservation(
             .set((
                 reservations::state.eq(to),
                 reservations::reason.eq(reason),
+                reservations::outcome.eq(outcome),
                 reservations::pool_id.eq(Some(pool)),
                 reservations::gpu_model.eq(model),
                 reservations::expire_time.eq(expire),
@@ -307,6 +311,7 @@ pub fn move_reservation(
             .set((
                 reservations::state.eq(to),
                 reservations::reason.eq(reason),
+                reservations::outcome.eq(outcome),
                 reservations::version.eq(version),
                 reservations::update_time.eq(now),
             ))

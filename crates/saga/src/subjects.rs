@@ -11,6 +11,7 @@ pub const RESERVATION_GRANTED: &str = "saga.reservation.granted";
 pub const RESERVATION_HELD: &str = "saga.reservation.held";
 pub const RESERVATION_REJECTED: &str = "saga.reservation.rejected";
 pub const RESERVATION_RELEASED: &str = "saga.reservation.released";
+pub const RESERVATION_NEEDS_APPROVAL: &str = "saga.reservation.needs_approval";
 pub const ALLOCATION_CHANGED: &str = "view.allocation.changed";
 pub const QUOTA_CHANGED: &str = "view.quota.changed";
 pub const POOL_CHANGED: &str = "view.pool.changed";
@@ -31,6 +32,7 @@ pub fn of(payload: &Payload) -> &'static str {
         Payload::ReservationHeld(_) => RESERVATION_HELD,
         Payload::ReservationRejected(_) => RESERVATION_REJECTED,
         Payload::ReservationReleased(_) => RESERVATION_RELEASED,
+        Payload::ReservationNeedsApproval(_) => RESERVATION_NEEDS_APPROVAL,
         Payload::TenantQuotaChanged(_) => QUOTA_CHANGED,
         Payload::PoolChanged(_) => POOL_CHANGED,
     }

@@ -34,8 +34,13 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
+        Self::start_on(free_port())
+    }
+
+    /// Starts on a chosen port (a test may point a service at it before).
+    pub fn start_on(port: u16) -> NatsServer {
         let mut s = NatsServer {
-            port: free_port(),
+            port,
             store: tempfile::tempdir().unwrap(),
             child: None,
         };

@@ -1,0 +1,97 @@
+//! The allocation service: the front door and the source of truth for
+//! allocation state. `CreateAllocation` validates, asks the resource pool
+//! synchronously (advisory; a pool that does not answer does not stop the
+//! request), stores the allocation with its events in one transaction, and
+//! the saga continues over JetStream: this service consumes the pool's
+//! decisions and moves the state machine, emitting `AllocationStateChanged`
+//! for the viewer on every transition.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use gpualloc_platform::{CommonConfig, Platform, config::parse_duration, telemetry::LogFormat};
+use gpualloc_proto::allocation::v1::allocation_service_server::AllocationServiceServer;
+use gpualloc_saga::{ConsumerSpec, subjects};
+use gpualloc_storage::Migration;
+use tokio::net::TcpListener;
+use tonic::server::NamedService;
+
+mod error;
+mod handler;
+pub mod ops;
+mod quota;
+mod schema;
+mod service;
+pub mod store;
+
+pub use error::Error;
+pub use handler::PoolDecisions;
+pub use quota::{Advice, QuotaClient};
+pub use service::AllocationApi;
+
+/// The fully-qualified gRPC service name (also its health-check name).
+pub const SERVICE_NAME: &str = <AllocationServiceServer<AllocationApi> as NamedService>::NAME;
+
+/// Durable consumer name, shared by all replicas.
+pub const CONSUMER: &str = "allocation";
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: "allocation_0001_allocations",
+    up: include_str!("../migrations/0001_allocations.sql"),
+}];
+
+/// Settings of the allocation service.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(name = "gpualloc-allocation", version, about = "gpualloc allocation service")]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "GPUALLOC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub common: CommonConfig,
+
+    /// The resource-pool service, for the synchronous CheckQuota.
+    #[arg(long, env = "GPUALLOC_RESOURCE_POOL_URL", default_value = "http://127.0.0.1:50052")]
+    pub resource_pool_url: String,
+
+    /// Deadline of the synchronous CheckQuota; past it the request is
+    /// accepted as PENDING.
+    #[arg(long, env = "GPUALLOC_CHECK_QUOTA_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    pub check_quota_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "GPUALLOC_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn new(common: CommonConfig, resource_pool_url: impl Into<String>) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            common,
+            resource_pool_url: resource_pool_url.into(),
+            check_quota_timeout: service::DEFAULT_CHECK_TIMEOUT,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Runs the service on `listener` until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
+    let quota = QuotaClient::new(&config.resource_pool_url, config.check_quota_timeout)?;
+    let api = AllocationApi::new(platform.db(), platform.relay(), platform.origin().to_owned(), quota);
+    platform.start(MIGRATIONS, |ready| {
+        ready.spawn_consumer(
+            ConsumerSpec::new(CONSUMER, subjects::FILTER_RESERVATION_SAGA, &ready.origin),
+            Arc::new(PoolDecisions),
+        );
+    });
+    platform
+        .serve(listener, shutdown, |routes| routes.add_service(AllocationServiceServer::new(api)))
+        .await
+}

@@ -1,0 +1,332 @@
+//! The allocation state machine. Every change is one transaction: the row
+//! moves (guarded by its version), and the events it emits are staged in
+//! the outbox. A transition that [`State::can_move_to`] does not allow is a
+//! no-op that emits nothing; that rule alone makes duplicate, late and
+//! re-ordered pool decisions harmless.
+
+use std::collections::BTreeMap;
+
+use gpualloc_domain::{AllocationId, GpuModel, Resources, State, TenantId, time};
+use gpualloc_platform::Caller;
+use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as rp};
+use gpualloc_saga::{Emitter, Event, Payload};
+use gpualloc_storage::DbConnection;
+use serde::Serialize;
+
+use crate::{
+    Error,
+    store::{self, AllocRow},
+};
+
+/// A validated CreateAllocation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NewAllocation {
+    pub tenant: TenantId,
+    pub resources: Resources,
+    pub request_id: Option<String>,
+    pub priority: i32,
+    pub lease: Option<i64>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl NewAllocation {
+    /// Canonical form of the parameters, compared when a request_id is
+    /// reused.
+    pub fn fingerprint(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// Returns the allocation an earlier call with the same idempotency key
+/// created, or an error if the key was used with other parameters.
+pub fn replay(conn: &mut DbConnection, new: &NewAllocation) -> Result<Option<AllocRow>, Error> {
+    let Some(request_id) = &new.request_id else {
+        return Ok(None);
+    };
+    match store::by_request_id(conn, new.tenant.as_str(), request_id)? {
+        Some(row) if row.fingerprint == new.fingerprint() => Ok(Some(row)),
+        Some(_) => Err(Error::IdempotencyKeyReused(request_id.clone())),
+        None => Ok(None),
+    }
+}
+
+/// Stores a new allocation: PENDING (and asks the pool) or
+/// AWAITING_APPROVAL (and waits for an administrator).
+pub fn create(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    new: &NewAllocation,
+    awaiting_approval: bool,
+) -> Result<AllocRow, Error> {
+    if let Some(row) = replay(conn, new)? {
+        return Ok(row);
+    }
+    let now = emit.now();
+    let (state, reason) = if awaiting_approval {
+        (State::AwaitingApproval, "above the tenant's approval threshold; waiting for an administrator")
+    } else {
+        (State::Pending, "waiting for the resource pool's decision")
+    };
+    let row = AllocRow {
+        allocation_id: AllocationId::new().to_string(),
+        tenant: new.tenant.to_string(),
+        state: state.as_str().to_owned(),
+        reason: reason.to_owned(),
+        resources: serde_json::to_string(&new.resources).map_err(|e| Error::Invariant(e.to_string()))?,
+        pool_id: None,
+        priority: new.priority,
+        request_id: new.request_id.clone(),
+        fingerprint: new.fingerprint(),
+        labels: serde_json::to_string(&new.labels).map_err(|e| Error::Invariant(e.to_string()))?,
+        lease_micros: new.lease,
+        version: 1,
+        pool_version: 0,
+        approved_time: None,
+        create_time: now,
+        update_time: now,
+        expire_time: None,
+    };
+    store::insert(conn, &row)?;
+    announce_change(emit, None, &row)?;
+    if state == State::Pending {
+        request_placement(emit, &row)?;
+    }
+    Ok(row)
+}
+
+fn announce_change(emit: &mut Emitter, previous: Option<State>, row: &AllocRow) -> Result<(), Error> {
+    emit.emit(
+        &row.allocation_id,
+        &row.tenant,
+        row.version,
+        Payload::AllocationStateChanged(ev::AllocationStateChanged {
+            previous_state: previous.map(|s| s.to_proto() as i32).unwrap_or(0),
+            allocation: Some(row.to_proto()?),
+        }),
+    );
+    Ok(())
+}
+
+/// Emits AllocationRequested for a PENDING allocation (on creation,
+/// approval, and when the reconciler re-drives a stuck saga).
+pub fn request_placement(emit: &mut Emitter, row: &AllocRow) -> Result<(), Error> {
+    emit.emit(
+        &row.allocation_id,
+        &row.tenant,
+        row.version,
+        Payload::AllocationRequested(ev::AllocationRequested {
+            resources: Some(rp::Resources::from(&row.resources()?)),
+            priority: row.priority,
+            lease: row.lease_micros.map(time::to_duration),
+            create_time: Some(time::to_timestamp(row.create_time)),
+            approved: row.approved_time.is_some(),
+        }),
+    );
+    Ok(())
+}
+
+/// Emits AllocationCancelled for a CANCELLING allocation.
+pub fn request_release(emit: &mut Emitter, row: &AllocRow) {
+    emit.emit(
+        &row.allocation_id,
+        &row.tenant,
+        row.version,
+        Payload::AllocationCancelled(ev::AllocationCancelled {
+            reason: row.reason.clone(),
+        }),
+    );
+}
+
+/// Moves `row` to `to` (if allowed) and announces it; `edit` changes other
+/// fields in the same write. Returns the new row.
+fn transition(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    row: &AllocRow,
+    to: State,
+    reason: &str,
+    edit: impl FnOnce(&mut AllocRow),
+) -> Result<AllocRow, Error> {
+    let from = row.state()?;
+    if !from.can_move_to(to) {
+        return Err(Error::Invariant(format!("{from} -> {to} is not a transition")));
+    }
+    let mut next = row.clone();
+    next.state = to.as_str().to_owned();
+    next.reason = reason.to_owned();
+    next.version = row.version + 1;
+    next.update_time = emit.now();
+    edit(&mut next);
+    store::update(conn, &next, row.version)?;
+    announce_change(emit, Some(from), &next)?;
+    Ok(next)
+}
+
+/// Loads an allocation the caller may see; others' are NOT_FOUND, as if
+/// they did not exist.
+pub fn load_for(conn: &mut DbConnection, id: &AllocationId, caller: &Caller) -> Result<AllocRow, Error> {
+    let id = id.to_string();
+    match store::get(conn, &id)? {
+        Some(row) if caller.admin || caller.tenant.as_ref().is_some_and(|t| t.as_str() == row.tenant) => Ok(row),
+        _ => Err(Error::NotFound(id)),
+    }
+}
+
+pub fn cancel(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    id: &AllocationId,
+    caller: &Caller,
+    reason: &str,
+) -> Result<AllocRow, Error> {
+    let row = load_for(conn, id, caller)?;
+    let reason = if reason.is_empty() { "cancelled by the tenant" } else { reason };
+    match row.state()? {
+        State::Cancelling | State::Cancelled => Ok(row),
+        // Nothing was asked of the pool yet.
+        State::AwaitingApproval => transition(conn, emit, &row, State::Cancelled, reason, |_| {}),
+        State::Pending | State::Held | State::Allocated => {
+            let next = transition(conn, emit, &row, State::Cancelling, reason, |_| {})?;
+            request_release(emit, &next);
+            Ok(next)
+        }
+        state @ (State::Rejected | State::Expired) => Err(Error::WrongState {
+            id: row.allocation_id,
+            state,
+            action: "cancel",
+        }),
+    }
+}
+
+fn decided_by(caller: &Caller) -> String {
+    caller
+        .tenant
+        .as_ref()
+        .map(|t| format!("admin ({t})"))
+        .unwrap_or_else(|| "admin".into())
+}
+
+pub fn approve(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    id: &AllocationId,
+    caller: &Caller,
+) -> Result<AllocRow, Error> {
+    let row = load_for(conn, id, caller)?;
+    match row.state()? {
+        State::AwaitingApproval => {
+            let now = emit.now();
+            store::record_decision(conn, &row.allocation_id, "APPROVED", "", &decided_by(caller), now)?;
+            let next = transition(conn, emit, &row, State::Pending, "approved; waiting for the resource pool's decision", |r| {
+                r.approved_time = Some(now)
+            })?;
+            request_placement(emit, &next)?;
+            Ok(next)
+        }
+        _ if row.approved_time.is_some() => Ok(row),
+        state => Err(Error::WrongState {
+            id: row.allocation_id,
+            state,
+            action: "approve",
+        }),
+    }
+}
+
+pub fn reject(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    id: &AllocationId,
+    caller: &Caller,
+    reason: &str,
+) -> Result<AllocRow, Error> {
+    let row = load_for(conn, id, caller)?;
+    let reason = if reason.is_empty() { "rejected by an administrator" } else { reason };
+    match row.state()? {
+        State::AwaitingApproval => {
+            store::record_decision(conn, &row.allocation_id, "REJECTED", reason, &decided_by(caller), emit.now())?;
+            transition(conn, emit, &row, State::Rejected, reason, |_| {})
+        }
+        State::Rejected if store::decision(conn, &row.allocation_id)?.as_deref() == Some("REJECTED") => Ok(row),
+        state => Err(Error::WrongState {
+            id: row.allocation_id,
+            state,
+            action: "reject",
+        }),
+    }
+}
+
+/// Applies one decision of the resource pool. Stale decisions (a
+/// reservation version already applied) and decisions that do not fit the
+/// current state change nothing.
+pub fn on_pool_event(conn: &mut DbConnection, emit: &mut Emitter, event: &Event) -> Result<(), Error> {
+    let Some(row) = store::get(conn, &event.allocation_id)? else {
+        tracing::warn!(allocation_id = %event.allocation_id, "pool decision for an unknown allocation; ignored");
+        return Ok(());
+    };
+    let state = row.state()?;
+    let v = event.aggregate_version;
+    if let Some(Payload::ReservationNeedsApproval(p)) = &event.payload {
+        if state == State::Pending && row.approved_time.is_none() {
+            transition(conn, emit, &row, State::AwaitingApproval, &p.reason, |_| {})?;
+        }
+        return Ok(());
+    }
+    if v <= row.pool_version {
+        return Ok(());
+    }
+    let next: Option<(State, String, Box<dyn FnOnce(&mut AllocRow)>)> = match &event.payload {
+        Some(Payload::ReservationGranted(g)) if matches!(state, State::Pending | State::Held) => {
+            let pool = g.pool_id.clone();
+            let model = g.gpu_model.clone();
+            let expire = g.expire_time.as_ref().map(time::from_timestamp);
+            let resources = row.resources()?;
+            Some((
+                State::Allocated,
+                format!("granted on pool {pool}"),
+                Box::new(move |r: &mut AllocRow| {
+                    r.pool_id = Some(pool);
+                    r.expire_time = expire;
+                    if resources.gpu_model.is_none()
+                        && let Ok(m) = GpuModel::parse(model)
+                    {
+                        let mut res = resources;
+                        res.gpu_model = Some(m);
+                        if let Ok(json) = serde_json::to_string(&res) {
+                            r.resources = json;
+                        }
+                    }
+                }),
+            ))
+        }
+        Some(Payload::ReservationHeld(h)) if state == State::Pending => Some((State::Held, h.reason.clone(), Box::new(|_| {}))),
+        Some(Payload::ReservationRejected(r)) if matches!(state, State::Pending | State::Held | State::Cancelling) => {
+            Some((State::Rejected, r.reason.clone(), Box::new(|_| {})))
+        }
+        Some(Payload::ReservationReleased(r)) if matches!(state, State::Allocated | State::Cancelling) => {
+            let to = if r.cause == ev::ReleaseCause::Expired as i32 {
+                State::Expired
+            } else {
+                State::Cancelled
+            };
+            let reason = if r.reason.is_empty() { to.as_str().to_lowercase() } else { r.reason.clone() };
+            Some((to, reason, Box::new(|_| {})))
+        }
+        _ => None,
+    };
+    match next {
+        Some((to, reason, edit)) => {
+            transition(conn, emit, &row, to, &reason, move |r| {
+                r.pool_version = v;
+                edit(r);
+            })?;
+        }
+        None => {
+            // Not applicable in this state; remember the version so that an
+            // even older decision cannot apply later.
+            let mut seen = row.clone();
+            seen.pool_version = v;
+            store::update(conn, &seen, row.version)?;
+        }
+    }
+    Ok(())
+}

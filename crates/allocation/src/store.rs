@@ -1,0 +1,148 @@
+use std::collections::BTreeMap;
+
+use diesel::prelude::*;
+use gpualloc_domain::{Resources, State, time};
+use gpualloc_proto::{allocation::v1 as pb, resourcepool::v1 as rp};
+use gpualloc_storage::DbConnection;
+
+use crate::{
+    Error,
+    schema::{allocations, approvals},
+};
+
+/// One allocation as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable, AsChangeset)]
+#[diesel(table_name = allocations, treat_none_as_null = true)]
+pub struct AllocRow {
+    pub allocation_id: String,
+    pub tenant: String,
+    pub state: String,
+    pub reason: String,
+    pub resources: String,
+    pub pool_id: Option<String>,
+    pub priority: i32,
+    pub request_id: Option<String>,
+    pub fingerprint: String,
+    pub labels: String,
+    pub lease_micros: Option<i64>,
+    pub version: i64,
+    pub pool_version: i64,
+    pub approved_time: Option<i64>,
+    pub create_time: i64,
+    pub update_time: i64,
+    pub expire_time: Option<i64>,
+}
+
+impl AllocRow {
+    pub fn state(&self) -> Result<State, Error> {
+        State::parse(&self.state).ok_or_else(|| Error::Invariant(format!("stored state {:?}", self.state)))
+    }
+
+    pub fn resources(&self) -> Result<Resources, Error> {
+        serde_json::from_str(&self.resources).map_err(|e| Error::Invariant(format!("stored resources: {e}")))
+    }
+
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        serde_json::from_str(&self.labels).unwrap_or_default()
+    }
+
+    pub fn to_proto(&self) -> Result<pb::Allocation, Error> {
+        Ok(pb::Allocation {
+            allocation_id: self.allocation_id.clone(),
+            tenant: self.tenant.clone(),
+            resources: Some(rp::Resources::from(&self.resources()?)),
+            state: self.state()?.to_proto() as i32,
+            reason: self.reason.clone(),
+            pool: self.pool_id.clone().unwrap_or_default(),
+            priority: self.priority,
+            request_id: self.request_id.clone().unwrap_or_default(),
+            labels: self.labels(),
+            version: self.version,
+            create_time: Some(time::to_timestamp(self.create_time)),
+            update_time: Some(time::to_timestamp(self.update_time)),
+            expire_time: self.expire_time.map(time::to_timestamp),
+            lease: self.lease_micros.map(time::to_duration),
+        })
+    }
+}
+
+pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<AllocRow>, Error> {
+    Ok(allocations::table
+        .find(id)
+        .select(AllocRow::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+pub fn by_request_id(conn: &mut DbConnection, tenant: &str, request_id: &str) -> Result<Option<AllocRow>, Error> {
+    Ok(allocations::table
+        .filter(allocations::tenant.eq(tenant))
+        .filter(allocations::request_id.eq(request_id))
+        .select(AllocRow::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+pub fn insert(conn: &mut DbConnection, row: &AllocRow) -> Result<(), Error> {
+    diesel::insert_into(allocations::table)
+        .values(row)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Writes `row` if the stored version is still `expected_version`
+/// (optimistic concurrency: a lost race is retried by the caller).
+pub fn update(conn: &mut DbConnection, row: &AllocRow, expected_version: i64) -> Result<(), Error> {
+    let n = diesel::update(
+        allocations::table
+            .filter(allocations::allocation_id.eq(&row.allocation_id))
+            .filter(allocations::version.eq(expected_version)),
+    )
+    .set(row)
+    .execute(conn)?;
+    if n == 1 {
+        Ok(())
+    } else {
+        Err(Error::Conflict(row.allocation_id.clone()))
+    }
+}
+
+/// Allocations waiting on the pool (PENDING, CANCELLING) since before
+/// `before`, oldest first.
+pub fn waiting_since(conn: &mut DbConnection, before: i64, limit: i64) -> Result<Vec<AllocRow>, Error> {
+    Ok(allocations::table
+        .filter(allocations::state.eq_any([State::Pending.as_str(), State::Cancelling.as_str()]))
+        .filter(allocations::update_time.lt(before))
+        .order(allocations::update_time)
+        .limit(limit)
+        .select(AllocRow::as_select())
+        .load(conn)?)
+}
+
+pub fn record_decision(
+    conn: &mut DbConnection,
+    id: &str,
+    decision: &str,
+    reason: &str,
+    decided_by: &str,
+    now: i64,
+) -> Result<(), Error> {
+    diesel::insert_into(approvals::table)
+        .values((
+            approvals::allocation_id.eq(id),
+            approvals::decision.eq(decision),
+            approvals::reason.eq(reason),
+            approvals::decided_by.eq(decided_by),
+            approvals::decide_time.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn decision(conn: &mut DbConnection, id: &str) -> Result<Option<String>, Error> {
+    Ok(approvals::table
+        .find(id)
+        .select(approvals::decision)
+        .first(conn)
+        .optional()?)
+}

@@ -1,0 +1,231 @@
+//! The end-to-end harness: starts the three real services in this process
+//! on `127.0.0.1:0`, each with its own fresh database (SQLite or
+//! PostgreSQL), against a real NATS JetStream server with a stream and
+//! subject prefix of their own, and hands out gRPC clients that carry a
+//! caller identity. Tests drive the mesh only through gRPC and check the
+//! databases and the stream directly where an outsider would.
+
+#![allow(clippy::unwrap_used)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use gpualloc_platform::{CommonConfig, identity};
+use gpualloc_proto::{
+    allocation::v1::allocation_service_client::AllocationServiceClient,
+    resourcepool::v1::resource_pool_service_client::ResourcePoolServiceClient,
+    viewer::v1::viewer_service_client::ViewerServiceClient,
+};
+use gpualloc_testkit::{TestDb, unique_name};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::{
+    Request,
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+/// Which database the services use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn db(self) -> TestDb {
+        match self {
+            Backend::Sqlite => TestDb::sqlite(),
+            Backend::Postgres => TestDb::postgres(),
+        }
+    }
+}
+
+/// Which service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Svc {
+    Allocation,
+    ResourcePool,
+    Viewer,
+}
+
+/// One running service.
+pub struct Service {
+    pub kind: Svc,
+    pub addr: SocketAddr,
+    pub common: CommonConfig,
+    /// Allocation only: where the resource pool is.
+    pub pool_url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Service {
+    pub async fn spawn(kind: Svc, common: CommonConfig, pool_url: String, addr: Option<SocketAddr>) -> Service {
+        let listener = TcpListener::bind(addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = rx.await;
+        };
+        let task = match kind {
+            Svc::Allocation => {
+                let mut c = gpualloc_allocation::Config::new(common.clone(), pool_url.clone());
+                c.check_quota_timeout = Duration::from_millis(300);
+                tokio::spawn(gpualloc_allocation::run(c, listener, shutdown))
+            }
+            Svc::ResourcePool => {
+                let mut c = gpualloc_resource_pool::Config::new(common.clone());
+                c.sweep_interval = Duration::from_millis(200);
+                tokio::spawn(gpualloc_resource_pool::run(c, listener, shutdown))
+            }
+            Svc::Viewer => tokio::spawn(gpualloc_viewer::run(
+                gpualloc_viewer::Config::new(common.clone()),
+                listener,
+                shutdown,
+            )),
+        };
+        Service {
+            kind,
+            addr,
+            common,
+            pool_url,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.url())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .connect_lazy()
+    }
+
+    /// Graceful stop (what SIGTERM does); waits for the service to exit.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Stops and starts again on the same port with the same database.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        *self = Service::spawn(self.kind, self.common.clone(), self.pool_url.clone(), Some(self.addr)).await;
+    }
+
+    pub async fn health(&self) -> Option<ServingStatus> {
+        let mut client = HealthClient::new(self.channel());
+        let r = client
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .ok()?;
+        ServingStatus::try_from(r.into_inner().status).ok()
+    }
+
+    pub async fn wait_serving(&self) {
+        gpualloc_testkit::eventually(Duration::from_secs(30), &format!("{:?} SERVING", self.kind), || async {
+            (self.health().await == Some(ServingStatus::Serving)).then_some(())
+        })
+        .await
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The three services, ready.
+pub struct Mesh {
+    pub backend: Backend,
+    pub allocation: Service,
+    pub pool: Service,
+    pub viewer: Service,
+    pub nats_url: String,
+    pub stream: String,
+    pub prefix: String,
+    pub allocation_db: TestDb,
+    pub pool_db: TestDb,
+    pub viewer_db: TestDb,
+}
+
+impl Mesh {
+    /// Starts the mesh against the shared test NATS server.
+    pub async fn start(backend: Backend) -> Mesh {
+        Self::start_with_nats(backend, gpualloc_testkit::nats_url()).await
+    }
+
+    pub async fn start_with_nats(backend: Backend, nats_url: String) -> Mesh {
+        let stream = unique_name("T").to_uppercase();
+        let prefix = unique_name("t");
+        let (allocation_db, pool_db, viewer_db) = (backend.db(), backend.db(), backend.db());
+        let common = |db: &TestDb| CommonConfig::new(db.url.clone(), nats_url.clone()).with_stream(&stream, &prefix);
+        let pool = Service::spawn(Svc::ResourcePool, common(&pool_db), String::new(), None).await;
+        let allocation = Service::spawn(Svc::Allocation, common(&allocation_db), pool.url(), None).await;
+        let viewer = Service::spawn(Svc::Viewer, common(&viewer_db), String::new(), None).await;
+        let mesh = Mesh {
+            backend,
+            allocation,
+            pool,
+            viewer,
+            nats_url,
+            stream,
+            prefix,
+            allocation_db,
+            pool_db,
+            viewer_db,
+        };
+        mesh.pool.wait_serving().await;
+        mesh.allocation.wait_serving().await;
+        mesh.viewer.wait_serving().await;
+        mesh
+    }
+
+    pub fn allocations(&self) -> AllocationServiceClient<Channel> {
+        AllocationServiceClient::new(self.allocation.channel())
+    }
+
+    pub fn pools(&self) -> ResourcePoolServiceClient<Channel> {
+        ResourcePoolServiceClient::new(self.pool.channel())
+    }
+
+    pub fn viewer(&self) -> ViewerServiceClient<Channel> {
+        ViewerServiceClient::new(self.viewer.channel())
+    }
+
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let client = async_nats::connect(self.nats_url.as_str()).await.unwrap();
+        async_nats::jetstream::new(client)
+    }
+}
+
+/// A request from an administrator.
+pub fn admin<T>(message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut()
+        .insert(identity::ROLE_HEADER, MetadataValue::from_static("admin"));
+    r
+}
+
+/// A request from `tenant`.
+pub fn tenant<T>(tenant: &str, message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut()
+        .insert(identity::TENANT_HEADER, tenant.parse().unwrap());
+    r
+}
+
+pub mod fixtures;

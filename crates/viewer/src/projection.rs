@@ -1,0 +1,145 @@
+//! Builds the read models from events. Every write is guarded by version:
+//! a view only moves to a higher allocation version, the history keeps one
+//! row per version, so duplicates and re-ordered events never move a view
+//! backwards.
+
+use diesel::prelude::*;
+use gpualloc_domain::{Resources, State, time};
+use gpualloc_proto::events::v1 as ev;
+use gpualloc_saga::{Emitter, Event, Handler, Payload};
+use gpualloc_storage::DbConnection;
+use prost::Message;
+
+use crate::{
+    Error,
+    schema::{allocation_history, allocation_views, tenant_quota_views},
+};
+
+/// The viewer's consumer: projects every event it understands.
+#[derive(Debug, Default)]
+pub struct Projection;
+
+impl Handler for Projection {
+    type Error = Error;
+
+    fn handle(&self, conn: &mut DbConnection, emit: &mut Emitter, event: &Event) -> Result<(), Error> {
+        project(conn, emit.now(), event)
+    }
+}
+
+fn state_name(v: i32) -> Result<&'static str, Error> {
+    State::from_proto(v)
+        .map(State::as_str)
+        .ok_or_else(|| Error::BadEvent(format!("unknown state {v}")))
+}
+
+/// Applies one event to the read models.
+pub fn project(conn: &mut DbConnection, now: i64, event: &Event) -> Result<(), Error> {
+    match &event.payload {
+        Some(Payload::AllocationStateChanged(c)) => apply_change(conn, now, event, c),
+        Some(Payload::ReservationHeld(h)) => {
+            diesel::update(allocation_views::table.find(&event.allocation_id))
+                .set(allocation_views::hold_position.eq(h.position))
+                .execute(conn)?;
+            Ok(())
+        }
+        Some(Payload::TenantQuotaChanged(q)) => {
+            let limits = Resources::try_from(q.limits.clone().unwrap_or_default())
+                .map_err(|e| Error::BadEvent(format!("quota limits: {e}")))?;
+            let limits = serde_json::to_string(&limits).map_err(|e| Error::BadEvent(e.to_string()))?;
+            let current: Option<i64> = tenant_quota_views::table
+                .find(&event.tenant)
+                .select(tenant_quota_views::version)
+                .first(conn)
+                .optional()?;
+            match current {
+                None => {
+                    diesel::insert_into(tenant_quota_views::table)
+                        .values((
+                            tenant_quota_views::tenant.eq(&event.tenant),
+                            tenant_quota_views::limits.eq(&limits),
+                            tenant_quota_views::version.eq(event.aggregate_version),
+                        ))
+                        .execute(conn)?;
+                }
+                Some(v) if v < event.aggregate_version => {
+                    diesel::update(tenant_quota_views::table.find(&event.tenant))
+                        .set((
+                            tenant_quota_views::limits.eq(&limits),
+                            tenant_quota_views::version.eq(event.aggregate_version),
+                        ))
+                        .execute(conn)?;
+                }
+                Some(_) => {}
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn apply_change(conn: &mut DbConnection, now: i64, event: &Event, c: &ev::AllocationStateChanged) -> Result<(), Error> {
+    let a = c
+        .allocation
+        .as_ref()
+        .ok_or_else(|| Error::BadEvent(format!("{} carries no allocation", event.event_id)))?;
+    let state = state_name(a.state)?;
+    let previous = if c.previous_state == 0 { "" } else { state_name(c.previous_state)? };
+    let change_time = a.update_time.as_ref().map(time::from_timestamp).unwrap_or(now);
+    let seen: i64 = allocation_history::table
+        .filter(allocation_history::allocation_id.eq(&a.allocation_id))
+        .filter(allocation_history::version.eq(a.version))
+        .count()
+        .get_result(conn)?;
+    if seen == 0 {
+        diesel::insert_into(allocation_history::table)
+            .values((
+                allocation_history::allocation_id.eq(&a.allocation_id),
+                allocation_history::version.eq(a.version),
+                allocation_history::event_id.eq(&event.event_id),
+                allocation_history::tenant.eq(&a.tenant),
+                allocation_history::previous_state.eq(previous),
+                allocation_history::state.eq(state),
+                allocation_history::reason.eq(&a.reason),
+                allocation_history::change_time.eq(change_time),
+            ))
+            .execute(conn)?;
+    }
+    let current: Option<i64> = allocation_views::table
+        .find(&a.allocation_id)
+        .select(allocation_views::version)
+        .first(conn)
+        .optional()?;
+    let snapshot = a.encode_to_vec();
+    let create_time = a.create_time.as_ref().map(time::from_timestamp).unwrap_or(now);
+    match current {
+        None => {
+            diesel::insert_into(allocation_views::table)
+                .values((
+                    allocation_views::allocation_id.eq(&a.allocation_id),
+                    allocation_views::tenant.eq(&a.tenant),
+                    allocation_views::state.eq(state),
+                    allocation_views::version.eq(a.version),
+                    allocation_views::create_time.eq(create_time),
+                    allocation_views::update_time.eq(change_time),
+                    allocation_views::hold_position.eq(0),
+                    allocation_views::snapshot.eq(&snapshot),
+                    allocation_views::project_time.eq(now),
+                ))
+                .execute(conn)?;
+        }
+        Some(v) if v < a.version => {
+            diesel::update(allocation_views::table.find(&a.allocation_id))
+                .set((
+                    allocation_views::state.eq(state),
+                    allocation_views::version.eq(a.version),
+                    allocation_views::update_time.eq(change_time),
+                    allocation_views::snapshot.eq(&snapshot),
+                    allocation_views::project_time.eq(now),
+                ))
+                .execute(conn)?;
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+diesel::table! {
+    allocation_views (allocation_id) {
+        allocation_id -> Text,
+        tenant -> Text,
+        state -> Text,
+        version -> BigInt,
+        create_time -> BigInt,
+        update_time -> BigInt,
+        hold_position -> BigInt,
+        snapshot -> Binary,
+        project_time -> BigInt,
+    }
+}
+
+diesel::table! {
+    allocation_history (allocation_id, version) {
+        allocation_id -> Text,
+        version -> BigInt,
+        event_id -> Text,
+        tenant -> Text,
+        previous_state -> Text,
+        state -> Text,
+        reason -> Text,
+        change_time -> BigInt,
+    }
+}
+
+diesel::table! {
+    tenant_quota_views (tenant) {
+        tenant -> Text,
+        limits -> Text,
+        version -> BigInt,
+    }
+}

@@ -1,0 +1,182 @@
+//! The gRPC face of the viewer. It reads only its own database.
+
+use std::pin::Pin;
+
+use gpualloc_domain::{AllocationId, State, TenantId, Violations};
+use gpualloc_platform::{Caller, DbHandle, status};
+use gpualloc_proto::viewer::v1::{self as pb, viewer_service_server::ViewerService};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    Error,
+    store::{self, Cursor},
+};
+
+const DEFAULT_PAGE: i64 = 100;
+const MAX_PAGE: i64 = 1000;
+
+/// Implements `gpualloc.viewer.v1.ViewerService`.
+#[derive(Clone, Debug)]
+pub struct ViewerApi {
+    db: DbHandle,
+}
+
+impl ViewerApi {
+    pub fn new(db: DbHandle) -> Self {
+        Self { db }
+    }
+}
+
+fn not_found(id: &str) -> Status {
+    status::not_found("allocation view", id)
+}
+
+/// The tenant a listing is for: a tenant lists itself; an administrator
+/// names one or lists all.
+fn listing_tenant(caller: &Caller, requested: &str) -> Result<Option<TenantId>, Status> {
+    if requested.is_empty() {
+        return match (&caller.tenant, caller.admin) {
+            (_, true) => Ok(None),
+            (Some(t), false) => Ok(Some(t.clone())),
+            (None, false) => Err(status::invalid_field("tenant", "tenant is required")),
+        };
+    }
+    let t = TenantId::parse(requested).map_err(|e| status::invalid_field("tenant", e))?;
+    if !caller.may_access(&t) {
+        return Err(Status::permission_denied(format!("a tenant may only read its own allocations, not {t}'s")));
+    }
+    Ok(Some(t))
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchAllocationsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ViewerService for ViewerApi {
+    async fn get_allocation_view(
+        &self,
+        request: Request<pb::GetAllocationViewRequest>,
+    ) -> Result<Response<pb::AllocationView>, Status> {
+        let caller = Caller::from_request(&request)?;
+        let id = request.into_inner().allocation_id;
+        AllocationId::parse(&id).map_err(|e| status::invalid_field("allocation_id", e))?;
+        let key = id.clone();
+        let row = self.db.get()?.read(move |conn| store::get(conn, &key)).await?;
+        match row {
+            Some(row) if caller.admin || caller.tenant.as_ref().is_some_and(|t| t.as_str() == row.tenant) => {
+                Ok(Response::new(row.to_proto()?))
+            }
+            _ => Err(not_found(&id)),
+        }
+    }
+
+    async fn list_allocation_views(
+        &self,
+        request: Request<pb::ListAllocationViewsRequest>,
+    ) -> Result<Response<pb::ListAllocationViewsResponse>, Status> {
+        let caller = Caller::from_request(&request)?;
+        let req = request.into_inner();
+        let tenant = listing_tenant(&caller, &req.tenant)?;
+        let mut v = Violations::new();
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE,
+            n if (1..=MAX_PAGE as i32).contains(&n) => i64::from(n),
+            n => {
+                v.add("page_size", format!("must be between 1 and {MAX_PAGE} (got {n})"));
+                DEFAULT_PAGE
+            }
+        };
+        let mut states = Vec::new();
+        for (i, s) in req.states.iter().enumerate() {
+            match State::from_proto(*s) {
+                Some(s) => states.push(s),
+                None => v.add(format!("states[{i}]"), format!("{s} is not a state")),
+            }
+        }
+        let cursor = if req.page_token.is_empty() {
+            None
+        } else {
+            match Cursor::decode(&req.page_token) {
+                Some(c) => Some(c),
+                None => {
+                    v.add("page_token", "not a token from a previous response");
+                    None
+                }
+            }
+        };
+        if !v.is_empty() {
+            return Err(status::invalid_argument(&v));
+        }
+        let mut rows = self
+            .db
+            .get()?
+            .read(move |conn| store::list(conn, tenant.as_ref(), &states, cursor.as_ref(), page_size + 1))
+            .await?;
+        let more = rows.len() as i64 > page_size;
+        rows.truncate(page_size as usize);
+        let next_page_token = match rows.last() {
+            Some(last) if more => Cursor {
+                create_time: last.create_time,
+                allocation_id: last.allocation_id.clone(),
+            }
+            .encode(),
+            _ => String::new(),
+        };
+        let allocations = rows.iter().map(|r| r.to_proto()).collect::<Result<_, Error>>()?;
+        Ok(Response::new(pb::ListAllocationViewsResponse {
+            allocations,
+            next_page_token,
+        }))
+    }
+
+    type WatchAllocationsStream = WatchStream;
+
+    async fn watch_allocations(
+        &self,
+        _request: Request<pb::WatchAllocationsRequest>,
+    ) -> Result<Response<Self::WatchAllocationsStream>, Status> {
+        Err(Status::unimplemented("WatchAllocations is not implemented yet"))
+    }
+
+    async fn list_allocation_history(
+        &self,
+        request: Request<pb::ListAllocationHistoryRequest>,
+    ) -> Result<Response<pb::ListAllocationHistoryResponse>, Status> {
+        let caller = Caller::from_request(&request)?;
+        let id = request.into_inner().allocation_id;
+        AllocationId::parse(&id).map_err(|e| status::invalid_field("allocation_id", e))?;
+        let key = id.clone();
+        let (tenant, entries) = self
+            .db
+            .get()?
+            .read(move |conn| Ok::<_, Error>((store::tenant_of_history(conn, &key)?, store::history(conn, &key)?)))
+            .await?;
+        match tenant {
+            Some(t) if caller.admin || caller.tenant.as_ref().is_some_and(|c| c.as_str() == t) => {
+                Ok(Response::new(pb::ListAllocationHistoryResponse { entries }))
+            }
+            _ => Err(not_found(&id)),
+        }
+    }
+
+    async fn get_tenant_summary(
+        &self,
+        request: Request<pb::GetTenantSummaryRequest>,
+    ) -> Result<Response<pb::TenantSummary>, Status> {
+        let caller = Caller::from_request(&request)?;
+        let t = request.into_inner().tenant;
+        let tenant = match listing_tenant(&caller, &t)? {
+            Some(t) => t,
+            None => return Err(status::invalid_field("tenant", "tenant is required")),
+        };
+        let summary = self.db.get()?.read(move |conn| store::summary(conn, &tenant)).await?;
+        Ok(Response::new(summary))
+    }
+
+    async fn get_usage_report(
+        &self,
+        _request: Request<pb::GetUsageReportRequest>,
+    ) -> Result<Response<pb::UsageReport>, Status> {
+        Err(Status::unimplemented("GetUsageReport is not implemented yet"))
+    }
+}

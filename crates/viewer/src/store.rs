@@ -1,0 +1,194 @@
+use base64::Engine;
+use diesel::prelude::*;
+use gpualloc_domain::{Resources, State, TenantId, time};
+use gpualloc_proto::{allocation::v1 as apb, viewer::v1 as pb};
+use gpualloc_storage::DbConnection;
+use prost::Message;
+
+use crate::{
+    Error,
+    schema::{allocation_history, allocation_views, tenant_quota_views},
+};
+
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = allocation_views)]
+pub struct ViewRow {
+    pub allocation_id: String,
+    pub tenant: String,
+    pub state: String,
+    pub version: i64,
+    pub create_time: i64,
+    pub update_time: i64,
+    pub hold_position: i64,
+    pub snapshot: Vec<u8>,
+    pub project_time: i64,
+}
+
+impl ViewRow {
+    pub fn to_proto(&self) -> Result<pb::AllocationView, Error> {
+        let allocation = apb::Allocation::decode(self.snapshot.as_slice())
+            .map_err(|e| Error::BadEvent(format!("stored snapshot of {}: {e}", self.allocation_id)))?;
+        Ok(pb::AllocationView {
+            hold_position: if self.state == State::Held.as_str() { self.hold_position } else { 0 },
+            allocation: Some(allocation),
+            project_time: Some(time::to_timestamp(self.project_time)),
+        })
+    }
+}
+
+pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<ViewRow>, Error> {
+    Ok(allocation_views::table
+        .find(id)
+        .select(ViewRow::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+/// Position in a newest-first listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub create_time: i64,
+    pub allocation_id: String,
+}
+
+impl Cursor {
+    pub fn encode(&self) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(format!("v1:{}:{}", self.create_time, self.allocation_id))
+    }
+
+    pub fn decode(token: &str) -> Option<Cursor> {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
+        let raw = String::from_utf8(raw).ok()?;
+        let rest = raw.strip_prefix("v1:")?;
+        let (t, id) = rest.split_once(':')?;
+        Some(Cursor {
+            create_time: t.parse().ok()?,
+            allocation_id: id.to_owned(),
+        })
+    }
+}
+
+/// One page, newest first, strictly after `after` (keyset pagination: stable
+/// while new allocations arrive, since they sort before the cursor).
+pub fn list(
+    conn: &mut DbConnection,
+    tenant: Option<&TenantId>,
+    states: &[State],
+    after: Option<&Cursor>,
+    limit: i64,
+) -> Result<Vec<ViewRow>, Error> {
+    let mut q = allocation_views::table.select(ViewRow::as_select()).into_boxed();
+    if let Some(t) = tenant {
+        q = q.filter(allocation_views::tenant.eq(t.as_str().to_owned()));
+    }
+    if !states.is_empty() {
+        let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        q = q.filter(allocation_views::state.eq_any(names));
+    }
+    if let Some(c) = after {
+        q = q.filter(
+            allocation_views::create_time.lt(c.create_time).or(allocation_views::create_time
+                .eq(c.create_time)
+                .and(allocation_views::allocation_id.lt(c.allocation_id.clone()))),
+        );
+    }
+    Ok(q.order((allocation_views::create_time.desc(), allocation_views::allocation_id.desc()))
+        .limit(limit)
+        .load(conn)?)
+}
+
+pub fn history(conn: &mut DbConnection, id: &str) -> Result<Vec<pb::HistoryEntry>, Error> {
+    let rows: Vec<(i64, String, String, String, String, i64)> = allocation_history::table
+        .filter(allocation_history::allocation_id.eq(id))
+        .order(allocation_history::version)
+        .select((
+            allocation_history::version,
+            allocation_history::event_id,
+            allocation_history::previous_state,
+            allocation_history::state,
+            allocation_history::reason,
+            allocation_history::change_time,
+        ))
+        .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|(version, event_id, previous, state, reason, t)| pb::HistoryEntry {
+            event_id,
+            version,
+            previous_state: State::parse(&previous).map(|s| s.to_proto() as i32).unwrap_or(0),
+            state: State::parse(&state).map(|s| s.to_proto() as i32).unwrap_or(0),
+            reason,
+            change_time: Some(time::to_timestamp(t)),
+        })
+        .collect())
+}
+
+pub fn tenant_of_history(conn: &mut DbConnection, id: &str) -> Result<Option<String>, Error> {
+    Ok(allocation_history::table
+        .filter(allocation_history::allocation_id.eq(id))
+        .select(allocation_history::tenant)
+        .first(conn)
+        .optional()?)
+}
+
+pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantSummary, Error> {
+    let counts: Vec<(String, i64)> = allocation_views::table
+        .filter(allocation_views::tenant.eq(tenant.as_str()))
+        .group_by(allocation_views::state)
+        .select((allocation_views::state, diesel::dsl::count_star()))
+        .load(conn)?;
+    let mut counts: Vec<pb::StateCount> = counts
+        .into_iter()
+        .filter_map(|(s, n)| State::parse(&s).map(|s| pb::StateCount { state: s.to_proto() as i32, count: n }))
+        .collect();
+    counts.sort_by_key(|c| c.state);
+    let allocated: Vec<Vec<u8>> = allocation_views::table
+        .filter(allocation_views::tenant.eq(tenant.as_str()))
+        .filter(allocation_views::state.eq(State::Allocated.as_str()))
+        .select(allocation_views::snapshot)
+        .load(conn)?;
+    let mut in_use = Resources::default();
+    for snapshot in allocated {
+        let a = apb::Allocation::decode(snapshot.as_slice()).map_err(|e| Error::BadEvent(e.to_string()))?;
+        let r = Resources::try_from(a.resources.unwrap_or_default()).map_err(|e| Error::BadEvent(e.to_string()))?;
+        in_use.cpu_millis += r.cpu_millis;
+        in_use.memory_mib += r.memory_mib;
+        in_use.gpus += r.gpus;
+        in_use.storage_gib += r.storage_gib;
+        for (c, v) in r.custom {
+            *in_use.custom.entry(c).or_default() += v;
+        }
+    }
+    let quota: Option<String> = tenant_quota_views::table
+        .find(tenant.as_str())
+        .select(tenant_quota_views::limits)
+        .first(conn)
+        .optional()?;
+    let quota = quota
+        .map(|q| serde_json::from_str::<Resources>(&q))
+        .transpose()
+        .map_err(|e| Error::BadEvent(e.to_string()))?;
+    Ok(pb::TenantSummary {
+        tenant: tenant.to_string(),
+        counts,
+        in_use: Some((&in_use).into()),
+        quota: quota.as_ref().map(Into::into),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cursor;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let c = Cursor {
+            create_time: 1_700_000_000_000_000,
+            allocation_id: "0190-abc".into(),
+        };
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        assert_eq!(Cursor::decode("not a token"), None);
+        assert_eq!(Cursor::decode(""), None);
+    }
+}
