@@ -1,1 +1,42 @@
-fn main() {}
+//! Project automation (the xtask pattern): `cargo xtask up` starts NATS and
+//! the three services locally and seeds a demo; `cargo xtask test` installs
+//! what is missing and runs every check CI runs.
+
+mod install;
+mod procs;
+mod test;
+mod up;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "gpualloc project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run NATS and the three services locally, seed a demo pool and quota,
+    /// and print grpcurl commands. Ctrl-C stops everything.
+    Up(up::Args),
+    /// Install what is missing, then run fmt, clippy, buf lint and every
+    /// test against a throwaway NATS and PostgreSQL.
+    Test(test::Args),
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Up(args) => up::run(args),
+        Command::Test(args) => test::run(args),
+    }
+}

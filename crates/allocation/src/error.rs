@@ -75,11 +75,14 @@ impl From<Error> for Status {
                 message,
                 violations,
             } => status::quota_failure(reason, message, violations, HashMap::new()),
-            Error::Conflict(id) => Status::aborted(format!("allocation {id} changed concurrently; retry")),
-            Error::Invariant(m) => status::internal("invariant violated", &m),
-            Error::Db(DbError::Pool(m)) => {
-                status::unavailable(format!("database unavailable: {m}"), std::time::Duration::from_secs(1))
+            Error::Conflict(id) => {
+                Status::aborted(format!("allocation {id} changed concurrently; retry"))
             }
+            Error::Invariant(m) => status::internal("invariant violated", &m),
+            Error::Db(DbError::Pool(m)) => status::unavailable(
+                format!("database unavailable: {m}"),
+                std::time::Duration::from_secs(1),
+            ),
             Error::Db(e) => status::internal("database error", &e),
             Error::Query(e) => status::internal("database error", &e),
         }

@@ -10,7 +10,12 @@ pub struct PoolDecisions;
 impl Handler for PoolDecisions {
     type Error = Error;
 
-    fn handle(&self, conn: &mut DbConnection, emit: &mut Emitter, event: &Event) -> Result<(), Error> {
+    fn handle(
+        &self,
+        conn: &mut DbConnection,
+        emit: &mut Emitter,
+        event: &Event,
+    ) -> Result<(), Error> {
         ops::on_pool_event(conn, emit, event)
     }
 }

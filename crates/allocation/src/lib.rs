@@ -41,7 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// Settings of the allocation service.
 #[derive(clap::Parser, Clone, Debug)]
-#[command(name = "gpualloc-allocation", version, about = "gpualloc allocation service")]
+#[command(
+    name = "gpualloc-allocation",
+    version,
+    about = "gpualloc allocation service"
+)]
 pub struct Config {
     /// Address to serve gRPC on.
     #[arg(long, env = "GPUALLOC_LISTEN", default_value = "127.0.0.1:50051")]
@@ -51,7 +55,11 @@ pub struct Config {
     pub common: CommonConfig,
 
     /// The resource-pool service, for the synchronous CheckQuota.
-    #[arg(long, env = "GPUALLOC_RESOURCE_POOL_URL", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "GPUALLOC_RESOURCE_POOL_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
     pub resource_pool_url: String,
 
     /// Deadline of the synchronous CheckQuota; past it the request is
@@ -84,7 +92,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
     let quota = QuotaClient::new(&config.resource_pool_url, config.check_quota_timeout)?;
-    let api = AllocationApi::new(platform.db(), platform.relay(), platform.origin().to_owned(), quota);
+    let api = AllocationApi::new(
+        platform.db(),
+        platform.relay(),
+        platform.origin().to_owned(),
+        quota,
+    );
     platform.start(MIGRATIONS, |ready| {
         ready.spawn_consumer(
             ConsumerSpec::new(CONSUMER, subjects::FILTER_RESERVATION_SAGA, &ready.origin),
@@ -92,6 +105,8 @@ pub async fn run(
         );
     });
     platform
-        .serve(listener, shutdown, |routes| routes.add_service(AllocationServiceServer::new(api)))
+        .serve(listener, shutdown, |routes| {
+            routes.add_service(AllocationServiceServer::new(api))
+        })
         .await
 }

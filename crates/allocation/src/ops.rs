@@ -63,7 +63,10 @@ pub fn create(
     }
     let now = emit.now();
     let (state, reason) = if awaiting_approval {
-        (State::AwaitingApproval, "above the tenant's approval threshold; waiting for an administrator")
+        (
+            State::AwaitingApproval,
+            "above the tenant's approval threshold; waiting for an administrator",
+        )
     } else {
         (State::Pending, "waiting for the resource pool's decision")
     };
@@ -72,7 +75,8 @@ pub fn create(
         tenant: new.tenant.to_string(),
         state: state.as_str().to_owned(),
         reason: reason.to_owned(),
-        resources: serde_json::to_string(&new.resources).map_err(|e| Error::Invariant(e.to_string()))?,
+        resources: serde_json::to_string(&new.resources)
+            .map_err(|e| Error::Invariant(e.to_string()))?,
         pool_id: None,
         priority: new.priority,
         request_id: new.request_id.clone(),
@@ -94,7 +98,11 @@ pub fn create(
     Ok(row)
 }
 
-fn announce_change(emit: &mut Emitter, previous: Option<State>, row: &AllocRow) -> Result<(), Error> {
+fn announce_change(
+    emit: &mut Emitter,
+    previous: Option<State>,
+    row: &AllocRow,
+) -> Result<(), Error> {
     emit.emit(
         &row.allocation_id,
         &row.tenant,
@@ -149,7 +157,9 @@ fn transition(
 ) -> Result<AllocRow, Error> {
     let from = row.state()?;
     if !from.can_move_to(to) {
-        return Err(Error::Invariant(format!("{from} -> {to} is not a transition")));
+        return Err(Error::Invariant(format!(
+            "{from} -> {to} is not a transition"
+        )));
     }
     let mut next = row.clone();
     next.state = to.as_str().to_owned();
@@ -164,10 +174,22 @@ fn transition(
 
 /// Loads an allocation the caller may see; others' are NOT_FOUND, as if
 /// they did not exist.
-pub fn load_for(conn: &mut DbConnection, id: &AllocationId, caller: &Caller) -> Result<AllocRow, Error> {
+pub fn load_for(
+    conn: &mut DbConnection,
+    id: &AllocationId,
+    caller: &Caller,
+) -> Result<AllocRow, Error> {
     let id = id.to_string();
     match store::get(conn, &id)? {
-        Some(row) if caller.admin || caller.tenant.as_ref().is_some_and(|t| t.as_str() == row.tenant) => Ok(row),
+        Some(row)
+            if caller.admin
+                || caller
+                    .tenant
+                    .as_ref()
+                    .is_some_and(|t| t.as_str() == row.tenant) =>
+        {
+            Ok(row)
+        }
         _ => Err(Error::NotFound(id)),
     }
 }
@@ -180,7 +202,11 @@ pub fn cancel(
     reason: &str,
 ) -> Result<AllocRow, Error> {
     let row = load_for(conn, id, caller)?;
-    let reason = if reason.is_empty() { "cancelled by the tenant" } else { reason };
+    let reason = if reason.is_empty() {
+        "cancelled by the tenant"
+    } else {
+        reason
+    };
     match row.state()? {
         State::Cancelling | State::Cancelled => Ok(row),
         // Nothing was asked of the pool yet.
@@ -216,10 +242,22 @@ pub fn approve(
     match row.state()? {
         State::AwaitingApproval => {
             let now = emit.now();
-            store::record_decision(conn, &row.allocation_id, "APPROVED", "", &decided_by(caller), now)?;
-            let next = transition(conn, emit, &row, State::Pending, "approved; waiting for the resource pool's decision", |r| {
-                r.approved_time = Some(now)
-            })?;
+            store::record_decision(
+                conn,
+                &row.allocation_id,
+                "APPROVED",
+                "",
+                &decided_by(caller),
+                now,
+            )?;
+            let next = transition(
+                conn,
+                emit,
+                &row,
+                State::Pending,
+                "approved; waiting for the resource pool's decision",
+                |r| r.approved_time = Some(now),
+            )?;
             request_placement(emit, &next)?;
             Ok(next)
         }
@@ -240,13 +278,28 @@ pub fn reject(
     reason: &str,
 ) -> Result<AllocRow, Error> {
     let row = load_for(conn, id, caller)?;
-    let reason = if reason.is_empty() { "rejected by an administrator" } else { reason };
+    let reason = if reason.is_empty() {
+        "rejected by an administrator"
+    } else {
+        reason
+    };
     match row.state()? {
         State::AwaitingApproval => {
-            store::record_decision(conn, &row.allocation_id, "REJECTED", reason, &decided_by(caller), emit.now())?;
+            store::record_decision(
+                conn,
+                &row.allocation_id,
+                "REJECTED",
+                reason,
+                &decided_by(caller),
+                emit.now(),
+            )?;
             transition(conn, emit, &row, State::Rejected, reason, |_| {})
         }
-        State::Rejected if store::decision(conn, &row.allocation_id)?.as_deref() == Some("REJECTED") => Ok(row),
+        State::Rejected
+            if store::decision(conn, &row.allocation_id)?.as_deref() == Some("REJECTED") =>
+        {
+            Ok(row)
+        }
         state => Err(Error::WrongState {
             id: row.allocation_id,
             state,
@@ -258,7 +311,11 @@ pub fn reject(
 /// Applies one decision of the resource pool. Stale decisions (a
 /// reservation version already applied) and decisions that do not fit the
 /// current state change nothing.
-pub fn on_pool_event(conn: &mut DbConnection, emit: &mut Emitter, event: &Event) -> Result<(), Error> {
+pub fn on_pool_event(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    event: &Event,
+) -> Result<(), Error> {
     let Some(row) = store::get(conn, &event.allocation_id)? else {
         tracing::warn!(allocation_id = %event.allocation_id, "pool decision for an unknown allocation; ignored");
         return Ok(());
@@ -274,50 +331,43 @@ pub fn on_pool_event(conn: &mut DbConnection, emit: &mut Emitter, event: &Event)
     if v <= row.pool_version {
         return Ok(());
     }
-    let next: Option<(State, String, Box<dyn FnOnce(&mut AllocRow)>)> = match &event.payload {
+    let target = match &event.payload {
         Some(Payload::ReservationGranted(g)) if matches!(state, State::Pending | State::Held) => {
-            let pool = g.pool_id.clone();
-            let model = g.gpu_model.clone();
-            let expire = g.expire_time.as_ref().map(time::from_timestamp);
-            let resources = row.resources()?;
-            Some((
-                State::Allocated,
-                format!("granted on pool {pool}"),
-                Box::new(move |r: &mut AllocRow| {
-                    r.pool_id = Some(pool);
-                    r.expire_time = expire;
-                    if resources.gpu_model.is_none()
-                        && let Ok(m) = GpuModel::parse(model)
-                    {
-                        let mut res = resources;
-                        res.gpu_model = Some(m);
-                        if let Ok(json) = serde_json::to_string(&res) {
-                            r.resources = json;
-                        }
-                    }
-                }),
-            ))
+            Some((State::Allocated, format!("granted on pool {}", g.pool_id)))
         }
-        Some(Payload::ReservationHeld(h)) if state == State::Pending => Some((State::Held, h.reason.clone(), Box::new(|_| {}))),
-        Some(Payload::ReservationRejected(r)) if matches!(state, State::Pending | State::Held | State::Cancelling) => {
-            Some((State::Rejected, r.reason.clone(), Box::new(|_| {})))
+        Some(Payload::ReservationHeld(h)) if state == State::Pending => {
+            Some((State::Held, h.reason.clone()))
         }
-        Some(Payload::ReservationReleased(r)) if matches!(state, State::Allocated | State::Cancelling) => {
+        Some(Payload::ReservationRejected(r))
+            if matches!(state, State::Pending | State::Held | State::Cancelling) =>
+        {
+            Some((State::Rejected, r.reason.clone()))
+        }
+        Some(Payload::ReservationReleased(r))
+            if matches!(state, State::Allocated | State::Cancelling) =>
+        {
             let to = if r.cause == ev::ReleaseCause::Expired as i32 {
                 State::Expired
             } else {
                 State::Cancelled
             };
-            let reason = if r.reason.is_empty() { to.as_str().to_lowercase() } else { r.reason.clone() };
-            Some((to, reason, Box::new(|_| {})))
+            let reason = if r.reason.is_empty() {
+                to.as_str().to_lowercase()
+            } else {
+                r.reason.clone()
+            };
+            Some((to, reason))
         }
         _ => None,
     };
-    match next {
-        Some((to, reason, edit)) => {
-            transition(conn, emit, &row, to, &reason, move |r| {
+    match target {
+        Some((to, reason)) => {
+            let resources = row.resources()?;
+            transition(conn, emit, &row, to, &reason, |r| {
                 r.pool_version = v;
-                edit(r);
+                if let Some(Payload::ReservationGranted(g)) = &event.payload {
+                    apply_grant(r, resources, g);
+                }
             })?;
         }
         None => {
@@ -329,4 +379,19 @@ pub fn on_pool_event(conn: &mut DbConnection, emit: &mut Emitter, event: &Event)
         }
     }
     Ok(())
+}
+
+/// Records where and until when a grant holds; fills in the GPU model the
+/// pool chose when any model was acceptable.
+fn apply_grant(r: &mut AllocRow, mut resources: Resources, g: &ev::ReservationGranted) {
+    r.pool_id = Some(g.pool_id.clone());
+    r.expire_time = g.expire_time.as_ref().map(time::from_timestamp);
+    if resources.gpu_model.is_none()
+        && let Ok(model) = GpuModel::parse(g.gpu_model.clone())
+    {
+        resources.gpu_model = Some(model);
+        if let Ok(json) = serde_json::to_string(&resources) {
+            r.resources = json;
+        }
+    }
 }

@@ -7,13 +7,15 @@ use std::{collections::BTreeMap, time::Duration};
 
 use gpualloc_domain::{Resources, TenantId};
 use gpualloc_platform::{Caller, propagation};
-use gpualloc_proto::resourcepool::v1::{self as rp, resource_pool_service_client::ResourcePoolServiceClient};
+use gpualloc_proto::resourcepool::v1::{
+    self as rp, resource_pool_service_client::ResourcePoolServiceClient,
+};
 use tonic::transport::{Channel, Endpoint};
 
 /// What the pool said, or why it said nothing.
 #[derive(Debug)]
 pub enum Advice {
-    Verdict(rp::CheckQuotaResponse),
+    Verdict(Box<rp::CheckQuotaResponse>),
     Unreachable(String),
 }
 
@@ -55,8 +57,10 @@ impl QuotaClient {
         propagation::inject(headers, request.metadata_mut());
         let mut client = self.client.clone();
         match tokio::time::timeout(self.timeout, client.check_quota(request)).await {
-            Ok(Ok(r)) => Advice::Verdict(r.into_inner()),
-            Ok(Err(status)) => Advice::Unreachable(format!("{:?}: {}", status.code(), status.message())),
+            Ok(Ok(r)) => Advice::Verdict(Box::new(r.into_inner())),
+            Ok(Err(status)) => {
+                Advice::Unreachable(format!("{:?}: {}", status.code(), status.message()))
+            }
             Err(_) => Advice::Unreachable(format!("no answer within {:?}", self.timeout)),
         }
     }

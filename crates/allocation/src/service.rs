@@ -9,7 +9,10 @@ use gpualloc_proto::{
     resourcepool::v1 as rp,
 };
 use gpualloc_saga::{Emitter, Relay};
-use gpualloc_storage::{DbConnection, diesel::result::{DatabaseErrorKind, Error as DieselError}};
+use gpualloc_storage::{
+    DbConnection,
+    diesel::result::{DatabaseErrorKind, Error as DieselError},
+};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -45,7 +48,10 @@ impl AllocationApi {
         F: FnMut(&mut DbConnection, &mut Emitter) -> Result<AllocRow, Error> + Send + 'static,
     {
         let origin = self.origin.clone();
-        let db = self.db.get().map_err(|s| Error::Db(gpualloc_storage::DbError::Pool(s.message().to_owned())))?;
+        let db = self
+            .db
+            .get()
+            .map_err(|s| Error::Db(gpualloc_storage::DbError::Pool(s.message().to_owned())))?;
         let row = db
             .write(move |conn| {
                 let mut emit = Emitter::new(&origin, time::now_micros(), headers.clone());
@@ -86,18 +92,27 @@ fn parse_create(req: pb::CreateAllocationRequest) -> Result<NewAllocation, Viola
         id => Some(id.to_owned()),
     };
     if !(0..=1000).contains(&req.priority) {
-        v.add("priority", format!("must be between 0 and 1000 (got {})", req.priority));
+        v.add(
+            "priority",
+            format!("must be between 0 and 1000 (got {})", req.priority),
+        );
     }
-    let lease = req.lease.and_then(|d| v.check("lease", time::parse_duration(&d)));
+    let lease = req
+        .lease
+        .and_then(|d| v.check("lease", time::parse_duration(&d)));
     if req.labels.len() > MAX_LABELS {
         v.add("labels", format!("at most {MAX_LABELS} labels"));
     }
     for (k, val) in &req.labels {
         let key_ok = !k.is_empty()
             && k.len() <= 63
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
         if !key_ok {
-            v.add(format!("labels[{k}]"), "keys are 1-63 letters, digits, '-', '_', '.' or '/'");
+            v.add(
+                format!("labels[{k}]"),
+                "keys are 1-63 letters, digits, '-', '_', '.' or '/'",
+            );
         }
         if val.len() > 256 {
             v.add(format!("labels[{k}]"), "values are at most 256 characters");
@@ -129,7 +144,10 @@ fn quota_refusal(r: rp::CheckQuotaResponse) -> Option<Error> {
                     .map(|v| {
                         (
                             v.resource_class.clone(),
-                            format!("{} requested, {} of {} in use", v.requested, v.used, v.limit),
+                            format!(
+                                "{} requested, {} of {} in use",
+                                v.requested, v.used, v.limit
+                            ),
                         )
                     })
                     .collect()
@@ -145,7 +163,13 @@ fn quota_refusal(r: rp::CheckQuotaResponse) -> Option<Error> {
 }
 
 fn is_unique_violation(e: &Error) -> bool {
-    matches!(e, Error::Query(DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, _)))
+    matches!(
+        e,
+        Error::Query(DieselError::DatabaseError(
+            DatabaseErrorKind::UniqueViolation,
+            _
+        ))
+    )
 }
 
 #[tonic::async_trait]
@@ -171,10 +195,14 @@ impl AllocationService for AllocationApi {
                 return respond(row);
             }
         }
-        let awaiting_approval = match self.quota.check(&caller, &headers, &new.tenant, &new.resources).await {
+        let awaiting_approval = match self
+            .quota
+            .check(&caller, &headers, &new.tenant, &new.resources)
+            .await
+        {
             Advice::Verdict(r) => {
                 let approval = r.requires_approval;
-                if let Some(refusal) = quota_refusal(r) {
+                if let Some(refusal) = quota_refusal(*r) {
                     return Err(refusal.into());
                 }
                 approval
@@ -186,7 +214,9 @@ impl AllocationService for AllocationApi {
         };
         let n = new.clone();
         match self
-            .write(headers, move |conn, emit| ops::create(conn, emit, &n, awaiting_approval))
+            .write(headers, move |conn, emit| {
+                ops::create(conn, emit, &n, awaiting_approval)
+            })
             .await
         {
             Ok(row) => respond(row),
@@ -229,7 +259,9 @@ impl AllocationService for AllocationApi {
             return Err(status::invalid_field("reason", "at most 1024 characters"));
         }
         let row = self
-            .write(headers, move |conn, emit| ops::cancel(conn, emit, &id, &caller, &req.reason))
+            .write(headers, move |conn, emit| {
+                ops::cancel(conn, emit, &id, &caller, &req.reason)
+            })
             .await?;
         respond(row)
     }
@@ -243,7 +275,9 @@ impl AllocationService for AllocationApi {
         let headers = propagation::headers(request.metadata());
         let id = parse_id(&request.into_inner().allocation_id)?;
         let row = self
-            .write(headers, move |conn, emit| ops::approve(conn, emit, &id, &caller))
+            .write(headers, move |conn, emit| {
+                ops::approve(conn, emit, &id, &caller)
+            })
             .await?;
         respond(row)
     }
@@ -261,7 +295,9 @@ impl AllocationService for AllocationApi {
             return Err(status::invalid_field("reason", "at most 1024 characters"));
         }
         let row = self
-            .write(headers, move |conn, emit| ops::reject(conn, emit, &id, &caller, &req.reason))
+            .write(headers, move |conn, emit| {
+                ops::reject(conn, emit, &id, &caller, &req.reason)
+            })
             .await?;
         respond(row)
     }

@@ -35,11 +35,13 @@ pub struct AllocRow {
 
 impl AllocRow {
     pub fn state(&self) -> Result<State, Error> {
-        State::parse(&self.state).ok_or_else(|| Error::Invariant(format!("stored state {:?}", self.state)))
+        State::parse(&self.state)
+            .ok_or_else(|| Error::Invariant(format!("stored state {:?}", self.state)))
     }
 
     pub fn resources(&self) -> Result<Resources, Error> {
-        serde_json::from_str(&self.resources).map_err(|e| Error::Invariant(format!("stored resources: {e}")))
+        serde_json::from_str(&self.resources)
+            .map_err(|e| Error::Invariant(format!("stored resources: {e}")))
     }
 
     pub fn labels(&self) -> BTreeMap<String, String> {
@@ -74,7 +76,11 @@ pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<AllocRow>, Error>
         .optional()?)
 }
 
-pub fn by_request_id(conn: &mut DbConnection, tenant: &str, request_id: &str) -> Result<Option<AllocRow>, Error> {
+pub fn by_request_id(
+    conn: &mut DbConnection,
+    tenant: &str,
+    request_id: &str,
+) -> Result<Option<AllocRow>, Error> {
     Ok(allocations::table
         .filter(allocations::tenant.eq(tenant))
         .filter(allocations::request_id.eq(request_id))
@@ -109,7 +115,11 @@ pub fn update(conn: &mut DbConnection, row: &AllocRow, expected_version: i64) ->
 
 /// Allocations waiting on the pool (PENDING, CANCELLING) since before
 /// `before`, oldest first.
-pub fn waiting_since(conn: &mut DbConnection, before: i64, limit: i64) -> Result<Vec<AllocRow>, Error> {
+pub fn waiting_since(
+    conn: &mut DbConnection,
+    before: i64,
+    limit: i64,
+) -> Result<Vec<AllocRow>, Error> {
     Ok(allocations::table
         .filter(allocations::state.eq_any([State::Pending.as_str(), State::Cancelling.as_str()]))
         .filter(allocations::update_time.lt(before))

@@ -244,11 +244,7 @@ impl From<&Resources> for pb::Resources {
                 .map(|m| m.to_string())
                 .unwrap_or_default(),
             storage_gib: r.storage_gib,
-            custom: r
-                .custom
-                .iter()
-                .map(|(c, v)| (c.to_string(), *v))
-                .collect(),
+            custom: r.custom.iter().map(|(c, v)| (c.to_string(), *v)).collect(),
         }
     }
 }
@@ -376,7 +372,13 @@ mod tests {
         let fields: Vec<_> = err.0.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["cpu_millis", "gpus", "gpu_model", "custom[9x]", "custom[9x]"]
+            [
+                "cpu_millis",
+                "gpus",
+                "gpu_model",
+                "custom[9x]",
+                "custom[9x]"
+            ]
         );
     }
 

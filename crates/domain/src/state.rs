@@ -43,7 +43,10 @@ impl State {
         matches!(
             (self, to),
             (AwaitingApproval, Pending | Rejected | Cancelled)
-                | (Pending, Allocated | Held | Rejected | Cancelling | AwaitingApproval)
+                | (
+                    Pending,
+                    Allocated | Held | Rejected | Cancelling | AwaitingApproval
+                )
                 | (Held, Allocated | Rejected | Cancelling)
                 | (Allocated, Cancelling | Expired)
                 | (Cancelling, Cancelled | Expired | Rejected)

@@ -69,11 +69,14 @@ pub async fn set_quota(mesh: &Mesh, t: &str, limits: rp::Resources) -> rp::Tenan
 
 pub async fn create(mesh: &Mesh, t: &str, resources: rp::Resources) -> apb::Allocation {
     mesh.allocations()
-        .create_allocation(tenant(t, apb::CreateAllocationRequest {
-            tenant: t.into(),
-            resources: Some(resources),
-            ..Default::default()
-        }))
+        .create_allocation(tenant(
+            t,
+            apb::CreateAllocationRequest {
+                tenant: t.into(),
+                resources: Some(resources),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -84,7 +87,12 @@ pub async fn wait_state(mesh: &Mesh, t: &str, id: &str, state: State) -> apb::Al
     eventually(SETTLE, &format!("{id} {state:?} in allocation"), || async {
         let a = mesh
             .allocations()
-            .get_allocation(tenant(t, apb::GetAllocationRequest { allocation_id: id.into() }))
+            .get_allocation(tenant(
+                t,
+                apb::GetAllocationRequest {
+                    allocation_id: id.into(),
+                },
+            ))
             .await
             .ok()?
             .into_inner();
@@ -98,7 +106,12 @@ pub async fn wait_view(mesh: &Mesh, t: &str, id: &str, state: State) -> vpb::All
     eventually(SETTLE, &format!("{id} {state:?} in the viewer"), || async {
         let v = mesh
             .viewer()
-            .get_allocation_view(tenant(t, vpb::GetAllocationViewRequest { allocation_id: id.into() }))
+            .get_allocation_view(tenant(
+                t,
+                vpb::GetAllocationViewRequest {
+                    allocation_id: id.into(),
+                },
+            ))
             .await
             .ok()?
             .into_inner();
@@ -115,9 +128,15 @@ struct Count {
 
 /// Runs `SELECT COUNT(*) AS n …` on a service's database.
 pub async fn count(db: &TestDb, sql: &str) -> i64 {
-    let handle = Db::connect(&db.url, DbOptions { pool_size: 1, ..Default::default() })
-        .await
-        .unwrap();
+    let handle = Db::connect(
+        &db.url,
+        DbOptions {
+            pool_size: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let sql = sql.to_owned();
     handle
         .read(move |c| Ok::<_, DbError>(sql_query(sql.clone()).get_result::<Count>(c)?.n))

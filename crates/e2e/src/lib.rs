@@ -22,7 +22,9 @@ use tonic::{
     metadata::MetadataValue,
     transport::{Channel, Endpoint},
 };
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 /// Which database the services use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,10 +62,16 @@ pub struct Service {
 }
 
 impl Service {
-    pub async fn spawn(kind: Svc, common: CommonConfig, pool_url: String, addr: Option<SocketAddr>) -> Service {
-        let listener = TcpListener::bind(addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))))
-            .await
-            .unwrap();
+    pub async fn spawn(
+        kind: Svc,
+        common: CommonConfig,
+        pool_url: String,
+        addr: Option<SocketAddr>,
+    ) -> Service {
+        let listener =
+            TcpListener::bind(addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))))
+                .await
+                .unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let shutdown = async move {
@@ -120,22 +128,32 @@ impl Service {
     /// Stops and starts again on the same port with the same database.
     pub async fn restart(&mut self) {
         self.stop().await;
-        *self = Service::spawn(self.kind, self.common.clone(), self.pool_url.clone(), Some(self.addr)).await;
+        *self = Service::spawn(
+            self.kind,
+            self.common.clone(),
+            self.pool_url.clone(),
+            Some(self.addr),
+        )
+        .await;
     }
 
     pub async fn health(&self) -> Option<ServingStatus> {
         let mut client = HealthClient::new(self.channel());
         let r = client
-            .check(HealthCheckRequest { service: String::new() })
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .ok()?;
         ServingStatus::try_from(r.into_inner().status).ok()
     }
 
     pub async fn wait_serving(&self) {
-        gpualloc_testkit::eventually(Duration::from_secs(30), &format!("{:?} SERVING", self.kind), || async {
-            (self.health().await == Some(ServingStatus::Serving)).then_some(())
-        })
+        gpualloc_testkit::eventually(
+            Duration::from_secs(30),
+            &format!("{:?} SERVING", self.kind),
+            || async { (self.health().await == Some(ServingStatus::Serving)).then_some(()) },
+        )
         .await
     }
 }
@@ -172,9 +190,12 @@ impl Mesh {
         let stream = unique_name("T").to_uppercase();
         let prefix = unique_name("t");
         let (allocation_db, pool_db, viewer_db) = (backend.db(), backend.db(), backend.db());
-        let common = |db: &TestDb| CommonConfig::new(db.url.clone(), nats_url.clone()).with_stream(&stream, &prefix);
+        let common = |db: &TestDb| {
+            CommonConfig::new(db.url.clone(), nats_url.clone()).with_stream(&stream, &prefix)
+        };
         let pool = Service::spawn(Svc::ResourcePool, common(&pool_db), String::new(), None).await;
-        let allocation = Service::spawn(Svc::Allocation, common(&allocation_db), pool.url(), None).await;
+        let allocation =
+            Service::spawn(Svc::Allocation, common(&allocation_db), pool.url(), None).await;
         let viewer = Service::spawn(Svc::Viewer, common(&viewer_db), String::new(), None).await;
         let mesh = Mesh {
             backend,

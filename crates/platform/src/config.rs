@@ -11,12 +11,21 @@ pub struct CommonConfig {
     #[arg(long, env = "GPUALLOC_DATABASE_URL")]
     pub database_url: String,
 
+    /// Create the PostgreSQL database named in the URL if it does not
+    /// exist (development convenience; production provisions it).
+    #[arg(long, env = "GPUALLOC_CREATE_DATABASE")]
+    pub create_database: bool,
+
     /// Size of the database connection pool.
     #[arg(long, env = "GPUALLOC_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: usize,
 
     /// NATS server URL(s), comma-separated.
-    #[arg(long, env = "GPUALLOC_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long,
+        env = "GPUALLOC_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub nats_url: String,
 
     /// JetStream stream holding the saga's events.
@@ -52,6 +61,7 @@ impl CommonConfig {
     pub fn new(database_url: impl Into<String>, nats_url: impl Into<String>) -> Self {
         Self {
             database_url: database_url.into(),
+            create_database: false,
             db_pool_size: 8,
             nats_url: nats_url.into(),
             stream: "GPUALLOC".into(),

@@ -139,10 +139,9 @@ impl Platform {
     /// name); `grpc_name` the fully-qualified gRPC service for health.
     pub fn new(name: &'static str, grpc_name: &'static str, config: CommonConfig) -> Platform {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let origin = config
-            .replica_id
-            .clone()
-            .unwrap_or_else(|| format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+        let origin = config.replica_id.clone().unwrap_or_else(|| {
+            format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+        });
         Platform {
             name,
             grpc_name,
@@ -316,8 +315,12 @@ impl Platform {
             stopping.cancel();
             flags.set(&flags.stopping, true);
             // Report NOT_SERVING before refusing connections.
-            health.set_service_status("", ServingStatus::NotServing).await;
-            health.set_service_status(grpc_name, ServingStatus::NotServing).await;
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_service_status(grpc_name, ServingStatus::NotServing)
+                .await;
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
@@ -357,8 +360,12 @@ async fn connect_db(
     let mut delay = Duration::from_millis(200);
     loop {
         let attempt = async {
+            if config.create_database {
+                Db::create_database_if_missing(&config.database_url).await?;
+            }
             let db = Db::connect(&config.database_url, config.db_options()).await?;
-            db.migrate(&[gpualloc_storage::MIGRATIONS, migrations]).await?;
+            db.migrate(&[gpualloc_storage::MIGRATIONS, migrations])
+                .await?;
             Ok::<_, gpualloc_storage::DbError>(db)
         };
         match attempt.await {

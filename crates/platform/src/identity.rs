@@ -56,9 +56,10 @@ impl Caller {
         let tenant = match text(TENANT_HEADER)? {
             None => None,
             Some(t) if t.is_empty() => None,
-            Some(t) => Some(TenantId::parse(t).map_err(|e| {
-                Status::unauthenticated(format!("{TENANT_HEADER}: {e}"))
-            })?),
+            Some(t) => Some(
+                TenantId::parse(t)
+                    .map_err(|e| Status::unauthenticated(format!("{TENANT_HEADER}: {e}")))?,
+            ),
         };
         if tenant.is_none() && !admin {
             return Err(Status::unauthenticated(format!(
@@ -90,7 +91,10 @@ impl Caller {
     /// Headers to forward this identity to another service.
     pub fn to_metadata(&self, md: &mut MetadataMap) {
         if self.admin {
-            md.insert(ROLE_HEADER, tonic::metadata::MetadataValue::from_static("admin"));
+            md.insert(
+                ROLE_HEADER,
+                tonic::metadata::MetadataValue::from_static("admin"),
+            );
         }
         if let Some(t) = &self.tenant
             && let Ok(v) = t.as_str().parse()
@@ -127,7 +131,10 @@ mod tests {
         let c = Caller::from_metadata(&md(&[(TENANT_HEADER, "team-a")])).unwrap();
         assert!(c.may_access(&TenantId::parse("team-a").unwrap()));
         assert!(!c.may_access(&TenantId::parse("team-b").unwrap()));
-        assert_eq!(c.require_admin().unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            c.require_admin().unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
         let a = Caller::from_metadata(&md(&[(ROLE_HEADER, "admin")])).unwrap();
         assert!(a.may_access(&TenantId::parse("team-b").unwrap()));
         let mut out = MetadataMap::new();

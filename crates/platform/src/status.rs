@@ -13,11 +13,10 @@ pub const DOMAIN: &str = "gpualloc.dev";
 
 /// INVALID_ARGUMENT listing every field violation.
 pub fn invalid_argument(v: &Violations) -> Status {
-    let violations: Vec<FieldViolation> = v
-        .0
-        .iter()
-        .map(|v| FieldViolation::new(v.field.clone(), v.description.clone()))
-        .collect();
+    let violations: Vec<FieldViolation> =
+        v.0.iter()
+            .map(|v| FieldViolation::new(v.field.clone(), v.description.clone()))
+            .collect();
     Status::with_error_details(
         Code::InvalidArgument,
         format!("invalid request: {v}"),
@@ -41,7 +40,11 @@ pub fn not_found(resource_type: &str, name: &str) -> Status {
 
 /// FAILED_PRECONDITION with an ErrorInfo `reason` (UPPER_SNAKE_CASE) that
 /// programs can branch on.
-pub fn failed_precondition(reason: &str, message: impl Into<String>, metadata: HashMap<String, String>) -> Status {
+pub fn failed_precondition(
+    reason: &str,
+    message: impl Into<String>,
+    metadata: HashMap<String, String>,
+) -> Status {
     Status::with_error_details(
         Code::FailedPrecondition,
         message,

@@ -17,6 +17,9 @@ use std::{cmp::Ordering, collections::BTreeMap};
 
 use gpualloc_domain::{Class, GpuModel, PoolId, Resources};
 
+/// Amounts per class.
+pub type Lines = Vec<(Class, i64)>;
+
 /// A pool's counters.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolState {
@@ -70,7 +73,7 @@ impl PoolState {
 
     /// The ways `demand` could be laid out on this pool: one per GPU model
     /// it may use.
-    fn layouts(&self, demand: &Resources) -> Vec<(Option<GpuModel>, Vec<(Class, i64)>)> {
+    fn layouts(&self, demand: &Resources) -> Vec<(Option<GpuModel>, Lines)> {
         if demand.gpus == 0 {
             return vec![(None, demand.pool_lines(None))];
         }
@@ -330,7 +333,10 @@ mod tests {
 
     #[test]
     fn best_fit_leaves_the_big_pool_whole() {
-        let pools = [pool("big", &[("A100", 8)], 0), pool("small", &[("A100", 2)], 0)];
+        let pools = [
+            pool("big", &[("A100", 8)], 0),
+            pool("small", &[("A100", 2)], 0),
+        ];
         let p = place(&gpus(2, "A100"), &pools).unwrap();
         assert_eq!(p.pool.as_str(), "small");
         let p = place(&gpus(8, ""), &pools).unwrap();
@@ -347,7 +353,10 @@ mod tests {
 
     #[test]
     fn cpu_work_avoids_gpu_pools() {
-        let pools = [pool("gpu", &[("A100", 8)], 64_000), pool("cpu", &[], 64_000)];
+        let pools = [
+            pool("gpu", &[("A100", 8)], 64_000),
+            pool("cpu", &[], 64_000),
+        ];
         let demand = Resources {
             cpu_millis: 1000,
             ..Default::default()
@@ -390,10 +399,22 @@ mod tests {
         let pools = [pool("p", &[("A100", 4)], 0)];
         let mut t = TenantState::default();
         t.limits.insert(Class::Gpus, 6);
-        assert!(matches!(decide(&gpus(1, ""), None, &pools), Verdict::ExceedsQuota { .. }));
-        assert!(matches!(decide(&gpus(5, ""), Some(&t), &pools), Verdict::Unsatisfiable(_)));
-        assert!(matches!(decide(&gpus(2, "H100"), Some(&t), &pools), Verdict::Unsatisfiable(_)));
-        assert!(matches!(decide(&gpus(4, ""), Some(&t), &pools), Verdict::Allowed(_)));
+        assert!(matches!(
+            decide(&gpus(1, ""), None, &pools),
+            Verdict::ExceedsQuota { .. }
+        ));
+        assert!(matches!(
+            decide(&gpus(5, ""), Some(&t), &pools),
+            Verdict::Unsatisfiable(_)
+        ));
+        assert!(matches!(
+            decide(&gpus(2, "H100"), Some(&t), &pools),
+            Verdict::Unsatisfiable(_)
+        ));
+        assert!(matches!(
+            decide(&gpus(4, ""), Some(&t), &pools),
+            Verdict::Allowed(_)
+        ));
         t.charged.insert(Class::Gpus, 4);
         match decide(&gpus(3, ""), Some(&t), &pools) {
             Verdict::ExceedsQuota { violations, .. } => {
@@ -403,8 +424,13 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let mut busy = pools.clone();
-        busy[0].used.insert(Class::GpusOf(GpuModel::parse("A100").unwrap()), 3);
-        assert_eq!(decide(&gpus(2, ""), Some(&t), &busy), Verdict::InsufficientCapacity);
+        busy[0]
+            .used
+            .insert(Class::GpusOf(GpuModel::parse("A100").unwrap()), 3);
+        assert_eq!(
+            decide(&gpus(2, ""), Some(&t), &busy),
+            Verdict::InsufficientCapacity
+        );
     }
 
     #[test]
@@ -422,7 +448,10 @@ mod tests {
             held("young", 0, 3, gpus(2, "A100")),
             held("urgent", 5, 9, gpus(1, "A100")),
         ];
-        let admitted: Vec<String> = admit(&mut queue, &mut pools).into_iter().map(|(id, _)| id).collect();
+        let admitted: Vec<String> = admit(&mut queue, &mut pools)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         // Priority first; the big request that cannot fit blocks nobody.
         assert_eq!(admitted, ["urgent", "h100"]);
     }
@@ -432,13 +461,25 @@ mod tests {
         let mut a = pool("a", &[("A100", 4)], 0);
         let mut b = pool("b", &[("A100", 8)], 0);
         let t = TenantState::default();
-        assert_eq!(hold_deadline(100, &gpus(2, ""), &t, &[a.clone(), b.clone()]), None);
+        assert_eq!(
+            hold_deadline(100, &gpus(2, ""), &t, &[a.clone(), b.clone()]),
+            None
+        );
         a.max_hold = Some(10);
-        assert_eq!(hold_deadline(100, &gpus(2, ""), &t, &[a.clone(), b.clone()]), None);
+        assert_eq!(
+            hold_deadline(100, &gpus(2, ""), &t, &[a.clone(), b.clone()]),
+            None
+        );
         b.max_hold = Some(50);
-        assert_eq!(hold_deadline(100, &gpus(2, ""), &t, &[a.clone(), b.clone()]), Some(150));
+        assert_eq!(
+            hold_deadline(100, &gpus(2, ""), &t, &[a.clone(), b.clone()]),
+            Some(150)
+        );
         // Only b could hold 6 GPUs.
-        assert_eq!(hold_deadline(100, &gpus(6, ""), &t, &[a.clone(), b.clone()]), Some(150));
+        assert_eq!(
+            hold_deadline(100, &gpus(6, ""), &t, &[a.clone(), b.clone()]),
+            Some(150)
+        );
         let t = TenantState {
             max_hold: Some(20),
             ..Default::default()

@@ -10,7 +10,12 @@ pub struct AllocationEvents;
 impl Handler for AllocationEvents {
     type Error = Error;
 
-    fn handle(&self, conn: &mut DbConnection, emit: &mut Emitter, event: &Event) -> Result<(), Error> {
+    fn handle(
+        &self,
+        conn: &mut DbConnection,
+        emit: &mut Emitter,
+        event: &Event,
+    ) -> Result<(), Error> {
         match &event.payload {
             Some(Payload::AllocationRequested(req)) => ops::on_requested(conn, emit, event, req),
             Some(Payload::AllocationCancelled(req)) => ops::on_cancelled(conn, emit, event, req),

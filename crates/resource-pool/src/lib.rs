@@ -42,7 +42,11 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
 
 /// Settings of the resource-pool service.
 #[derive(clap::Parser, Clone, Debug)]
-#[command(name = "gpualloc-resource-pool", version, about = "gpualloc resource-pool service")]
+#[command(
+    name = "gpualloc-resource-pool",
+    version,
+    about = "gpualloc resource-pool service"
+)]
 pub struct Config {
     /// Address to serve gRPC on.
     #[arg(long, env = "GPUALLOC_LISTEN", default_value = "127.0.0.1:50052")]
@@ -79,7 +83,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
-    let service = PoolService::new(platform.db(), platform.relay(), platform.origin().to_owned());
+    let service = PoolService::new(
+        platform.db(),
+        platform.relay(),
+        platform.origin().to_owned(),
+    );
     let sweep_interval = config.sweep_interval;
     platform.start(MIGRATIONS, move |ready| {
         ready.spawn_consumer(

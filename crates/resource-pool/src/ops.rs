@@ -103,7 +103,11 @@ pub fn on_requested(
     let lease = req.lease.as_ref().map(time::parse_duration).transpose();
     let info = RequestInfo {
         priority: req.priority,
-        request_time: req.create_time.as_ref().map(time::from_timestamp).unwrap_or(now),
+        request_time: req
+            .create_time
+            .as_ref()
+            .map(time::from_timestamp)
+            .unwrap_or(now),
         lease: lease.clone().ok().flatten(),
     };
     let tenant = TenantId::parse(event.tenant.clone());
@@ -115,7 +119,13 @@ pub fn on_requested(
             // against a foreign publisher, not a normal path.
             let reason = "the request is malformed";
             let cause = ev::RejectCause::Unspecified;
-            insert_row(conn, event, &info, NewRow::ended(REJECTED, &Resources::default(), reason, cause.as_str_name()), now)?;
+            insert_row(
+                conn,
+                event,
+                &info,
+                NewRow::ended(REJECTED, &Resources::default(), reason, cause.as_str_name()),
+                now,
+            )?;
             emit.emit(id, &event.tenant, 1, rejected(reason, cause));
             return Ok(());
         }
@@ -127,7 +137,10 @@ pub fn on_requested(
         .as_ref()
         .map(|t| demand.above_threshold(&t.approval_above))
         .unwrap_or_default();
-    if !req.approved && !over_threshold.is_empty() && matches!(verdict, Verdict::Allowed(_) | Verdict::InsufficientCapacity) {
+    if !req.approved
+        && !over_threshold.is_empty()
+        && matches!(verdict, Verdict::Allowed(_) | Verdict::InsufficientCapacity)
+    {
         // Nothing is reserved: after approval a new request comes.
         let classes: Vec<String> = over_threshold.iter().map(ToString::to_string).collect();
         emit.emit(
@@ -135,7 +148,10 @@ pub fn on_requested(
             tenant.as_str(),
             0,
             Payload::ReservationNeedsApproval(ev::ReservationNeedsApproval {
-                reason: format!("above the tenant's approval threshold in {}", classes.join(", ")),
+                reason: format!(
+                    "above the tenant's approval threshold in {}",
+                    classes.join(", ")
+                ),
             }),
         );
         return Ok(());
@@ -143,12 +159,24 @@ pub fn on_requested(
     match verdict {
         Verdict::ExceedsQuota { reason, .. } => {
             let cause = ev::RejectCause::ExceedsQuota;
-            insert_row(conn, event, &info, NewRow::ended(REJECTED, &demand, &reason, cause.as_str_name()), now)?;
+            insert_row(
+                conn,
+                event,
+                &info,
+                NewRow::ended(REJECTED, &demand, &reason, cause.as_str_name()),
+                now,
+            )?;
             emit.emit(id, tenant.as_str(), 1, rejected(&reason, cause));
         }
         Verdict::Unsatisfiable(reason) => {
             let cause = ev::RejectCause::Unsatisfiable;
-            insert_row(conn, event, &info, NewRow::ended(REJECTED, &demand, &reason, cause.as_str_name()), now)?;
+            insert_row(
+                conn,
+                event,
+                &info,
+                NewRow::ended(REJECTED, &demand, &reason, cause.as_str_name()),
+                now,
+            )?;
             emit.emit(id, tenant.as_str(), 1, rejected(&reason, cause));
         }
         Verdict::Allowed(p) => {
@@ -167,7 +195,12 @@ pub fn on_requested(
                 outcome: None,
             };
             insert_row(conn, event, &info, row, now)?;
-            emit.emit(id, tenant.as_str(), 1, granted(p.pool.as_str(), model, expire));
+            emit.emit(
+                id,
+                tenant.as_str(),
+                1,
+                granted(p.pool.as_str(), model, expire),
+            );
         }
         Verdict::InsufficientCapacity => {
             let tenant_state = tenant_state.unwrap_or_default();
@@ -254,19 +287,46 @@ pub fn on_cancelled(
             request_time: now,
             lease: None,
         };
-        insert_row(conn, event, &info, NewRow::ended(RELEASED, &Resources::default(), &reason, cause.as_str_name()), now)?;
+        insert_row(
+            conn,
+            event,
+            &info,
+            NewRow::ended(
+                RELEASED,
+                &Resources::default(),
+                &reason,
+                cause.as_str_name(),
+            ),
+            now,
+        )?;
         emit.emit(id, &event.tenant, 1, released(cause, &reason, ""));
         return Ok(());
     };
     match r.state.as_str() {
         HELD => {
             store::charge_tenant(conn, &r.tenant, &r.demand()?.quota_lines(), -1, true, false)?;
-            let v = store::move_reservation(conn, &r, RELEASED, &reason, Some(cause.as_str_name()), None, now)?;
+            let v = store::move_reservation(
+                conn,
+                &r,
+                RELEASED,
+                &reason,
+                Some(cause.as_str_name()),
+                None,
+                now,
+            )?;
             emit.emit(id, &r.tenant, v, released(cause, &reason, ""));
         }
         GRANTED => {
             release_granted(conn, &r)?;
-            let v = store::move_reservation(conn, &r, RELEASED, &reason, Some(cause.as_str_name()), None, now)?;
+            let v = store::move_reservation(
+                conn,
+                &r,
+                RELEASED,
+                &reason,
+                Some(cause.as_str_name()),
+                None,
+                now,
+            )?;
             let pool = r.pool_id.as_deref().unwrap_or_default();
             emit.emit(id, &r.tenant, v, released(cause, &reason, pool));
             admit(conn, emit)?;
@@ -277,10 +337,12 @@ pub fn on_cancelled(
 }
 
 fn release_granted(conn: &mut DbConnection, r: &ReservationRow) -> Result<(), Error> {
-    let pool = r
-        .pool_id
-        .as_deref()
-        .ok_or_else(|| Error::Invariant(format!("granted reservation {} without pool", r.allocation_id)))?;
+    let pool = r.pool_id.as_deref().ok_or_else(|| {
+        Error::Invariant(format!(
+            "granted reservation {} without pool",
+            r.allocation_id
+        ))
+    })?;
     store::release_pool(conn, pool, &r.pool_lines()?)?;
     store::charge_tenant(conn, &r.tenant, &r.demand()?.quota_lines(), -1, true, true)
 }
@@ -296,7 +358,8 @@ pub fn admit(conn: &mut DbConnection, emit: &mut Emitter) -> Result<usize, Error
     }
     let now = emit.now();
     let mut pools = store::pool_states(conn)?;
-    let by_id: HashMap<&str, &ReservationRow> = rows.iter().map(|r| (r.allocation_id.as_str(), r)).collect();
+    let by_id: HashMap<&str, &ReservationRow> =
+        rows.iter().map(|r| (r.allocation_id.as_str(), r)).collect();
     let mut queue = Vec::new();
     for h in store::held_queue(&rows)? {
         if engine::ever_fits(&h.demand, &pools) {
@@ -307,7 +370,15 @@ pub fn admit(conn: &mut DbConnection, emit: &mut Emitter) -> Result<usize, Error
         let reason = "no pool can hold this request any more (a pool was shrunk or deleted)";
         let cause = ev::RejectCause::Unsatisfiable;
         store::charge_tenant(conn, &r.tenant, &h.demand.quota_lines(), -1, true, false)?;
-        let v = store::move_reservation(conn, r, REJECTED, reason, Some(cause.as_str_name()), None, now)?;
+        let v = store::move_reservation(
+            conn,
+            r,
+            REJECTED,
+            reason,
+            Some(cause.as_str_name()),
+            None,
+            now,
+        )?;
         emit.emit(&r.allocation_id, &r.tenant, v, rejected(reason, cause));
     }
     let admitted = engine::admit(&mut queue, &mut pools);
@@ -318,7 +389,15 @@ pub fn admit(conn: &mut DbConnection, emit: &mut Emitter) -> Result<usize, Error
         let expire = r.lease_micros.map(|l| now.saturating_add(l));
         let model = p.model.as_ref().map(|m| m.as_str());
         let placed = Some((p.pool.as_str(), model, expire));
-        let v = store::move_reservation(conn, r, GRANTED, "granted from the hold queue", None, placed, now)?;
+        let v = store::move_reservation(
+            conn,
+            r,
+            GRANTED,
+            "granted from the hold queue",
+            None,
+            placed,
+            now,
+        )?;
         emit.emit(id, &r.tenant, v, granted(p.pool.as_str(), model, expire));
     }
     Ok(admitted.len())
@@ -341,16 +420,37 @@ pub fn sweep(conn: &mut DbConnection, emit: &mut Emitter, batch: i64) -> Result<
         release_granted(conn, &r)?;
         let reason = "lease expired";
         let cause = ev::ReleaseCause::Expired;
-        let v = store::move_reservation(conn, &r, RELEASED, reason, Some(cause.as_str_name()), None, now)?;
+        let v = store::move_reservation(
+            conn,
+            &r,
+            RELEASED,
+            reason,
+            Some(cause.as_str_name()),
+            None,
+            now,
+        )?;
         let pool = r.pool_id.as_deref().unwrap_or_default();
-        emit.emit(&r.allocation_id, &r.tenant, v, released(cause, reason, pool));
+        emit.emit(
+            &r.allocation_id,
+            &r.tenant,
+            v,
+            released(cause, reason, pool),
+        );
         swept.expired += 1;
     }
     for r in store::overdue_holds(conn, now, batch)? {
         store::charge_tenant(conn, &r.tenant, &r.demand()?.quota_lines(), -1, true, false)?;
         let reason = "waited longer than the maximum hold time";
         let cause = ev::RejectCause::HoldTimeout;
-        let v = store::move_reservation(conn, &r, REJECTED, reason, Some(cause.as_str_name()), None, now)?;
+        let v = store::move_reservation(
+            conn,
+            &r,
+            REJECTED,
+            reason,
+            Some(cause.as_str_name()),
+            None,
+            now,
+        )?;
         emit.emit(&r.allocation_id, &r.tenant, v, rejected(reason, cause));
         swept.hold_timeouts += 1;
     }
@@ -370,11 +470,17 @@ pub struct PoolSpec {
 
 /// Creates a pool or replaces its capacity; refuses to go below what is
 /// granted. Raising capacity admits held requests at once.
-pub fn put_pool(conn: &mut DbConnection, emit: &mut Emitter, spec: &PoolSpec) -> Result<store::PoolRecord, Error> {
+pub fn put_pool(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    spec: &PoolSpec,
+) -> Result<store::PoolRecord, Error> {
     lock::acquire(conn, store::PLACEMENT_LOCK)?;
     let now = emit.now();
     let id = spec.id.as_str();
-    let existing = store::load_pools(conn)?.into_iter().find(|p| p.row.pool_id == id);
+    let existing = store::load_pools(conn)?
+        .into_iter()
+        .find(|p| p.row.pool_id == id);
     let new: BTreeMap<Class, i64> = spec.capacity.lines().into_iter().collect();
     match &existing {
         Some(p) => {
@@ -383,7 +489,12 @@ pub fn put_pool(conn: &mut DbConnection, emit: &mut Emitter, spec: &PoolSpec) ->
                 .used
                 .iter()
                 .filter(|(c, used)| **used > new.get(*c).copied().unwrap_or(0))
-                .map(|(c, used)| format!("{c} (granted {used}, new capacity {})", new.get(c).copied().unwrap_or(0)))
+                .map(|(c, used)| {
+                    format!(
+                        "{c} (granted {used}, new capacity {})",
+                        new.get(c).copied().unwrap_or(0)
+                    )
+                })
                 .collect();
             if !below.is_empty() {
                 return Err(Error::Precondition {
@@ -410,7 +521,9 @@ pub fn put_pool(conn: &mut DbConnection, emit: &mut Emitter, spec: &PoolSpec) ->
                     .filter(pool_resources::class.eq(&name));
                 match (p.state.capacity.contains_key(class), new.get(class)) {
                     (true, Some(cap)) => {
-                        diesel::update(row).set(pool_resources::capacity.eq(cap)).execute(conn)?;
+                        diesel::update(row)
+                            .set(pool_resources::capacity.eq(cap))
+                            .execute(conn)?;
                     }
                     (true, None) => {
                         diesel::delete(row).execute(conn)?;
@@ -452,7 +565,12 @@ pub fn put_pool(conn: &mut DbConnection, emit: &mut Emitter, spec: &PoolSpec) ->
     Ok(record)
 }
 
-fn insert_pool_resource(conn: &mut DbConnection, pool: &str, class: &str, capacity: i64) -> Result<(), Error> {
+fn insert_pool_resource(
+    conn: &mut DbConnection,
+    pool: &str,
+    class: &str,
+    capacity: i64,
+) -> Result<(), Error> {
     diesel::insert_into(pool_resources::table)
         .values((
             pool_resources::pool_id.eq(pool),
@@ -465,7 +583,11 @@ fn insert_pool_resource(conn: &mut DbConnection, pool: &str, class: &str, capaci
 }
 
 /// Deletes an idle pool. Held requests that only it could hold are rejected.
-pub fn delete_pool(conn: &mut DbConnection, emit: &mut Emitter, id: &PoolId) -> Result<store::PoolRecord, Error> {
+pub fn delete_pool(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    id: &PoolId,
+) -> Result<store::PoolRecord, Error> {
     lock::acquire(conn, store::PLACEMENT_LOCK)?;
     let record = store::load_pools(conn)?
         .into_iter()
@@ -478,14 +600,17 @@ pub fn delete_pool(conn: &mut DbConnection, emit: &mut Emitter, id: &PoolId) -> 
     if granted > 0 || record.state.used.values().any(|u| *u > 0) {
         return Err(Error::Precondition {
             reason: "POOL_IN_USE",
-            message: format!("pool {id} still has {granted} granted reservation(s); cancel them first"),
+            message: format!(
+                "pool {id} still has {granted} granted reservation(s); cancel them first"
+            ),
             metadata: HashMap::from([
                 ("pool_id".into(), id.to_string()),
                 ("granted".into(), granted.to_string()),
             ]),
         });
     }
-    diesel::delete(pool_resources::table.filter(pool_resources::pool_id.eq(id.as_str()))).execute(conn)?;
+    diesel::delete(pool_resources::table.filter(pool_resources::pool_id.eq(id.as_str())))
+        .execute(conn)?;
     diesel::delete(pools::table.find(id.as_str())).execute(conn)?;
     emit.emit(
         "",
@@ -510,7 +635,11 @@ pub struct QuotaSpec {
 }
 
 /// Sets a tenant's quota; refuses limits below what the tenant holds.
-pub fn set_quota(conn: &mut DbConnection, emit: &mut Emitter, spec: &QuotaSpec) -> Result<(), Error> {
+pub fn set_quota(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    spec: &QuotaSpec,
+) -> Result<(), Error> {
     lock::acquire(conn, store::PLACEMENT_LOCK)?;
     let now = emit.now();
     let tenant = spec.tenant.as_str();
@@ -524,7 +653,12 @@ pub fn set_quota(conn: &mut DbConnection, emit: &mut Emitter, spec: &QuotaSpec) 
                 .charged
                 .iter()
                 .filter(|(c, used)| **used > new.get(*c).copied().unwrap_or(0))
-                .map(|(c, used)| format!("{c} (in use {used}, new limit {})", new.get(c).copied().unwrap_or(0)))
+                .map(|(c, used)| {
+                    format!(
+                        "{c} (in use {used}, new limit {})",
+                        new.get(c).copied().unwrap_or(0)
+                    )
+                })
                 .collect();
             if !below.is_empty() {
                 return Err(Error::Precondition {
@@ -552,7 +686,9 @@ pub fn set_quota(conn: &mut DbConnection, emit: &mut Emitter, spec: &QuotaSpec) 
                     .filter(tenant_usage::class.eq(&name));
                 match (state.limits.contains_key(class), new.get(class)) {
                     (true, Some(limit)) => {
-                        diesel::update(q).set(tenant_usage::quota_limit.eq(limit)).execute(conn)?;
+                        diesel::update(q)
+                            .set(tenant_usage::quota_limit.eq(limit))
+                            .execute(conn)?;
                     }
                     (true, None) => {
                         diesel::delete(q).execute(conn)?;
@@ -591,7 +727,12 @@ pub fn set_quota(conn: &mut DbConnection, emit: &mut Emitter, spec: &QuotaSpec) 
     Ok(())
 }
 
-fn insert_usage(conn: &mut DbConnection, tenant: &str, class: &str, limit: i64) -> Result<(), Error> {
+fn insert_usage(
+    conn: &mut DbConnection,
+    tenant: &str,
+    class: &str,
+    limit: i64,
+) -> Result<(), Error> {
     diesel::insert_into(tenant_usage::table)
         .values((
             tenant_usage::tenant.eq(tenant),

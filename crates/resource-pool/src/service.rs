@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use gpualloc_domain::{Capacity, Class, PoolId, Resources, TenantId, Violations, time};
 use gpualloc_platform::{Caller, DbHandle, propagation};
-use gpualloc_proto::resourcepool::v1::{self as pb, resource_pool_service_server::ResourcePoolService};
+use gpualloc_proto::resourcepool::v1::{
+    self as pb, resource_pool_service_server::ResourcePoolService,
+};
 use gpualloc_saga::{Emitter, Relay};
 use gpualloc_storage::DbConnection;
 use tonic::{Request, Response, Status};
@@ -97,7 +99,11 @@ fn quota_view(tenant: &str, row: &store::QuotaRow, state: &TenantState) -> pb::T
     }
 }
 
-fn optional_duration(field: &str, d: Option<prost_types::Duration>, v: &mut Violations) -> Option<i64> {
+fn optional_duration(
+    field: &str,
+    d: Option<prost_types::Duration>,
+    v: &mut Violations,
+) -> Option<i64> {
     d.and_then(|d| v.check(field, time::parse_duration(&d)))
 }
 
@@ -139,12 +145,16 @@ impl ResourcePoolService for PoolService {
             .is_some_and(|s| !demand.above_threshold(&s.approval_above).is_empty());
         let mut resp = pb::CheckQuotaResponse {
             requires_approval,
-            quota: state
-                .as_ref()
-                .map(|s| pb::Resources::from(&Resources::from_lines(s.limits.iter().map(|(c, v)| (c, *v))))),
-            usage: state
-                .as_ref()
-                .map(|s| pb::Resources::from(&Resources::from_lines(s.charged.iter().map(|(c, v)| (c, *v))))),
+            quota: state.as_ref().map(|s| {
+                pb::Resources::from(&Resources::from_lines(
+                    s.limits.iter().map(|(c, v)| (c, *v)),
+                ))
+            }),
+            usage: state.as_ref().map(|s| {
+                pb::Resources::from(&Resources::from_lines(
+                    s.charged.iter().map(|(c, v)| (c, *v)),
+                ))
+            }),
             ..Default::default()
         };
         match engine::decide(&demand, state.as_ref(), &pools) {
@@ -155,7 +165,9 @@ impl ResourcePoolService for PoolService {
             }
             Verdict::InsufficientCapacity => {
                 resp.verdict = pb::Verdict::InsufficientCapacity as i32;
-                resp.reason = "fits the quota, but no pool has the free capacity now: it would be held".into();
+                resp.reason =
+                    "fits the quota, but no pool has the free capacity now: it would be held"
+                        .into();
             }
             Verdict::ExceedsQuota { reason, violations } => {
                 resp.verdict = pb::Verdict::ExceedsQuota as i32;
@@ -176,12 +188,17 @@ impl ResourcePoolService for PoolService {
             }
         }
         if requires_approval {
-            resp.reason.push_str("; above the tenant's approval threshold, it would wait for an administrator");
+            resp.reason.push_str(
+                "; above the tenant's approval threshold, it would wait for an administrator",
+            );
         }
         Ok(Response::new(resp))
     }
 
-    async fn put_pool(&self, request: Request<pb::PutPoolRequest>) -> Result<Response<pb::Pool>, Status> {
+    async fn put_pool(
+        &self,
+        request: Request<pb::PutPoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
         Caller::from_request(&request)?.require_admin()?;
         let headers = propagation::headers(request.metadata());
         let pool = request.into_inner().pool.unwrap_or_default();
@@ -201,17 +218,24 @@ impl ResourcePoolService for PoolService {
         if !v.is_empty() {
             return Err(gpualloc_platform::status::invalid_argument(&v));
         }
-        let spec = PoolSpec { id, capacity, max_hold };
+        let spec = PoolSpec {
+            id,
+            capacity,
+            max_hold,
+        };
         let record = self
             .write(headers, move |conn, emit| ops::put_pool(conn, emit, &spec))
             .await?;
         Ok(Response::new(ops::pool_to_proto(&record)))
     }
 
-    async fn get_pool(&self, request: Request<pb::GetPoolRequest>) -> Result<Response<pb::Pool>, Status> {
+    async fn get_pool(
+        &self,
+        request: Request<pb::GetPoolRequest>,
+    ) -> Result<Response<pb::Pool>, Status> {
         Caller::from_request(&request)?;
         let id = parse_pool_id(request.into_inner().pool_id)?;
-        let pools = self.read(|conn| store::load_pools(conn)).await?;
+        let pools = self.read(store::load_pools).await?;
         pools
             .iter()
             .find(|p| p.row.pool_id == id.as_str())
@@ -230,7 +254,7 @@ impl ResourcePoolService for PoolService {
         request: Request<pb::ListPoolsRequest>,
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         Caller::from_request(&request)?;
-        let pools = self.read(|conn| store::load_pools(conn)).await?;
+        let pools = self.read(store::load_pools).await?;
         Ok(Response::new(pb::ListPoolsResponse {
             pools: pools.iter().map(ops::pool_to_proto).collect(),
         }))
@@ -267,7 +291,8 @@ impl ResourcePoolService for PoolService {
             .map_err(|e| v.extend_prefixed("approval_above", e))
             .ok();
         let max_hold = optional_duration("max_hold", req.max_hold, &mut v);
-        let (Some(tenant), Some(limits), Some(approval_above), true) = (tenant, limits, approval_above, v.is_empty())
+        let (Some(tenant), Some(limits), Some(approval_above), true) =
+            (tenant, limits, approval_above, v.is_empty())
         else {
             return Err(gpualloc_platform::status::invalid_argument(&v));
         };
@@ -299,7 +324,9 @@ impl ResourcePoolService for PoolService {
             return Err(not_found_tenant(&tenant));
         }
         let t = tenant.clone();
-        let quota = self.read(move |conn| store::load_tenant(conn, t.as_str())).await?;
+        let quota = self
+            .read(move |conn| store::load_tenant(conn, t.as_str()))
+            .await?;
         let (row, state) = quota.ok_or_else(|| not_found_tenant(&tenant))?;
         Ok(Response::new(quota_view(tenant.as_str(), &row, &state)))
     }
@@ -311,14 +338,20 @@ impl ResourcePoolService for PoolService {
         let caller = Caller::from_request(&request)?;
         let req = request.into_inner();
         let tenant = if req.tenant.is_empty() {
-            if caller.admin { None } else { caller.tenant.clone() }
+            if caller.admin {
+                None
+            } else {
+                caller.tenant.clone()
+            }
         } else {
             Some(parse_tenant("tenant", req.tenant)?)
         };
         if let Some(t) = &tenant
             && !caller.may_access(t)
         {
-            return Err(Status::permission_denied(format!("a tenant may only list its own held requests, not {t}'s")));
+            return Err(Status::permission_denied(format!(
+                "a tenant may only list its own held requests, not {t}'s"
+            )));
         }
         let pool = if req.pool_id.is_empty() {
             None
@@ -329,13 +362,12 @@ impl ResourcePoolService for PoolService {
             .read(|conn| Ok((store::held(conn)?, store::pool_states(conn)?)))
             .await?;
         let pool_state = match &pool {
-            Some(id) => Some(
-                pools
-                    .iter()
-                    .find(|p| &p.id == id)
-                    .cloned()
-                    .ok_or_else(|| Status::from(Error::NotFound { kind: "pool", id: id.to_string() }))?,
-            ),
+            Some(id) => Some(pools.iter().find(|p| &p.id == id).cloned().ok_or_else(|| {
+                Status::from(Error::NotFound {
+                    kind: "pool",
+                    id: id.to_string(),
+                })
+            })?),
             None => None,
         };
         let mut held = Vec::new();

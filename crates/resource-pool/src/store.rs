@@ -57,7 +57,8 @@ pub fn load_pools(conn: &mut DbConnection) -> Result<Vec<PoolRecord>, Error> {
             pool_resources::used,
         ))
         .load(conn)?;
-    let mut by_pool: BTreeMap<String, (BTreeMap<Class, i64>, BTreeMap<Class, i64>)> = BTreeMap::new();
+    type Counters = BTreeMap<Class, i64>;
+    let mut by_pool: BTreeMap<String, (Counters, Counters)> = BTreeMap::new();
     for (pool, class, capacity, used) in resources {
         let class = parse_class(&class)?;
         let entry = by_pool.entry(pool).or_default();
@@ -86,7 +87,11 @@ pub fn pool_states(conn: &mut DbConnection) -> Result<Vec<PoolState>, Error> {
 }
 
 /// Adds `lines` to a pool's usage, refusing to pass capacity.
-pub fn take_pool(conn: &mut DbConnection, pool: &PoolId, lines: &[(Class, i64)]) -> Result<(), Error> {
+pub fn take_pool(
+    conn: &mut DbConnection,
+    pool: &PoolId,
+    lines: &[(Class, i64)],
+) -> Result<(), Error> {
     for (class, v) in lines {
         let n = diesel::update(
             pool_resources::table
@@ -97,14 +102,20 @@ pub fn take_pool(conn: &mut DbConnection, pool: &PoolId, lines: &[(Class, i64)])
         .set(pool_resources::used.eq(pool_resources::used + *v))
         .execute(conn)?;
         if n != 1 {
-            return Err(Error::Invariant(format!("{class} of {v} does not fit pool {pool}")));
+            return Err(Error::Invariant(format!(
+                "{class} of {v} does not fit pool {pool}"
+            )));
         }
     }
     Ok(())
 }
 
 /// Returns `lines` to a pool.
-pub fn release_pool(conn: &mut DbConnection, pool: &str, lines: &[(Class, i64)]) -> Result<(), Error> {
+pub fn release_pool(
+    conn: &mut DbConnection,
+    pool: &str,
+    lines: &[(Class, i64)],
+) -> Result<(), Error> {
     for (class, v) in lines {
         let n = diesel::update(
             pool_resources::table
@@ -115,7 +126,9 @@ pub fn release_pool(conn: &mut DbConnection, pool: &str, lines: &[(Class, i64)])
         .set(pool_resources::used.eq(pool_resources::used - *v))
         .execute(conn)?;
         if n != 1 {
-            return Err(Error::Invariant(format!("releasing {class} of {v} from pool {pool}")));
+            return Err(Error::Invariant(format!(
+                "releasing {class} of {v} from pool {pool}"
+            )));
         }
     }
     Ok(())
@@ -131,7 +144,10 @@ pub struct QuotaRow {
     pub update_time: i64,
 }
 
-pub fn load_tenant(conn: &mut DbConnection, tenant: &str) -> Result<Option<(QuotaRow, TenantState)>, Error> {
+pub fn load_tenant(
+    conn: &mut DbConnection,
+    tenant: &str,
+) -> Result<Option<(QuotaRow, TenantState)>, Error> {
     let Some(row) = tenant_quotas::table
         .find(tenant)
         .select(QuotaRow::as_select())
@@ -223,7 +239,8 @@ pub struct ReservationRow {
 
 impl ReservationRow {
     pub fn demand(&self) -> Result<Resources, Error> {
-        serde_json::from_str(&self.demand).map_err(|e| Error::Invariant(format!("stored demand: {e}")))
+        serde_json::from_str(&self.demand)
+            .map_err(|e| Error::Invariant(format!("stored demand: {e}")))
     }
 
     pub fn model(&self) -> Result<Option<GpuModel>, Error> {
@@ -268,7 +285,10 @@ pub fn insert_reservation(conn: &mut DbConnection, r: &NewReservation<'_>) -> Re
     Ok(())
 }
 
-pub fn get_reservation(conn: &mut DbConnection, allocation_id: &str) -> Result<Option<ReservationRow>, Error> {
+pub fn get_reservation(
+    conn: &mut DbConnection,
+    allocation_id: &str,
+) -> Result<Option<ReservationRow>, Error> {
     Ok(reservations::table
         .find(allocation_id)
         .select(ReservationRow::as_select())
@@ -356,12 +376,14 @@ pub fn position(conn: &mut DbConnection, r: &ReservationRow) -> Result<i64, Erro
     let ahead: i64 = reservations::table
         .filter(reservations::state.eq(HELD))
         .filter(
-            reservations::priority.gt(r.priority).or(reservations::priority
-                .eq(r.priority)
-                .and(
-                    reservations::request_time.lt(r.request_time).or(reservations::request_time
-                        .eq(r.request_time)
-                        .and(reservations::allocation_id.lt(&r.allocation_id))),
+            reservations::priority
+                .gt(r.priority)
+                .or(reservations::priority.eq(r.priority).and(
+                    reservations::request_time
+                        .lt(r.request_time)
+                        .or(reservations::request_time
+                            .eq(r.request_time)
+                            .and(reservations::allocation_id.lt(&r.allocation_id))),
                 )),
         )
         .count()
@@ -369,7 +391,11 @@ pub fn position(conn: &mut DbConnection, r: &ReservationRow) -> Result<i64, Erro
     Ok(ahead + 1)
 }
 
-pub fn expired_leases(conn: &mut DbConnection, now: i64, limit: i64) -> Result<Vec<ReservationRow>, Error> {
+pub fn expired_leases(
+    conn: &mut DbConnection,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<ReservationRow>, Error> {
     Ok(reservations::table
         .filter(reservations::state.eq(GRANTED))
         .filter(reservations::expire_time.le(now))
@@ -379,7 +405,11 @@ pub fn expired_leases(conn: &mut DbConnection, now: i64, limit: i64) -> Result<V
         .load(conn)?)
 }
 
-pub fn overdue_holds(conn: &mut DbConnection, now: i64, limit: i64) -> Result<Vec<ReservationRow>, Error> {
+pub fn overdue_holds(
+    conn: &mut DbConnection,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<ReservationRow>, Error> {
     Ok(reservations::table
         .filter(reservations::state.eq(HELD))
         .filter(reservations::hold_deadline.le(now))

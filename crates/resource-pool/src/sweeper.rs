@@ -14,7 +14,13 @@ use crate::{Error, ops, store};
 
 const BATCH: i64 = 500;
 
-pub async fn run(db: Db, relay: Relay, origin: String, interval: Duration, cancel: CancellationToken) {
+pub async fn run(
+    db: Db,
+    relay: Relay,
+    origin: String,
+    interval: Duration,
+    cancel: CancellationToken,
+) {
     loop {
         let origin2 = origin.clone();
         let result = db
@@ -29,7 +35,11 @@ pub async fn run(db: Db, relay: Relay, origin: String, interval: Duration, cance
         let wait = match result {
             Ok((swept, next)) => {
                 if swept.expired + swept.hold_timeouts > 0 {
-                    tracing::info!(expired = swept.expired, hold_timeouts = swept.hold_timeouts, "sweep");
+                    tracing::info!(
+                        expired = swept.expired,
+                        hold_timeouts = swept.hold_timeouts,
+                        "sweep"
+                    );
                     relay.nudge();
                 }
                 let full = swept.expired as i64 == BATCH || swept.hold_timeouts as i64 == BATCH;
@@ -37,7 +47,9 @@ pub async fn run(db: Db, relay: Relay, origin: String, interval: Duration, cance
                     _ if full => Duration::ZERO,
                     // Wake at the next deadline, but at least every interval
                     // (new leases are granted by other transactions).
-                    Some(t) => Duration::from_micros((t - now_micros()).clamp(0, interval.as_micros() as i64) as u64),
+                    Some(t) => Duration::from_micros(
+                        (t - now_micros()).clamp(0, interval.as_micros() as i64) as u64,
+                    ),
                     None => interval,
                 }
             }

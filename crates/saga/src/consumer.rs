@@ -120,7 +120,11 @@ impl Consumer {
     }
 }
 
-async fn provision(bus: &Bus, spec: &ConsumerSpec, cancel: &CancellationToken) -> Option<PullConsumer> {
+async fn provision(
+    bus: &Bus,
+    spec: &ConsumerSpec,
+    cancel: &CancellationToken,
+) -> Option<PullConsumer> {
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = async {
@@ -143,7 +147,9 @@ async fn provision(bus: &Bus, spec: &ConsumerSpec, cancel: &CancellationToken) -
         };
         match attempt.await {
             Ok(c) => return Some(c),
-            Err(e) => tracing::warn!(durable = %spec.durable, error = format!("{e:#}"), "consumer not ready yet"),
+            Err(e) => {
+                tracing::warn!(durable = %spec.durable, error = format!("{e:#}"), "consumer not ready yet")
+            }
         }
         tokio::select! {
             _ = cancel.cancelled() => return None,

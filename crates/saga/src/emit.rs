@@ -74,7 +74,10 @@ impl Emitter {
         let aggregate_id = match &event.payload {
             _ if !allocation_id.is_empty() => allocation_id.to_owned(),
             Some(Payload::PoolChanged(p)) => {
-                format!("pool:{}", p.pool.as_ref().map(|p| p.pool_id.as_str()).unwrap_or(""))
+                format!(
+                    "pool:{}",
+                    p.pool.as_ref().map(|p| p.pool_id.as_str()).unwrap_or("")
+                )
             }
             _ => format!("tenant:{tenant}"),
         };

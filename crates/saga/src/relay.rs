@@ -95,7 +95,11 @@ impl Relay {
                 Ok(_) => failures = 0,
                 Err(e) => {
                     failures += 1;
-                    tracing::warn!(error = format!("{e:#}"), failures, "outbox relay round failed");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        failures,
+                        "outbox relay round failed"
+                    );
                     let backoff = Duration::from_millis((50u64 << failures.min(6)).min(2_000));
                     tokio::select! {
                         _ = cancel.cancelled() => break,
@@ -106,8 +110,13 @@ impl Relay {
         }
         match tokio::time::timeout(drain_timeout, drain(&db, &bus, &config)).await {
             Ok(Ok(n)) => tracing::info!(published = n, "outbox flushed on shutdown"),
-            Ok(Err(e)) => tracing::warn!(error = format!("{e:#}"), "outbox flush on shutdown failed; the rows stay for the next start"),
-            Err(_) => tracing::warn!("outbox flush on shutdown timed out; the rows stay for the next start"),
+            Ok(Err(e)) => tracing::warn!(
+                error = format!("{e:#}"),
+                "outbox flush on shutdown failed; the rows stay for the next start"
+            ),
+            Err(_) => tracing::warn!(
+                "outbox flush on shutdown timed out; the rows stay for the next start"
+            ),
         }
     }
 }
@@ -120,7 +129,9 @@ pub async fn drain(db: &Db, bus: &Bus, config: &RelayConfig) -> anyhow::Result<u
         let grace = i64::try_from(config.foreign_grace.as_micros()).unwrap_or(i64::MAX);
         let batch = config.batch;
         let rows = db
-            .read(move |c| Ok::<_, DbError>(outbox::pending(c, &origin, now_micros() - grace, batch)?))
+            .read(move |c| {
+                Ok::<_, DbError>(outbox::pending(c, &origin, now_micros() - grace, batch)?)
+            })
             .await?;
         if rows.is_empty() {
             return Ok(total);
@@ -163,10 +174,16 @@ async fn publish(bus: &Bus, rows: &[outbox::PendingRow]) -> Published {
             .payload(Bytes::from(row.payload.clone()))
             .headers(headers)
             .message_id(&row.event_id);
-        match bus.js.send_publish(bus.subject(&row.subject), message).await {
+        match bus
+            .js
+            .send_publish(bus.subject(&row.subject), message)
+            .await
+        {
             Ok(ack) => acks.push((row.id, ack)),
             Err(e) => {
-                error = Some(anyhow::Error::from_boxed(Box::new(e)).context("publishing an outbox row"));
+                error = Some(
+                    anyhow::Error::from_boxed(Box::new(e)).context("publishing an outbox row"),
+                );
                 break;
             }
         }
@@ -176,7 +193,9 @@ async fn publish(bus: &Bus, rows: &[outbox::PendingRow]) -> Published {
         match ack.await {
             Ok(_) => ids.push(id),
             Err(e) => {
-                error.get_or_insert(anyhow::Error::from_boxed(Box::new(e)).context("awaiting a JetStream ack"));
+                error.get_or_insert(
+                    anyhow::Error::from_boxed(Box::new(e)).context("awaiting a JetStream ack"),
+                );
                 break;
             }
         }

@@ -140,7 +140,9 @@ impl Db {
     /// file as `sqlite://path`, `sqlite:path` or a plain path (its folder is
     /// created). Connects once eagerly so that a wrong URL fails here.
     pub async fn connect(url: &str, options: DbOptions) -> Result<Db, DbError> {
-        let (backend, conn_url) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let (backend, conn_url) = if url.starts_with("postgres://")
+            || url.starts_with("postgresql://")
+        {
             (Backend::Postgres, url.to_owned())
         } else {
             let path = url
@@ -150,7 +152,8 @@ impl Db {
             if let Some(parent) = Path::new(path).parent()
                 && !parent.as_os_str().is_empty()
             {
-                std::fs::create_dir_all(parent).map_err(|e| DbError::Pool(format!("creating {}: {e}", parent.display())))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| DbError::Pool(format!("creating {}: {e}", parent.display())))?;
             }
             (Backend::Sqlite, path.to_owned())
         };
@@ -185,6 +188,19 @@ impl Db {
         // Fail fast with the real error rather than at the first query.
         drop(db.inner.write.get().await.map_err(pool_error)?);
         Ok(db)
+    }
+
+    /// Creates the PostgreSQL database `url` names, if it does not exist,
+    /// by connecting to the server's `postgres` database. A no-op for SQLite
+    /// (the file is created on connect).
+    pub async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Ok(());
+        }
+        let url = url.to_owned();
+        tokio::task::spawn_blocking(move || create_database(&url))
+            .await
+            .map_err(|e| DbError::Panic(e.to_string()))?
     }
 
     pub fn backend(&self) -> Backend {
@@ -263,6 +279,46 @@ impl Db {
         let s = self.inner.write.status();
         (s.size - s.available, s.available)
     }
+}
+
+fn create_database(url: &str) -> Result<(), DbError> {
+    use diesel::{RunQueryDsl, sql_query};
+    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let Some(slash) = base[scheme_end..].find('/').map(|i| scheme_end + i) else {
+        return Ok(());
+    };
+    let name = &base[slash + 1..];
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(DbError::Pool(format!(
+            "database name {name:?} must be letters, digits and '_' to be created automatically"
+        )));
+    }
+    let mut admin_url = format!("{}/postgres", &base[..slash]);
+    if let Some(q) = query {
+        admin_url.push('?');
+        admin_url.push_str(q);
+    }
+    let mut conn = PgConnection::establish(&admin_url).map_err(|source| DbError::Connect {
+        url: redact(&admin_url),
+        source,
+    })?;
+    #[derive(diesel::QueryableByName)]
+    struct Found {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let found: Found = sql_query("SELECT COUNT(*) AS n FROM pg_database WHERE datname = $1")
+        .bind::<diesel::sql_types::Text, _>(name)
+        .get_result(&mut conn)?;
+    if found.n == 0 {
+        tracing::info!(database = name, "creating database");
+        // A concurrent creator (another replica) wins the race; fine.
+        if let Err(e) = sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut conn) {
+            tracing::info!(error = %e, "CREATE DATABASE failed; it may exist now");
+        }
+    }
+    Ok(())
 }
 
 fn pool_error(e: managed::PoolError<DbError>) -> DbError {

@@ -1,5 +1,7 @@
 //! The shared storage layer against both real databases.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 use std::collections::BTreeMap;
 
 use gpualloc_storage::{Db, DbError, DbOptions, MIGRATIONS, inbox, lock, outbox};
@@ -121,7 +123,10 @@ async fn inbox_claims_once_per_consumer(url: String) {
     };
     assert!(claim("pool", "e1").await);
     assert!(!claim("pool", "e1").await, "redelivery processed again");
-    assert!(claim("viewer", "e1").await, "consumers must not share claims");
+    assert!(
+        claim("viewer", "e1").await,
+        "consumers must not share claims"
+    );
     assert!(claim("pool", "e2").await);
     let pruned = db
         .write(|c| Ok::<_, DbError>(inbox::prune(c, 11)?))
@@ -179,7 +184,11 @@ async fn locks_serialise_concurrent_writers(url: String) {
         .unwrap();
     let mut seen: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
     seen.sort();
-    assert_eq!(seen, (0..40).collect::<Vec<i64>>(), "two writers saw the same count");
+    assert_eq!(
+        seen,
+        (0..40).collect::<Vec<i64>>(),
+        "two writers saw the same count"
+    );
 }
 
 gpualloc_testkit::backend_tests!(

@@ -21,7 +21,10 @@ pub use nats::{NatsServer, free_port, nats_url};
 
 /// A short random name for streams, prefixes and databases.
 pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// Polls `probe` until it returns `Some`, or panics with `what` after

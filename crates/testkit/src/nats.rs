@@ -91,9 +91,7 @@ impl NatsServer {
     /// waits for it).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg(child.id().to_string())
-                .status();
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
             let _ = child.wait();
         }
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -75,6 +75,8 @@ pub async fn run(
         );
     });
     platform
-        .serve(listener, shutdown, |routes| routes.add_service(ViewerServiceServer::new(api)))
+        .serve(listener, shutdown, |routes| {
+            routes.add_service(ViewerServiceServer::new(api))
+        })
         .await
 }

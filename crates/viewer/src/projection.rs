@@ -22,7 +22,12 @@ pub struct Projection;
 impl Handler for Projection {
     type Error = Error;
 
-    fn handle(&self, conn: &mut DbConnection, emit: &mut Emitter, event: &Event) -> Result<(), Error> {
+    fn handle(
+        &self,
+        conn: &mut DbConnection,
+        emit: &mut Emitter,
+        event: &Event,
+    ) -> Result<(), Error> {
         project(conn, emit.now(), event)
     }
 }
@@ -46,7 +51,8 @@ pub fn project(conn: &mut DbConnection, now: i64, event: &Event) -> Result<(), E
         Some(Payload::TenantQuotaChanged(q)) => {
             let limits = Resources::try_from(q.limits.clone().unwrap_or_default())
                 .map_err(|e| Error::BadEvent(format!("quota limits: {e}")))?;
-            let limits = serde_json::to_string(&limits).map_err(|e| Error::BadEvent(e.to_string()))?;
+            let limits =
+                serde_json::to_string(&limits).map_err(|e| Error::BadEvent(e.to_string()))?;
             let current: Option<i64> = tenant_quota_views::table
                 .find(&event.tenant)
                 .select(tenant_quota_views::version)
@@ -78,14 +84,27 @@ pub fn project(conn: &mut DbConnection, now: i64, event: &Event) -> Result<(), E
     }
 }
 
-fn apply_change(conn: &mut DbConnection, now: i64, event: &Event, c: &ev::AllocationStateChanged) -> Result<(), Error> {
+fn apply_change(
+    conn: &mut DbConnection,
+    now: i64,
+    event: &Event,
+    c: &ev::AllocationStateChanged,
+) -> Result<(), Error> {
     let a = c
         .allocation
         .as_ref()
         .ok_or_else(|| Error::BadEvent(format!("{} carries no allocation", event.event_id)))?;
     let state = state_name(a.state)?;
-    let previous = if c.previous_state == 0 { "" } else { state_name(c.previous_state)? };
-    let change_time = a.update_time.as_ref().map(time::from_timestamp).unwrap_or(now);
+    let previous = if c.previous_state == 0 {
+        ""
+    } else {
+        state_name(c.previous_state)?
+    };
+    let change_time = a
+        .update_time
+        .as_ref()
+        .map(time::from_timestamp)
+        .unwrap_or(now);
     let seen: i64 = allocation_history::table
         .filter(allocation_history::allocation_id.eq(&a.allocation_id))
         .filter(allocation_history::version.eq(a.version))
@@ -111,7 +130,11 @@ fn apply_change(conn: &mut DbConnection, now: i64, event: &Event, c: &ev::Alloca
         .first(conn)
         .optional()?;
     let snapshot = a.encode_to_vec();
-    let create_time = a.create_time.as_ref().map(time::from_timestamp).unwrap_or(now);
+    let create_time = a
+        .create_time
+        .as_ref()
+        .map(time::from_timestamp)
+        .unwrap_or(now);
     match current {
         None => {
             diesel::insert_into(allocation_views::table)

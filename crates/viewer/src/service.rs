@@ -44,7 +44,9 @@ fn listing_tenant(caller: &Caller, requested: &str) -> Result<Option<TenantId>, 
     }
     let t = TenantId::parse(requested).map_err(|e| status::invalid_field("tenant", e))?;
     if !caller.may_access(&t) {
-        return Err(Status::permission_denied(format!("a tenant may only read its own allocations, not {t}'s")));
+        return Err(Status::permission_denied(format!(
+            "a tenant may only read its own allocations, not {t}'s"
+        )));
     }
     Ok(Some(t))
 }
@@ -61,9 +63,19 @@ impl ViewerService for ViewerApi {
         let id = request.into_inner().allocation_id;
         AllocationId::parse(&id).map_err(|e| status::invalid_field("allocation_id", e))?;
         let key = id.clone();
-        let row = self.db.get()?.read(move |conn| store::get(conn, &key)).await?;
+        let row = self
+            .db
+            .get()?
+            .read(move |conn| store::get(conn, &key))
+            .await?;
         match row {
-            Some(row) if caller.admin || caller.tenant.as_ref().is_some_and(|t| t.as_str() == row.tenant) => {
+            Some(row)
+                if caller.admin
+                    || caller
+                        .tenant
+                        .as_ref()
+                        .is_some_and(|t| t.as_str() == row.tenant) =>
+            {
                 Ok(Response::new(row.to_proto()?))
             }
             _ => Err(not_found(&id)),
@@ -82,7 +94,10 @@ impl ViewerService for ViewerApi {
             0 => DEFAULT_PAGE,
             n if (1..=MAX_PAGE as i32).contains(&n) => i64::from(n),
             n => {
-                v.add("page_size", format!("must be between 1 and {MAX_PAGE} (got {n})"));
+                v.add(
+                    "page_size",
+                    format!("must be between 1 and {MAX_PAGE} (got {n})"),
+                );
                 DEFAULT_PAGE
             }
         };
@@ -110,7 +125,15 @@ impl ViewerService for ViewerApi {
         let mut rows = self
             .db
             .get()?
-            .read(move |conn| store::list(conn, tenant.as_ref(), &states, cursor.as_ref(), page_size + 1))
+            .read(move |conn| {
+                store::list(
+                    conn,
+                    tenant.as_ref(),
+                    &states,
+                    cursor.as_ref(),
+                    page_size + 1,
+                )
+            })
             .await?;
         let more = rows.len() as i64 > page_size;
         rows.truncate(page_size as usize);
@@ -122,7 +145,10 @@ impl ViewerService for ViewerApi {
             .encode(),
             _ => String::new(),
         };
-        let allocations = rows.iter().map(|r| r.to_proto()).collect::<Result<_, Error>>()?;
+        let allocations = rows
+            .iter()
+            .map(|r| r.to_proto())
+            .collect::<Result<_, Error>>()?;
         Ok(Response::new(pb::ListAllocationViewsResponse {
             allocations,
             next_page_token,
@@ -135,7 +161,9 @@ impl ViewerService for ViewerApi {
         &self,
         _request: Request<pb::WatchAllocationsRequest>,
     ) -> Result<Response<Self::WatchAllocationsStream>, Status> {
-        Err(Status::unimplemented("WatchAllocations is not implemented yet"))
+        Err(Status::unimplemented(
+            "WatchAllocations is not implemented yet",
+        ))
     }
 
     async fn list_allocation_history(
@@ -149,7 +177,12 @@ impl ViewerService for ViewerApi {
         let (tenant, entries) = self
             .db
             .get()?
-            .read(move |conn| Ok::<_, Error>((store::tenant_of_history(conn, &key)?, store::history(conn, &key)?)))
+            .read(move |conn| {
+                Ok::<_, Error>((
+                    store::tenant_of_history(conn, &key)?,
+                    store::history(conn, &key)?,
+                ))
+            })
             .await?;
         match tenant {
             Some(t) if caller.admin || caller.tenant.as_ref().is_some_and(|c| c.as_str() == t) => {
@@ -169,7 +202,11 @@ impl ViewerService for ViewerApi {
             Some(t) => t,
             None => return Err(status::invalid_field("tenant", "tenant is required")),
         };
-        let summary = self.db.get()?.read(move |conn| store::summary(conn, &tenant)).await?;
+        let summary = self
+            .db
+            .get()?
+            .read(move |conn| store::summary(conn, &tenant))
+            .await?;
         Ok(Response::new(summary))
     }
 
@@ -177,6 +214,8 @@ impl ViewerService for ViewerApi {
         &self,
         _request: Request<pb::GetUsageReportRequest>,
     ) -> Result<Response<pb::UsageReport>, Status> {
-        Err(Status::unimplemented("GetUsageReport is not implemented yet"))
+        Err(Status::unimplemented(
+            "GetUsageReport is not implemented yet",
+        ))
     }
 }

@@ -26,10 +26,15 @@ pub struct ViewRow {
 
 impl ViewRow {
     pub fn to_proto(&self) -> Result<pb::AllocationView, Error> {
-        let allocation = apb::Allocation::decode(self.snapshot.as_slice())
-            .map_err(|e| Error::BadEvent(format!("stored snapshot of {}: {e}", self.allocation_id)))?;
+        let allocation = apb::Allocation::decode(self.snapshot.as_slice()).map_err(|e| {
+            Error::BadEvent(format!("stored snapshot of {}: {e}", self.allocation_id))
+        })?;
         Ok(pb::AllocationView {
-            hold_position: if self.state == State::Held.as_str() { self.hold_position } else { 0 },
+            hold_position: if self.state == State::Held.as_str() {
+                self.hold_position
+            } else {
+                0
+            },
             allocation: Some(allocation),
             project_time: Some(time::to_timestamp(self.project_time)),
         })
@@ -58,7 +63,9 @@ impl Cursor {
     }
 
     pub fn decode(token: &str) -> Option<Cursor> {
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).ok()?;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()?;
         let raw = String::from_utf8(raw).ok()?;
         let rest = raw.strip_prefix("v1:")?;
         let (t, id) = rest.split_once(':')?;
@@ -78,7 +85,9 @@ pub fn list(
     after: Option<&Cursor>,
     limit: i64,
 ) -> Result<Vec<ViewRow>, Error> {
-    let mut q = allocation_views::table.select(ViewRow::as_select()).into_boxed();
+    let mut q = allocation_views::table
+        .select(ViewRow::as_select())
+        .into_boxed();
     if let Some(t) = tenant {
         q = q.filter(allocation_views::tenant.eq(t.as_str().to_owned()));
     }
@@ -88,14 +97,19 @@ pub fn list(
     }
     if let Some(c) = after {
         q = q.filter(
-            allocation_views::create_time.lt(c.create_time).or(allocation_views::create_time
-                .eq(c.create_time)
-                .and(allocation_views::allocation_id.lt(c.allocation_id.clone()))),
+            allocation_views::create_time
+                .lt(c.create_time)
+                .or(allocation_views::create_time
+                    .eq(c.create_time)
+                    .and(allocation_views::allocation_id.lt(c.allocation_id.clone()))),
         );
     }
-    Ok(q.order((allocation_views::create_time.desc(), allocation_views::allocation_id.desc()))
-        .limit(limit)
-        .load(conn)?)
+    Ok(q.order((
+        allocation_views::create_time.desc(),
+        allocation_views::allocation_id.desc(),
+    ))
+    .limit(limit)
+    .load(conn)?)
 }
 
 pub fn history(conn: &mut DbConnection, id: &str) -> Result<Vec<pb::HistoryEntry>, Error> {
@@ -113,14 +127,20 @@ pub fn history(conn: &mut DbConnection, id: &str) -> Result<Vec<pb::HistoryEntry
         .load(conn)?;
     Ok(rows
         .into_iter()
-        .map(|(version, event_id, previous, state, reason, t)| pb::HistoryEntry {
-            event_id,
-            version,
-            previous_state: State::parse(&previous).map(|s| s.to_proto() as i32).unwrap_or(0),
-            state: State::parse(&state).map(|s| s.to_proto() as i32).unwrap_or(0),
-            reason,
-            change_time: Some(time::to_timestamp(t)),
-        })
+        .map(
+            |(version, event_id, previous, state, reason, t)| pb::HistoryEntry {
+                event_id,
+                version,
+                previous_state: State::parse(&previous)
+                    .map(|s| s.to_proto() as i32)
+                    .unwrap_or(0),
+                state: State::parse(&state)
+                    .map(|s| s.to_proto() as i32)
+                    .unwrap_or(0),
+                reason,
+                change_time: Some(time::to_timestamp(t)),
+            },
+        )
         .collect())
 }
 
@@ -140,7 +160,12 @@ pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantS
         .load(conn)?;
     let mut counts: Vec<pb::StateCount> = counts
         .into_iter()
-        .filter_map(|(s, n)| State::parse(&s).map(|s| pb::StateCount { state: s.to_proto() as i32, count: n }))
+        .filter_map(|(s, n)| {
+            State::parse(&s).map(|s| pb::StateCount {
+                state: s.to_proto() as i32,
+                count: n,
+            })
+        })
         .collect();
     counts.sort_by_key(|c| c.state);
     let allocated: Vec<Vec<u8>> = allocation_views::table
@@ -150,8 +175,10 @@ pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantS
         .load(conn)?;
     let mut in_use = Resources::default();
     for snapshot in allocated {
-        let a = apb::Allocation::decode(snapshot.as_slice()).map_err(|e| Error::BadEvent(e.to_string()))?;
-        let r = Resources::try_from(a.resources.unwrap_or_default()).map_err(|e| Error::BadEvent(e.to_string()))?;
+        let a = apb::Allocation::decode(snapshot.as_slice())
+            .map_err(|e| Error::BadEvent(e.to_string()))?;
+        let r = Resources::try_from(a.resources.unwrap_or_default())
+            .map_err(|e| Error::BadEvent(e.to_string()))?;
         in_use.cpu_millis += r.cpu_millis;
         in_use.memory_mib += r.memory_mib;
         in_use.gpus += r.gpus;

@@ -1,0 +1,132 @@
+//! Installing what a fresh machine lacks, through the OS package manager
+//! (Debian's apt) and npm. Each step checks first, so a prepared machine
+//! installs nothing.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, bail};
+
+pub fn have(binary: &str) -> Option<PathBuf> {
+    if binary.contains('/') {
+        return Path::new(binary).exists().then(|| PathBuf::from(binary));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from))
+        .map(|d| d.join(binary))
+        .find(|p| p.is_file())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Runs a command as root (directly, or through sudo).
+fn as_root(args: &[&str]) -> anyhow::Result<()> {
+    let mut cmd = if is_root() {
+        let mut c = Command::new(args[0]);
+        c.args(&args[1..]);
+        c
+    } else if have("sudo").is_some() {
+        let mut c = Command::new("sudo");
+        c.args(args);
+        c
+    } else {
+        bail!("need root to run {:?} and sudo is not available", args.join(" "));
+    };
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    let status = cmd.status().with_context(|| format!("running {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("{} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Installs Debian packages, refreshing the package lists once if needed.
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    if have("apt-get").is_none() {
+        bail!(
+            "{} missing and this is not a Debian-like system: install them with your package manager",
+            packages.join(", ")
+        );
+    }
+    eprintln!("xtask: installing {} with apt-get", packages.join(", "));
+    let mut args = vec!["apt-get", "install", "-y", "--no-install-recommends"];
+    args.extend_from_slice(packages);
+    if as_root(&args).is_ok() {
+        return Ok(());
+    }
+    as_root(&["apt-get", "update"])?;
+    as_root(&args)
+}
+
+/// `nats-server` (JetStream is built in).
+pub fn nats_server() -> anyhow::Result<PathBuf> {
+    if let Some(p) = have("nats-server") {
+        return Ok(p);
+    }
+    apt_install(&["nats-server"])?;
+    have("nats-server").context("nats-server is still missing after installing it")
+}
+
+/// Headers and library of libpq, which diesel's PostgreSQL driver links.
+pub fn libpq() -> anyhow::Result<()> {
+    let present = Command::new("pkg-config")
+        .args(["--exists", "libpq"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+        || Path::new("/usr/include/postgresql/libpq-fe.h").exists();
+    if present {
+        return Ok(());
+    }
+    apt_install(&["libpq-dev", "pkg-config"])
+}
+
+/// PostgreSQL server binaries (initdb, pg_ctl).
+pub fn postgres_bin() -> anyhow::Result<PathBuf> {
+    let find = || -> Option<PathBuf> {
+        let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|p| p.join("pg_ctl").exists())
+            .collect();
+        versions.sort();
+        versions.pop()
+    };
+    if let Some(p) = find() {
+        return Ok(p);
+    }
+    apt_install(&["postgresql"])?;
+    find().context("PostgreSQL binaries still missing after installing postgresql")
+}
+
+/// `buf` from the npm package @bufbuild/buf, installed under `tools`.
+pub fn buf(tools: &Path) -> anyhow::Result<PathBuf> {
+    let bin = tools.join("node_modules/.bin/buf");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    if have("npm").is_none() {
+        apt_install(&["nodejs", "npm"])?;
+    }
+    std::fs::create_dir_all(tools)?;
+    eprintln!("xtask: installing buf from npm (@bufbuild/buf)");
+    let status = Command::new("npm")
+        .args(["install", "--no-save", "--no-audit", "--no-fund", "--prefix"])
+        .arg(tools)
+        .arg("@bufbuild/buf@1")
+        .status()
+        .context("running npm")?;
+    if !status.success() || !bin.exists() {
+        bail!("npm install @bufbuild/buf failed");
+    }
+    Ok(bin)
+}

@@ -1,0 +1,169 @@
+//! `cargo xtask test`: what CI runs. Installs what is missing, runs the
+//! linters, starts a throwaway NATS JetStream (and PostgreSQL if none
+//! answers), runs every test, and stops what it started.
+
+use std::{
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+
+use crate::{
+    install,
+    procs::{self, Guard},
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Skip fmt, clippy and buf lint.
+    #[arg(long)]
+    no_lint: bool,
+    /// Arguments passed on to `cargo test` (after `--`), e.g. a test filter.
+    #[arg(last = true)]
+    cargo_test_args: Vec<String>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let root = crate::root();
+    install::libpq()?;
+    let nats_bin = install::nats_server()?;
+    let buf = install::buf(&root.join("target/tools"))?;
+
+    if !args.no_lint {
+        procs::run("cargo fmt --check", Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
+        procs::run(
+            "cargo clippy -D warnings",
+            Command::new("cargo")
+                .current_dir(&root)
+                .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+        )?;
+        procs::run("buf lint", Command::new(&buf).current_dir(&root).arg("lint"))?;
+    }
+
+    let scratch = std::env::temp_dir().join(format!("gpualloc-xtask-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let result = (|| {
+        let nats_port = procs::free_port()?;
+        let mut nats = Command::new(&nats_bin);
+        nats.args(["-a", "127.0.0.1", "-p", &nats_port.to_string(), "-js", "-sd"])
+            .arg(scratch.join("nats"))
+            .arg("-l")
+            .arg(scratch.join("nats.log"));
+        let _nats = Guard::spawn("nats-server", &mut nats)?;
+        procs::wait_port(nats_port, Duration::from_secs(20), "nats-server")?;
+        let nats_url = format!("nats://127.0.0.1:{nats_port}");
+
+        let (pg_url, _pg) = postgres(&scratch)?;
+        eprintln!("xtask: NATS {nats_url}, PostgreSQL {pg_url}");
+
+        let mut test = Command::new("cargo");
+        test.current_dir(&root)
+            .args(["test", "--workspace"])
+            .args(&args.cargo_test_args)
+            .env("GPUALLOC_TEST_NATS_URL", &nats_url)
+            .env("GPUALLOC_TEST_DATABASE_URL", &pg_url);
+        procs::run("cargo test --workspace", &mut test)
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result?;
+    eprintln!("xtask: all checks passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// A PostgreSQL the tests may create databases on: `GPUALLOC_TEST_DATABASE_URL`,
+/// else the local server on 5432, else a throwaway cluster started here.
+fn postgres(scratch: &Path) -> anyhow::Result<(String, Option<Cluster>)> {
+    if let Ok(url) = std::env::var("GPUALLOC_TEST_DATABASE_URL") {
+        return Ok((url, None));
+    }
+    if TcpStream::connect(("127.0.0.1", 5432)).is_ok() {
+        return Ok(("postgres://postgres@127.0.0.1:5432/postgres".into(), None));
+    }
+    let cluster = Cluster::start(scratch)?;
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
+    Ok((url, Some(cluster)))
+}
+
+/// A throwaway PostgreSQL cluster. PostgreSQL refuses to run as root, so as
+/// root it runs as the `postgres` user.
+pub struct Cluster {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    as_postgres: bool,
+}
+
+impl Cluster {
+    fn command(&self, program: &str) -> Command {
+        let exe = self.bin.join(program);
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        }
+    }
+
+    fn start(scratch: &Path) -> anyhow::Result<Cluster> {
+        let bin = install::postgres_bin()?;
+        let as_postgres = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        // The data folder must belong to the user the server runs as.
+        let data = PathBuf::from(format!("/tmp/gpualloc-pg-{}", std::process::id()));
+        std::fs::create_dir_all(&data)?;
+        if as_postgres {
+            procs::run("chown postgres", Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data))?;
+        }
+        let cluster = Cluster {
+            bin,
+            data,
+            port: procs::free_port()?,
+            as_postgres,
+        };
+        procs::run(
+            "initdb (throwaway PostgreSQL)",
+            cluster
+                .command("initdb")
+                .args(["-A", "trust", "-U", "postgres", "-D"])
+                .arg(&cluster.data)
+                .stdout(std::process::Stdio::null()),
+        )?;
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c fsync=off",
+            cluster.port,
+            cluster.data.display()
+        );
+        procs::run(
+            "pg_ctl start",
+            cluster
+                .command("pg_ctl")
+                .args(["-w", "-D"])
+                .arg(&cluster.data)
+                .args(["-o", &options, "-l"])
+                .arg(cluster.data.join("server.log"))
+                .arg("start"),
+        )
+        .with_context(|| format!("starting PostgreSQL; log in {}", scratch.display()))?;
+        Ok(cluster)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .args(["-D"])
+            .arg(&self.data)
+            .args(["-m", "fast", "stop"])
+            .status();
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}

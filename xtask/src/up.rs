@@ -1,0 +1,339 @@
+//! `cargo xtask up`: the whole mesh on this machine. NATS (JetStream, data
+//! under the state folder) and each service as its own process, so that one
+//! can be stopped and the others watched coping; SQLite files under the
+//! state folder, or PostgreSQL with `--database`.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use gpualloc_proto::resourcepool::v1::{self as rp, resource_pool_service_client::ResourcePoolServiceClient};
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+use crate::{
+    install,
+    procs::{self, Guard},
+};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where databases, NATS data and logs live.
+    #[arg(long, default_value = ".gpualloc")]
+    state_dir: PathBuf,
+    /// Wipe the state folder first.
+    #[arg(long)]
+    fresh: bool,
+    /// Use PostgreSQL (e.g. postgres://postgres@127.0.0.1:5432/gpualloc):
+    /// one database per service, named <database>_<service>, created if
+    /// missing.
+    #[arg(long)]
+    database: Option<String>,
+    /// Use this NATS server (with JetStream) instead of starting one.
+    #[arg(long)]
+    nats: Option<String>,
+    /// Build and run release binaries.
+    #[arg(long)]
+    release: bool,
+}
+
+struct Svc {
+    name: &'static str,
+    binary: &'static str,
+    port: u16,
+    db_suffix: &'static str,
+}
+
+const SERVICES: [Svc; 3] = [
+    Svc {
+        name: "resource-pool",
+        binary: "gpualloc-resource-pool",
+        port: 50052,
+        db_suffix: "resource_pool",
+    },
+    Svc {
+        name: "allocation",
+        binary: "gpualloc-allocation",
+        port: 50051,
+        db_suffix: "allocation",
+    },
+    Svc {
+        name: "viewer",
+        binary: "gpualloc-viewer",
+        port: 50053,
+        db_suffix: "viewer",
+    },
+];
+
+fn database_url(args: &Args, state: &Path, svc: &Svc) -> anyhow::Result<String> {
+    match &args.database {
+        None => Ok(format!("sqlite://{}", state.join(format!("{}.db", svc.name)).display())),
+        Some(url) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                bail!("--database must be a postgres:// URL (SQLite is the default)");
+            }
+            let (base, query) = url.split_once('?').map_or((url.as_str(), None), |(b, q)| (b, Some(q)));
+            let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+            let (server, name) = match base[scheme_end..].find('/') {
+                Some(i) => (&base[..scheme_end + i], &base[scheme_end + i + 1..]),
+                None => (base, ""),
+            };
+            let name = if name.is_empty() { "gpualloc" } else { name };
+            let mut out = format!("{server}/{name}_{}", svc.db_suffix);
+            if let Some(q) = query {
+                out.push('?');
+                out.push_str(q);
+            }
+            Ok(out)
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let root = crate::root();
+    let state = if args.state_dir.is_absolute() {
+        args.state_dir.clone()
+    } else {
+        root.join(&args.state_dir)
+    };
+    if args.fresh && state.exists() {
+        eprintln!("xtask: wiping {}", state.display());
+        fs::remove_dir_all(&state)?;
+    }
+    fs::create_dir_all(state.join("logs"))?;
+    for svc in &SERVICES {
+        if !procs::port_free(svc.port) {
+            bail!(
+                "port {} ({}) is taken: is another `cargo xtask up` running?",
+                svc.port,
+                svc.name
+            );
+        }
+    }
+
+    install::libpq()?;
+    let profile = if args.release { "release" } else { "debug" };
+    let mut build = Command::new("cargo");
+    build.current_dir(&root).args(["build", "--workspace", "--bins"]);
+    if args.release {
+        build.arg("--release");
+    }
+    procs::run("building the services", &mut build)?;
+
+    let mut children: Vec<Guard> = Vec::new();
+    let nats_url = match &args.nats {
+        Some(url) => url.clone(),
+        None => {
+            let bin = install::nats_server()?;
+            let port = if procs::port_free(4222) { 4222 } else { procs::free_port()? };
+            let mut cmd = Command::new(bin);
+            cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(state.join("nats"))
+                .arg("-l")
+                .arg(state.join("logs/nats.log"));
+            children.push(Guard::spawn("nats-server", &mut cmd)?);
+            procs::wait_port(port, Duration::from_secs(20), "nats-server")?;
+            format!("nats://127.0.0.1:{port}")
+        }
+    };
+
+    let pool_url = "http://127.0.0.1:50052";
+    for svc in &SERVICES {
+        let binary = root.join("target").join(profile).join(svc.binary);
+        let env = [
+            ("GPUALLOC_LISTEN", format!("127.0.0.1:{}", svc.port)),
+            ("GPUALLOC_DATABASE_URL", database_url(&args, &state, svc)?),
+            ("GPUALLOC_CREATE_DATABASE", "true".into()),
+            ("GPUALLOC_NATS_URL", nats_url.clone()),
+            ("GPUALLOC_RESOURCE_POOL_URL", pool_url.into()),
+        ];
+        // A script to start this one service again by hand after stopping it.
+        let log = state.join("logs").join(format!("{}.log", svc.name));
+        let script: String = std::iter::once("#!/bin/sh\n".to_owned())
+            .chain(env.iter().map(|(k, v)| format!("export {k}='{v}'\n")))
+            .chain([format!("exec '{}' >>'{}' 2>&1\n", binary.display(), log.display())])
+            .collect();
+        fs::write(state.join(format!("run-{}.sh", svc.name)), script)?;
+        let out = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut cmd = Command::new(&binary);
+        cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        children.push(Guard::spawn(svc.name, &mut cmd)?);
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = runtime.block_on(async {
+        for svc in &SERVICES {
+            wait_serving(svc).await?;
+        }
+        seed().await?;
+        print_banner(&state, &nats_url, &children);
+        supervise(&mut children).await;
+        Ok::<_, anyhow::Error>(())
+    });
+    eprintln!("\nxtask: stopping the services, then NATS");
+    // Services first (they flush their outboxes to NATS), NATS last.
+    for child in children.iter_mut().rev() {
+        child.stop(Duration::from_secs(30));
+    }
+    outcome
+}
+
+async fn wait_serving(svc: &Svc) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{}", svc.port))?.connect_lazy();
+    let mut client = HealthClient::new(channel);
+    loop {
+        let status = client
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .ok()
+            .map(|r| r.into_inner().status);
+        if status == Some(ServingStatus::Serving as i32) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} is not SERVING after 90s; see .gpualloc/logs/{}.log",
+                svc.name,
+                svc.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn admin<T>(message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut()
+        .insert("x-gpualloc-role", MetadataValue::from_static("admin"));
+    r
+}
+
+/// Demo pools and a demo tenant. Idempotent: PutPool and SetTenantQuota
+/// replace what is there.
+async fn seed() -> anyhow::Result<()> {
+    let channel = Channel::from_static("http://127.0.0.1:50052").connect().await?;
+    let mut pools = ResourcePoolServiceClient::new(channel);
+    let pool = |id: &str, cpu: i64, mem: i64, storage: i64, gpus: &[(&str, i32)]| rp::PutPoolRequest {
+        pool: Some(rp::Pool {
+            pool_id: id.into(),
+            capacity: Some(rp::Capacity {
+                cpu_millis: cpu,
+                memory_mib: mem,
+                storage_gib: storage,
+                gpus_by_model: gpus.iter().map(|(m, n)| ((*m).to_owned(), *n)).collect(),
+                custom: Default::default(),
+            }),
+            ..Default::default()
+        }),
+    };
+    for p in [
+        pool("gpu-a100", 128_000, 1_048_576, 50_000, &[("A100", 8)]),
+        pool("gpu-h100", 96_000, 786_432, 20_000, &[("H100", 4)]),
+        pool("cpu-only", 256_000, 1_048_576, 100_000, &[]),
+    ] {
+        pools.put_pool(admin(p)).await.context("seeding pools")?;
+    }
+    let quota = rp::SetTenantQuotaRequest {
+        tenant: "demo".into(),
+        limits: Some(rp::Resources {
+            cpu_millis: 64_000,
+            memory_mib: 262_144,
+            gpus: 8,
+            storage_gib: 10_000,
+            ..Default::default()
+        }),
+        approval_above: Some(rp::Resources {
+            gpus: 4,
+            ..Default::default()
+        }),
+        max_hold: None,
+    };
+    if let Err(e) = pools.set_tenant_quota(admin(quota)).await {
+        // After a restart the demo tenant may hold more than a lowered
+        // default would allow; keep what is there.
+        eprintln!("xtask: demo quota left as it was: {}", e.message());
+    }
+    Ok(())
+}
+
+fn print_banner(state: &Path, nats_url: &str, children: &[Guard]) {
+    let pids: Vec<String> = children.iter().map(|c| format!("{} {}", c.name, c.pid())).collect();
+    let tenant = "-H 'x-gpualloc-tenant: demo'";
+    let admin = "-H 'x-gpualloc-role: admin'";
+    println!(
+        r#"
+gpualloc is up.
+  allocation     127.0.0.1:50051
+  resource-pool  127.0.0.1:50052
+  viewer         127.0.0.1:50053
+  NATS           {nats_url}
+  state          {state}
+  processes      {pids}
+Stop one with `kill <pid>` and start it again with `sh {state}/run-<service>.sh`.
+Demo: pools gpu-a100 (8x A100), gpu-h100 (4x H100), cpu-only; tenant "demo"
+(8 GPUs, 64 cores; more than 4 GPUs needs an administrator's approval).
+
+Try (grpcurl, or `npx @bufbuild/buf curl --protocol grpc --http2-prior-knowledge`):
+
+  grpcurl -plaintext 127.0.0.1:50051 list
+
+  grpcurl -plaintext {tenant} -d '{{"tenant":"demo","resources":{{"gpus":2,"gpu_model":"A100","cpu_millis":8000,"memory_mib":65536}}}}' \
+    127.0.0.1:50052 gpualloc.resourcepool.v1.ResourcePoolService/CheckQuota
+
+  grpcurl -plaintext {tenant} -d '{{"tenant":"demo","request_id":"demo-1","resources":{{"gpus":2,"gpu_model":"A100","cpu_millis":8000,"memory_mib":65536}},"lease":"3600s"}}' \
+    127.0.0.1:50051 gpualloc.allocation.v1.AllocationService/CreateAllocation
+
+  grpcurl -plaintext {tenant} -d '{{"allocation_id":"<id from above>"}}' \
+    127.0.0.1:50051 gpualloc.allocation.v1.AllocationService/GetAllocation
+
+  grpcurl -plaintext {tenant} -d '{{"allocation_id":"<id from above>"}}' \
+    127.0.0.1:50053 gpualloc.viewer.v1.ViewerService/GetAllocationView
+
+  grpcurl -plaintext {tenant} -d '{{"tenant":"demo"}}' \
+    127.0.0.1:50053 gpualloc.viewer.v1.ViewerService/ListAllocationViews
+
+  grpcurl -plaintext {admin} -d '{{}}' 127.0.0.1:50052 gpualloc.resourcepool.v1.ResourcePoolService/ListPools
+
+Logs: {state}/logs/. Ctrl-C stops everything; state survives for the next `cargo xtask up`.
+"#,
+        state = state.display(),
+        pids = pids.join(", "),
+    );
+}
+
+/// Waits for Ctrl-C or SIGTERM; reports services that exit meanwhile (the
+/// others keep running: that is the point).
+async fn supervise(children: &mut [Guard]) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut reported = vec![false; children.len()];
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = async {
+                match term.as_mut() {
+                    Some(t) => { t.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        for (i, child) in children.iter_mut().enumerate() {
+            if !reported[i]
+                && let Ok(Some(status)) = child.child.try_wait()
+            {
+                eprintln!("xtask: {} exited ({status}); the others keep running", child.name);
+                reported[i] = true;
+            }
+        }
+    }
+}
