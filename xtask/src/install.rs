@@ -39,10 +39,15 @@ fn as_root(args: &[&str]) -> anyhow::Result<()> {
         c.args(args);
         c
     } else {
-        bail!("need root to run {:?} and sudo is not available", args.join(" "));
+        bail!(
+            "need root to run {:?} and sudo is not available",
+            args.join(" ")
+        );
     };
     cmd.env("DEBIAN_FRONTEND", "noninteractive");
-    let status = cmd.status().with_context(|| format!("running {}", args.join(" ")))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", args.join(" ")))?;
     if !status.success() {
         bail!("{} failed ({status})", args.join(" "));
     }
@@ -120,7 +125,13 @@ pub fn buf(tools: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(tools)?;
     eprintln!("xtask: installing buf from npm (@bufbuild/buf)");
     let status = Command::new("npm")
-        .args(["install", "--no-save", "--no-audit", "--no-fund", "--prefix"])
+        .args([
+            "install",
+            "--no-save",
+            "--no-audit",
+            "--no-fund",
+            "--prefix",
+        ])
         .arg(tools)
         .arg("@bufbuild/buf@1")
         .status()

@@ -32,7 +32,9 @@ impl Guard {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -75,9 +77,7 @@ pub fn wait_port(port: u16, timeout: Duration, what: &str) -> anyhow::Result<()>
 /// Runs a command to completion, failing on a non-zero exit.
 pub fn run(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("xtask: {what}");
-    let status = cmd
-        .status()
-        .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    let status = cmd.status().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
     if !status.success() {
         anyhow::bail!("{what} failed ({status})");
     }

@@ -21,6 +21,9 @@ pub struct Args {
     /// Skip fmt, clippy and buf lint.
     #[arg(long)]
     no_lint: bool,
+    /// Start a throwaway PostgreSQL even if one answers on 5432.
+    #[arg(long)]
+    own_postgres: bool,
     /// Arguments passed on to `cargo test` (after `--`), e.g. a test filter.
     #[arg(last = true)]
     cargo_test_args: Vec<String>,
@@ -34,14 +37,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let buf = install::buf(&root.join("target/tools"))?;
 
     if !args.no_lint {
-        procs::run("cargo fmt --check", Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
         procs::run(
-            "cargo clippy -D warnings",
+            "cargo fmt --check",
             Command::new("cargo")
                 .current_dir(&root)
-                .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+                .args(["fmt", "--all", "--check"]),
         )?;
-        procs::run("buf lint", Command::new(&buf).current_dir(&root).arg("lint"))?;
+        procs::run(
+            "cargo clippy -D warnings",
+            Command::new("cargo").current_dir(&root).args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+        )?;
+        procs::run(
+            "buf lint",
+            Command::new(&buf).current_dir(&root).arg("lint"),
+        )?;
     }
 
     let scratch = std::env::temp_dir().join(format!("gpualloc-xtask-{}", std::process::id()));
@@ -49,15 +65,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let result = (|| {
         let nats_port = procs::free_port()?;
         let mut nats = Command::new(&nats_bin);
-        nats.args(["-a", "127.0.0.1", "-p", &nats_port.to_string(), "-js", "-sd"])
-            .arg(scratch.join("nats"))
-            .arg("-l")
-            .arg(scratch.join("nats.log"));
+        nats.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &nats_port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(scratch.join("nats"))
+        .arg("-l")
+        .arg(scratch.join("nats.log"));
         let _nats = Guard::spawn("nats-server", &mut nats)?;
         procs::wait_port(nats_port, Duration::from_secs(20), "nats-server")?;
         let nats_url = format!("nats://127.0.0.1:{nats_port}");
 
-        let (pg_url, _pg) = postgres(&scratch)?;
+        let (pg_url, _pg) = postgres(&scratch, args.own_postgres)?;
         eprintln!("xtask: NATS {nats_url}, PostgreSQL {pg_url}");
 
         let mut test = Command::new("cargo");
@@ -76,11 +99,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// A PostgreSQL the tests may create databases on: `GPUALLOC_TEST_DATABASE_URL`,
 /// else the local server on 5432, else a throwaway cluster started here.
-fn postgres(scratch: &Path) -> anyhow::Result<(String, Option<Cluster>)> {
-    if let Ok(url) = std::env::var("GPUALLOC_TEST_DATABASE_URL") {
+fn postgres(scratch: &Path, own: bool) -> anyhow::Result<(String, Option<Cluster>)> {
+    if let (Ok(url), false) = (std::env::var("GPUALLOC_TEST_DATABASE_URL"), own) {
         return Ok((url, None));
     }
-    if TcpStream::connect(("127.0.0.1", 5432)).is_ok() {
+    if !own && TcpStream::connect(("127.0.0.1", 5432)).is_ok() {
         return Ok(("postgres://postgres@127.0.0.1:5432/postgres".into(), None));
     }
     let cluster = Cluster::start(scratch)?;
@@ -120,7 +143,12 @@ impl Cluster {
         let data = PathBuf::from(format!("/tmp/gpualloc-pg-{}", std::process::id()));
         std::fs::create_dir_all(&data)?;
         if as_postgres {
-            procs::run("chown postgres", Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data))?;
+            procs::run(
+                "chown postgres",
+                Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&data),
+            )?;
         }
         let cluster = Cluster {
             bin,

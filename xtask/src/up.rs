@@ -11,9 +11,13 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use gpualloc_proto::resourcepool::v1::{self as rp, resource_pool_service_client::ResourcePoolServiceClient};
+use gpualloc_proto::resourcepool::v1::{
+    self as rp, resource_pool_service_client::ResourcePoolServiceClient,
+};
 use tonic::{Request, metadata::MetadataValue, transport::Channel};
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::{
     install,
@@ -71,12 +75,17 @@ const SERVICES: [Svc; 3] = [
 
 fn database_url(args: &Args, state: &Path, svc: &Svc) -> anyhow::Result<String> {
     match &args.database {
-        None => Ok(format!("sqlite://{}", state.join(format!("{}.db", svc.name)).display())),
+        None => Ok(format!(
+            "sqlite://{}",
+            state.join(format!("{}.db", svc.name)).display()
+        )),
         Some(url) => {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
                 bail!("--database must be a postgres:// URL (SQLite is the default)");
             }
-            let (base, query) = url.split_once('?').map_or((url.as_str(), None), |(b, q)| (b, Some(q)));
+            let (base, query) = url
+                .split_once('?')
+                .map_or((url.as_str(), None), |(b, q)| (b, Some(q)));
             let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
             let (server, name) = match base[scheme_end..].find('/') {
                 Some(i) => (&base[..scheme_end + i], &base[scheme_end + i + 1..]),
@@ -118,7 +127,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     install::libpq()?;
     let profile = if args.release { "release" } else { "debug" };
     let mut build = Command::new("cargo");
-    build.current_dir(&root).args(["build", "--workspace", "--bins"]);
+    build
+        .current_dir(&root)
+        .args(["build", "--workspace", "--bins"]);
     if args.release {
         build.arg("--release");
     }
@@ -129,7 +140,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(url) => url.clone(),
         None => {
             let bin = install::nats_server()?;
-            let port = if procs::port_free(4222) { 4222 } else { procs::free_port()? };
+            let port = if procs::port_free(4222) {
+                4222
+            } else {
+                procs::free_port()?
+            };
             let mut cmd = Command::new(bin);
             cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
                 .arg(state.join("nats"))
@@ -155,10 +170,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let log = state.join("logs").join(format!("{}.log", svc.name));
         let script: String = std::iter::once("#!/bin/sh\n".to_owned())
             .chain(env.iter().map(|(k, v)| format!("export {k}='{v}'\n")))
-            .chain([format!("exec '{}' >>'{}' 2>&1\n", binary.display(), log.display())])
+            .chain([format!(
+                "exec '{}' >>'{}' 2>&1\n",
+                binary.display(),
+                log.display()
+            )])
             .collect();
         fs::write(state.join(format!("run-{}.sh", svc.name)), script)?;
-        let out = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut cmd = Command::new(&binary);
         cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
@@ -193,7 +215,9 @@ async fn wait_serving(svc: &Svc) -> anyhow::Result<()> {
     let mut client = HealthClient::new(channel);
     loop {
         let status = client
-            .check(HealthCheckRequest { service: String::new() })
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
             .await
             .ok()
             .map(|r| r.into_inner().status);
@@ -221,21 +245,24 @@ fn admin<T>(message: T) -> Request<T> {
 /// Demo pools and a demo tenant. Idempotent: PutPool and SetTenantQuota
 /// replace what is there.
 async fn seed() -> anyhow::Result<()> {
-    let channel = Channel::from_static("http://127.0.0.1:50052").connect().await?;
+    let channel = Channel::from_static("http://127.0.0.1:50052")
+        .connect()
+        .await?;
     let mut pools = ResourcePoolServiceClient::new(channel);
-    let pool = |id: &str, cpu: i64, mem: i64, storage: i64, gpus: &[(&str, i32)]| rp::PutPoolRequest {
-        pool: Some(rp::Pool {
-            pool_id: id.into(),
-            capacity: Some(rp::Capacity {
-                cpu_millis: cpu,
-                memory_mib: mem,
-                storage_gib: storage,
-                gpus_by_model: gpus.iter().map(|(m, n)| ((*m).to_owned(), *n)).collect(),
-                custom: Default::default(),
+    let pool =
+        |id: &str, cpu: i64, mem: i64, storage: i64, gpus: &[(&str, i32)]| rp::PutPoolRequest {
+            pool: Some(rp::Pool {
+                pool_id: id.into(),
+                capacity: Some(rp::Capacity {
+                    cpu_millis: cpu,
+                    memory_mib: mem,
+                    storage_gib: storage,
+                    gpus_by_model: gpus.iter().map(|(m, n)| ((*m).to_owned(), *n)).collect(),
+                    custom: Default::default(),
+                }),
+                ..Default::default()
             }),
-            ..Default::default()
-        }),
-    };
+        };
     for p in [
         pool("gpu-a100", 128_000, 1_048_576, 50_000, &[("A100", 8)]),
         pool("gpu-h100", 96_000, 786_432, 20_000, &[("H100", 4)]),
@@ -267,7 +294,10 @@ async fn seed() -> anyhow::Result<()> {
 }
 
 fn print_banner(state: &Path, nats_url: &str, children: &[Guard]) {
-    let pids: Vec<String> = children.iter().map(|c| format!("{} {}", c.name, c.pid())).collect();
+    let pids: Vec<String> = children
+        .iter()
+        .map(|c| format!("{} {}", c.name, c.pid()))
+        .collect();
     let tenant = "-H 'x-gpualloc-tenant: demo'";
     let admin = "-H 'x-gpualloc-role: admin'";
     println!(
@@ -331,7 +361,10 @@ async fn supervise(children: &mut [Guard]) {
             if !reported[i]
                 && let Ok(Some(status)) = child.child.try_wait()
             {
-                eprintln!("xtask: {} exited ({status}); the others keep running", child.name);
+                eprintln!(
+                    "xtask: {} exited ({status}); the others keep running",
+                    child.name
+                );
                 reported[i] = true;
             }
         }

@@ -17,7 +17,9 @@ use gpualloc_storage::{Db, DbConnection, DbOptions};
 
 async fn open(url: &str) -> Db {
     let db = Db::connect(url, DbOptions::default()).await.unwrap();
-    db.migrate(&[gpualloc_storage::MIGRATIONS, MIGRATIONS]).await.unwrap();
+    db.migrate(&[gpualloc_storage::MIGRATIONS, MIGRATIONS])
+        .await
+        .unwrap();
     db
 }
 
@@ -38,7 +40,10 @@ async fn op<T: Send + 'static>(
 fn new(request_id: Option<&str>, gpus: i64) -> NewAllocation {
     NewAllocation {
         tenant: TenantId::parse("t").unwrap(),
-        resources: Resources { gpus, ..Default::default() },
+        resources: Resources {
+            gpus,
+            ..Default::default()
+        },
         request_id: request_id.map(Into::into),
         priority: 0,
         lease: None,
@@ -62,15 +67,26 @@ fn decision(id: &str, version: i64, payload: Payload) -> Event {
 }
 
 fn granted(pool: &str) -> Payload {
-    Payload::ReservationGranted(ev::ReservationGranted { pool_id: pool.into(), gpu_model: "A100".into(), expire_time: None })
+    Payload::ReservationGranted(ev::ReservationGranted {
+        pool_id: pool.into(),
+        gpu_model: "A100".into(),
+        expire_time: None,
+    })
 }
 
 fn released(cause: ev::ReleaseCause) -> Payload {
-    Payload::ReservationReleased(ev::ReservationReleased { cause: cause as i32, reason: String::new(), pool_id: "p".into() })
+    Payload::ReservationReleased(ev::ReservationReleased {
+        cause: cause as i32,
+        reason: String::new(),
+        pool_id: "p".into(),
+    })
 }
 
 async fn apply(db: &Db, e: Event) -> Vec<Event> {
-    op(db, move |c, emit| ops::on_pool_event(c, emit, &e)).await.unwrap().1
+    op(db, move |c, emit| ops::on_pool_event(c, emit, &e))
+        .await
+        .unwrap()
+        .1
 }
 
 async fn get(db: &Db, id: &str) -> AllocRow {
@@ -80,43 +96,81 @@ async fn get(db: &Db, id: &str) -> AllocRow {
 
 async fn create_and_replay(url: String) {
     let db = open(&url).await;
-    let (row, events) = op(&db, |c, emit| ops::create(c, emit, &new(Some("k1"), 2), false)).await.unwrap();
+    let (row, events) = op(&db, |c, emit| {
+        ops::create(c, emit, &new(Some("k1"), 2), false)
+    })
+    .await
+    .unwrap();
     assert_eq!(row.state, "PENDING");
-    let kinds: Vec<_> = events.iter().map(|e| subjects::of(e.payload.as_ref().unwrap())).collect();
-    assert_eq!(kinds, [subjects::ALLOCATION_CHANGED, subjects::ALLOCATION_REQUESTED]);
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|e| subjects::of(e.payload.as_ref().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [subjects::ALLOCATION_CHANGED, subjects::ALLOCATION_REQUESTED]
+    );
 
     // Same key, same parameters: the same allocation, nothing emitted.
-    let (again, events) = op(&db, |c, emit| ops::create(c, emit, &new(Some("k1"), 2), false)).await.unwrap();
+    let (again, events) = op(&db, |c, emit| {
+        ops::create(c, emit, &new(Some("k1"), 2), false)
+    })
+    .await
+    .unwrap();
     assert_eq!(again.allocation_id, row.allocation_id);
     assert!(events.is_empty());
     // Same key, other parameters: refused.
-    let err = op(&db, |c, emit| ops::create(c, emit, &new(Some("k1"), 3), false)).await.unwrap_err();
+    let err = op(&db, |c, emit| {
+        ops::create(c, emit, &new(Some("k1"), 3), false)
+    })
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::IdempotencyKeyReused(_)));
 
     // Awaiting approval: nothing is asked of the pool.
-    let (a, events) = op(&db, |c, emit| ops::create(c, emit, &new(None, 8), true)).await.unwrap();
+    let (a, events) = op(&db, |c, emit| ops::create(c, emit, &new(None, 8), true))
+        .await
+        .unwrap();
     assert_eq!(a.state, "AWAITING_APPROVAL");
     assert_eq!(events.len(), 1);
     let id = AllocationId::parse(&a.allocation_id).unwrap();
-    let (approved, events) = op(&db, move |c, emit| ops::approve(c, emit, &id, &Caller::admin())).await.unwrap();
+    let (approved, events) = op(&db, move |c, emit| {
+        ops::approve(c, emit, &id, &Caller::admin())
+    })
+    .await
+    .unwrap();
     assert_eq!(approved.state, "PENDING");
-    let Some(Payload::AllocationRequested(r)) = &events[1].payload else { panic!("{events:?}") };
+    let Some(Payload::AllocationRequested(r)) = &events[1].payload else {
+        panic!("{events:?}")
+    };
     assert!(r.approved);
 }
 
 async fn the_state_machine_ignores_stale_and_duplicate_decisions(url: String) {
     let db = open(&url).await;
-    let (row, _) = op(&db, |c, emit| ops::create(c, emit, &new(None, 1), false)).await.unwrap();
+    let (row, _) = op(&db, |c, emit| ops::create(c, emit, &new(None, 1), false))
+        .await
+        .unwrap();
     let id = row.allocation_id.clone();
 
     // Held (v1), then granted (v2) delivered first: the late HELD is stale.
     let e = apply(&db, decision(&id, 2, granted("p"))).await;
     assert_eq!(e.len(), 1);
-    let held = Payload::ReservationHeld(ev::ReservationHeld { position: 1, reason: "wait".into() });
+    let held = Payload::ReservationHeld(ev::ReservationHeld {
+        position: 1,
+        reason: "wait".into(),
+    });
     assert!(apply(&db, decision(&id, 1, held)).await.is_empty());
     let now = get(&db, &id).await;
-    assert_eq!((now.state.as_str(), now.version, now.pool_id.as_deref()), ("ALLOCATED", 2, Some("p")));
-    assert!(now.resources.contains("A100"), "granted model recorded: {}", now.resources);
+    assert_eq!(
+        (now.state.as_str(), now.version, now.pool_id.as_deref()),
+        ("ALLOCATED", 2, Some("p"))
+    );
+    assert!(
+        now.resources.contains("A100"),
+        "granted model recorded: {}",
+        now.resources
+    );
 
     // The same grant again: nothing.
     assert!(apply(&db, decision(&id, 2, granted("p"))).await.is_empty());
@@ -124,7 +178,11 @@ async fn the_state_machine_ignores_stale_and_duplicate_decisions(url: String) {
     // Cancel, then the release; a stale grant after the release changes
     // nothing: granted and released never loop.
     let aid = AllocationId::parse(&id).unwrap();
-    let (c, events) = op(&db, move |c, emit| ops::cancel(c, emit, &aid, &tenant(), "")).await.unwrap();
+    let (c, events) = op(&db, move |c, emit| {
+        ops::cancel(c, emit, &aid, &tenant(), "")
+    })
+    .await
+    .unwrap();
     assert_eq!(c.state, "CANCELLING");
     assert_eq!(events.len(), 2);
     apply(&db, decision(&id, 3, released(ev::ReleaseCause::Cancelled))).await;
@@ -136,32 +194,64 @@ async fn the_state_machine_ignores_stale_and_duplicate_decisions(url: String) {
     // Cancelling again is a no-op; a terminal allocation other than
     // CANCELLED refuses.
     let aid = AllocationId::parse(&id).unwrap();
-    let (again, events) = op(&db, move |c, emit| ops::cancel(c, emit, &aid, &tenant(), "")).await.unwrap();
+    let (again, events) = op(&db, move |c, emit| {
+        ops::cancel(c, emit, &aid, &tenant(), "")
+    })
+    .await
+    .unwrap();
     assert_eq!(again.version, 4);
     assert!(events.is_empty());
 }
 
 async fn terminal_states_refuse_and_tenants_are_isolated(url: String) {
     let db = open(&url).await;
-    let (row, _) = op(&db, |c, emit| ops::create(c, emit, &new(None, 1), false)).await.unwrap();
+    let (row, _) = op(&db, |c, emit| ops::create(c, emit, &new(None, 1), false))
+        .await
+        .unwrap();
     let id = row.allocation_id.clone();
-    let rejected = Payload::ReservationRejected(ev::ReservationRejected { reason: "no".into(), cause: 1 });
+    let rejected = Payload::ReservationRejected(ev::ReservationRejected {
+        reason: "no".into(),
+        cause: 1,
+    });
     apply(&db, decision(&id, 1, rejected)).await;
     assert_eq!(get(&db, &id).await.state().unwrap(), State::Rejected);
 
     let aid = AllocationId::parse(&id).unwrap();
-    let err = op(&db, move |c, emit| ops::cancel(c, emit, &aid, &tenant(), "")).await.unwrap_err();
-    assert!(matches!(err, Error::WrongState { state: State::Rejected, .. }), "{err:?}");
-    let err = op(&db, move |c, emit| ops::approve(c, emit, &aid, &Caller::admin())).await.unwrap_err();
+    let err = op(&db, move |c, emit| {
+        ops::cancel(c, emit, &aid, &tenant(), "")
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::WrongState {
+                state: State::Rejected,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = op(&db, move |c, emit| {
+        ops::approve(c, emit, &aid, &Caller::admin())
+    })
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::WrongState { .. }), "{err:?}");
 
     // Another tenant cannot see or cancel it: it does not exist for them.
     let stranger = Caller::tenant(TenantId::parse("u").unwrap());
-    let err = op(&db, move |c, emit| ops::cancel(c, emit, &aid, &stranger, "")).await.unwrap_err();
+    let err = op(&db, move |c, emit| {
+        ops::cancel(c, emit, &aid, &stranger, "")
+    })
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err:?}");
 
     // A lease ending moves ALLOCATED to EXPIRED.
-    let (row, _) = op(&db, |c, emit| ops::create(c, emit, &new(None, 1), false)).await.unwrap();
+    let (row, _) = op(&db, |c, emit| ops::create(c, emit, &new(None, 1), false))
+        .await
+        .unwrap();
     let id = row.allocation_id.clone();
     apply(&db, decision(&id, 1, granted("p"))).await;
     apply(&db, decision(&id, 2, released(ev::ReleaseCause::Expired))).await;

@@ -19,7 +19,9 @@ use gpualloc_storage::{Db, DbOptions, outbox};
 
 async fn open(url: &str) -> Db {
     let db = Db::connect(url, DbOptions::default()).await.unwrap();
-    db.migrate(&[gpualloc_storage::MIGRATIONS, MIGRATIONS]).await.unwrap();
+    db.migrate(&[gpualloc_storage::MIGRATIONS, MIGRATIONS])
+        .await
+        .unwrap();
     db
 }
 
@@ -27,7 +29,9 @@ async fn open(url: &str) -> Db {
 /// flushed to the outbox; returns the operation's result and the events.
 async fn op<T: Send + 'static>(
     db: &Db,
-    f: impl FnMut(&mut gpualloc_storage::DbConnection, &mut Emitter) -> Result<T, Error> + Send + 'static,
+    f: impl FnMut(&mut gpualloc_storage::DbConnection, &mut Emitter) -> Result<T, Error>
+    + Send
+    + 'static,
 ) -> Result<(T, Vec<Event>), Error> {
     let mut f = f;
     db.write(move |c| {
@@ -79,7 +83,9 @@ fn cancel(id: &str, tenant: &str) -> Event {
         tenant: tenant.into(),
         aggregate_version: 2,
         event_time: None,
-        payload: Some(Payload::AllocationCancelled(ev::AllocationCancelled { reason: "test".into() })),
+        payload: Some(Payload::AllocationCancelled(ev::AllocationCancelled {
+            reason: "test".into(),
+        })),
     }
 }
 
@@ -96,7 +102,15 @@ async fn apply(db: &Db, e: Event) -> Vec<Event> {
 
 async fn setup(db: &Db, pool_gpus: i64, quota_gpus: i64) {
     op(db, move |c, emit| {
-        ops::put_pool(c, emit, &PoolSpec { id: PoolId::parse("p").unwrap(), capacity: a100(pool_gpus), max_hold: None })
+        ops::put_pool(
+            c,
+            emit,
+            &PoolSpec {
+                id: PoolId::parse("p").unwrap(),
+                capacity: a100(pool_gpus),
+                max_hold: None,
+            },
+        )
     })
     .await
     .unwrap();
@@ -119,9 +133,18 @@ async fn setup(db: &Db, pool_gpus: i64, quota_gpus: i64) {
 async fn usage(db: &Db) -> (i64, i64, i64) {
     db.read(|c| {
         let pools = store::pool_states(c)?;
-        let used = pools[0].used.values().sum::<i64>() - pools[0].used.get(&gpualloc_domain::Class::CpuMillis).copied().unwrap_or(0);
+        let used = pools[0].used.values().sum::<i64>()
+            - pools[0]
+                .used
+                .get(&gpualloc_domain::Class::CpuMillis)
+                .copied()
+                .unwrap_or(0);
         let (_, t) = store::load_tenant(c, "t")?.unwrap();
-        Ok::<_, Error>((used, t.charged[&gpualloc_domain::Class::Gpus], t.granted[&gpualloc_domain::Class::Gpus]))
+        Ok::<_, Error>((
+            used,
+            t.charged[&gpualloc_domain::Class::Gpus],
+            t.granted[&gpualloc_domain::Class::Gpus],
+        ))
     })
     .await
     .unwrap()
@@ -152,7 +175,10 @@ async fn grant_hold_release_and_counters(url: String) {
     // Releasing a1 admits a2 from the hold queue in the same transaction.
     let e = apply(&db, cancel("a1", "t")).await;
     let kinds: Vec<_> = e.iter().map(kind).collect();
-    assert_eq!(kinds, ["saga.reservation.released", "saga.reservation.granted"]);
+    assert_eq!(
+        kinds,
+        ["saga.reservation.released", "saga.reservation.granted"]
+    );
     assert_eq!(e[1].allocation_id, "a2");
     assert_eq!(usage(&db).await, (2, 2, 2));
 
@@ -188,29 +214,79 @@ async fn shrinking_below_usage_is_refused(url: String) {
     setup(&db, 4, 4).await;
     apply(&db, request("a", "t", &gpus(3))).await;
     let err = op(&db, |c, emit| {
-        ops::put_pool(c, emit, &PoolSpec { id: PoolId::parse("p").unwrap(), capacity: a100(2), max_hold: None })
-    })
-    .await
-    .unwrap_err();
-    assert!(matches!(err, Error::Precondition { reason: "CAPACITY_BELOW_USAGE", .. }), "{err:?}");
-    let err = op(&db, |c, emit| {
-        ops::set_quota(
+        ops::put_pool(
             c,
             emit,
-            &QuotaSpec { tenant: TenantId::parse("t").unwrap(), limits: gpus(2), approval_above: Resources::default(), max_hold: None },
+            &PoolSpec {
+                id: PoolId::parse("p").unwrap(),
+                capacity: a100(2),
+                max_hold: None,
+            },
         )
     })
     .await
     .unwrap_err();
-    assert!(matches!(err, Error::Precondition { reason: "QUOTA_BELOW_USAGE", .. }), "{err:?}");
-    let err = op(&db, |c, emit| ops::delete_pool(c, emit, &PoolId::parse("p").unwrap()))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, Error::Precondition { reason: "POOL_IN_USE", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Precondition {
+                reason: "CAPACITY_BELOW_USAGE",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = op(&db, |c, emit| {
+        ops::set_quota(
+            c,
+            emit,
+            &QuotaSpec {
+                tenant: TenantId::parse("t").unwrap(),
+                limits: gpus(2),
+                approval_above: Resources::default(),
+                max_hold: None,
+            },
+        )
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Precondition {
+                reason: "QUOTA_BELOW_USAGE",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = op(&db, |c, emit| {
+        ops::delete_pool(c, emit, &PoolId::parse("p").unwrap())
+    })
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Precondition {
+                reason: "POOL_IN_USE",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert_eq!(usage(&db).await, (3, 3, 3));
     // Growing is always fine.
     op(&db, |c, emit| {
-        ops::put_pool(c, emit, &PoolSpec { id: PoolId::parse("p").unwrap(), capacity: a100(8), max_hold: None })
+        ops::put_pool(
+            c,
+            emit,
+            &PoolSpec {
+                id: PoolId::parse("p").unwrap(),
+                capacity: a100(8),
+                max_hold: None,
+            },
+        )
     })
     .await
     .unwrap();
@@ -222,11 +298,20 @@ async fn the_database_refuses_over_allocation(url: String) {
     // Even a direct write that bypasses the code cannot pass capacity or
     // quota: the CHECK constraints are the last line of I1.
     let over_pool = db
-        .write(|c| Ok::<_, Error>(sql_query("UPDATE pool_resources SET used = capacity + 1").execute(c)?))
+        .write(|c| {
+            Ok::<_, Error>(sql_query("UPDATE pool_resources SET used = capacity + 1").execute(c)?)
+        })
         .await;
     assert!(over_pool.is_err(), "pool over capacity accepted");
     let over_quota = db
-        .write(|c| Ok::<_, Error>(sql_query("UPDATE tenant_usage SET charged = quota_limit + 1, granted = quota_limit + 1").execute(c)?))
+        .write(|c| {
+            Ok::<_, Error>(
+                sql_query(
+                    "UPDATE tenant_usage SET charged = quota_limit + 1, granted = quota_limit + 1",
+                )
+                .execute(c)?,
+            )
+        })
         .await;
     assert!(over_quota.is_err(), "tenant over quota accepted");
     let negative = db

@@ -283,7 +283,9 @@ impl Db {
 
 fn create_database(url: &str) -> Result<(), DbError> {
     use diesel::{RunQueryDsl, sql_query};
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
     let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
     let Some(slash) = base[scheme_end..].find('/').map(|i| scheme_end + i) else {
         return Ok(());
