@@ -23,6 +23,11 @@ CREATE TABLE allocations (
     create_time BIGINT NOT NULL,
     update_time BIGINT NOT NULL,
     expire_time BIGINT,
+    -- Reconciler: how often this saga step was re-driven, and when it may
+    -- be re-driven next (backing off, so a pool that is down for long is
+    -- not flooded).
+    redrives INTEGER NOT NULL DEFAULT 0,
+    redrive_time BIGINT,
     CONSTRAINT allocations_state CHECK (state IN (
         'PENDING', 'AWAITING_APPROVAL', 'HELD', 'ALLOCATED',
         'REJECTED', 'CANCELLING', 'CANCELLED', 'EXPIRED'))

@@ -19,6 +19,7 @@ mod error;
 mod handler;
 pub mod ops;
 mod quota;
+mod reconciler;
 mod schema;
 mod service;
 pub mod store;
@@ -67,6 +68,15 @@ pub struct Config {
     #[arg(long, env = "GPUALLOC_CHECK_QUOTA_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
     pub check_quota_timeout: Duration,
 
+    /// A saga step waiting on the pool (PENDING, CANCELLING) longer than
+    /// this is re-driven by the reconciler; further re-drives back off.
+    #[arg(long, env = "GPUALLOC_STUCK_AFTER", default_value = "30s", value_parser = parse_duration)]
+    pub stuck_after: Duration,
+
+    /// Longest pause between two re-drives of the same stuck step.
+    #[arg(long, env = "GPUALLOC_REDRIVE_MAX_BACKOFF", default_value = "10m", value_parser = parse_duration)]
+    pub redrive_max_backoff: Duration,
+
     /// Log format.
     #[arg(long, env = "GPUALLOC_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -79,6 +89,8 @@ impl Config {
             common,
             resource_pool_url: resource_pool_url.into(),
             check_quota_timeout: service::DEFAULT_CHECK_TIMEOUT,
+            stuck_after: Duration::from_secs(30),
+            redrive_max_backoff: Duration::from_secs(600),
             log_format: LogFormat::Text,
         }
     }
@@ -98,11 +110,17 @@ pub async fn run(
         platform.origin().to_owned(),
         quota,
     );
-    platform.start(MIGRATIONS, |ready| {
+    let policy = ops::RedrivePolicy {
+        stuck_after: config.stuck_after.as_micros() as i64,
+        max_backoff: config.redrive_max_backoff.as_micros() as i64,
+    };
+    platform.start(MIGRATIONS, move |ready| {
         ready.spawn_consumer(
             ConsumerSpec::new(CONSUMER, subjects::FILTER_RESERVATION_SAGA, &ready.origin),
             Arc::new(PoolDecisions),
         );
+        let (db, relay, origin) = (ready.db.clone(), ready.relay.clone(), ready.origin.clone());
+        ready.spawn(move |cancel| reconciler::run(db, relay, origin, policy, cancel));
     });
     platform
         .serve(listener, shutdown, |routes| {

@@ -89,6 +89,8 @@ pub fn create(
         create_time: now,
         update_time: now,
         expire_time: None,
+        redrives: 0,
+        redrive_time: None,
     };
     store::insert(conn, &row)?;
     announce_change(emit, None, &row)?;
@@ -166,6 +168,9 @@ fn transition(
     next.reason = reason.to_owned();
     next.version = row.version + 1;
     next.update_time = emit.now();
+    // A new step of the saga starts with a fresh re-drive budget.
+    next.redrives = 0;
+    next.redrive_time = None;
     edit(&mut next);
     store::update(conn, &next, row.version)?;
     announce_change(emit, Some(from), &next)?;
@@ -394,4 +399,60 @@ fn apply_grant(r: &mut AllocRow, mut resources: Resources, g: &ev::ReservationGr
             r.resources = json;
         }
     }
+}
+
+/// How the reconciler paces re-drives of one stuck saga step.
+#[derive(Clone, Copy, Debug)]
+pub struct RedrivePolicy {
+    /// A step waiting on the pool longer than this is re-driven.
+    pub stuck_after: i64,
+    /// Longest pause between two re-drives of the same step.
+    pub max_backoff: i64,
+}
+
+impl RedrivePolicy {
+    /// When the re-drive after `redrives` earlier ones is due: the pause
+    /// doubles each time, up to `max_backoff`.
+    pub fn next_after(&self, now: i64, redrives: i32) -> i64 {
+        let pause = self
+            .stuck_after
+            .saturating_mul(1i64 << redrives.clamp(0, 20))
+            .min(self.max_backoff);
+        now.saturating_add(pause)
+    }
+}
+
+/// Re-drives sagas stuck waiting on the pool: a PENDING allocation asks
+/// for placement again, a CANCELLING one asks for release again. The pool
+/// treats a request it has already decided as a request to repeat its
+/// decision, so a re-drive is safe whether the original event, the
+/// decision, or nothing was lost. Safe on every replica at once: each
+/// re-drive is claimed with a guarded update. Returns how many it re-drove.
+pub fn redrive(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    policy: RedrivePolicy,
+    batch: i64,
+) -> Result<usize, Error> {
+    let now = emit.now();
+    let stuck = store::waiting_since(conn, now - policy.stuck_after, now, batch)?;
+    let mut n = 0;
+    for row in stuck {
+        if !store::claim_redrive(conn, &row, policy.next_after(now, row.redrives))? {
+            continue;
+        }
+        tracing::warn!(
+            allocation_id = %row.allocation_id,
+            state = %row.state,
+            redrives = row.redrives + 1,
+            "saga stuck waiting on the pool; re-driving"
+        );
+        match row.state()? {
+            State::Pending => request_placement(emit, &row)?,
+            State::Cancelling => request_release(emit, &row),
+            _ => continue,
+        }
+        n += 1;
+    }
+    Ok(n)
 }

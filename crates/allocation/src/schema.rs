@@ -17,6 +17,8 @@ diesel::table! {
         create_time -> BigInt,
         update_time -> BigInt,
         expire_time -> Nullable<BigInt>,
+        redrives -> Integer,
+        redrive_time -> Nullable<BigInt>,
     }
 }
 

@@ -31,6 +31,8 @@ pub struct AllocRow {
     pub create_time: i64,
     pub update_time: i64,
     pub expire_time: Option<i64>,
+    pub redrives: i32,
+    pub redrive_time: Option<i64>,
 }
 
 impl AllocRow {
@@ -114,15 +116,21 @@ pub fn update(conn: &mut DbConnection, row: &AllocRow, expected_version: i64) ->
 }
 
 /// Allocations waiting on the pool (PENDING, CANCELLING) since before
-/// `before`, oldest first.
+/// `before` and due for a re-drive at `now`, oldest first.
 pub fn waiting_since(
     conn: &mut DbConnection,
     before: i64,
+    now: i64,
     limit: i64,
 ) -> Result<Vec<AllocRow>, Error> {
     Ok(allocations::table
         .filter(allocations::state.eq_any([State::Pending.as_str(), State::Cancelling.as_str()]))
         .filter(allocations::update_time.lt(before))
+        .filter(
+            allocations::redrive_time
+                .is_null()
+                .or(allocations::redrive_time.lt(now)),
+        )
         .order(allocations::update_time)
         .limit(limit)
         .select(AllocRow::as_select())
@@ -155,4 +163,21 @@ pub fn decision(conn: &mut DbConnection, id: &str) -> Result<Option<String>, Err
         .select(approvals::decision)
         .first(conn)
         .optional()?)
+}
+
+/// Claims a re-drive of `row`: true for exactly one of several replicas
+/// racing on it (and false if the saga moved meanwhile).
+pub fn claim_redrive(conn: &mut DbConnection, row: &AllocRow, next: i64) -> Result<bool, Error> {
+    let n = diesel::update(
+        allocations::table
+            .filter(allocations::allocation_id.eq(&row.allocation_id))
+            .filter(allocations::version.eq(row.version))
+            .filter(allocations::redrives.eq(row.redrives)),
+    )
+    .set((
+        allocations::redrives.eq(row.redrives + 1),
+        allocations::redrive_time.eq(next),
+    ))
+    .execute(conn)?;
+    Ok(n == 1)
 }

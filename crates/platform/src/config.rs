@@ -45,6 +45,16 @@ pub struct CommonConfig {
     #[arg(long, env = "GPUALLOC_REPLICA_ID")]
     pub replica_id: Option<String>,
 
+    /// JetStream de-duplication window of the stream (by `Nats-Msg-Id`);
+    /// beyond it the consumers' inboxes catch duplicates.
+    #[arg(long, env = "GPUALLOC_DUPLICATE_WINDOW", default_value = "2m", value_parser = parse_duration)]
+    pub duplicate_window: Duration,
+
+    /// How long a consumer may take to ack a delivered event before
+    /// JetStream delivers it again (to this or another replica).
+    #[arg(long, env = "GPUALLOC_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+
     /// Longest a shutdown waits for in-flight RPCs, consumers and the outbox.
     #[arg(long, env = "GPUALLOC_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -68,6 +78,8 @@ impl CommonConfig {
             subject_prefix: "gpualloc".into(),
             stream_replicas: 1,
             replica_id: None,
+            duplicate_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             shutdown_delay: Duration::ZERO,
         }
@@ -85,6 +97,7 @@ impl CommonConfig {
         b.stream = self.stream.clone();
         b.prefix = self.subject_prefix.clone();
         b.stream_replicas = self.stream_replicas;
+        b.duplicate_window = self.duplicate_window;
         b
     }
 

@@ -87,13 +87,15 @@ pub struct BusReady {
     pub bus: Bus,
     pub relay: Relay,
     pub origin: String,
+    ack_wait: Duration,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
 
 impl BusReady {
     /// Runs a durable consumer until shutdown.
-    pub fn spawn_consumer<H: Handler>(&self, spec: ConsumerSpec, handler: Arc<H>) {
+    pub fn spawn_consumer<H: Handler>(&self, mut spec: ConsumerSpec, handler: Arc<H>) {
+        spec.ack_wait = self.ack_wait;
         self.tasks.spawn(Consumer::run(
             self.db.clone(),
             self.bus.clone(),
@@ -236,6 +238,7 @@ impl Platform {
                 bus,
                 relay,
                 origin,
+                ack_wait: config.ack_wait,
                 cancel,
                 tasks: tasks.clone(),
             });

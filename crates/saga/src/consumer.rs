@@ -67,6 +67,10 @@ impl ConsumerSpec {
     }
 }
 
+/// Consecutive failed fetches after which the stream and consumer are
+/// provisioned again.
+const REPROVISION_AFTER: u32 = 3;
+
 /// A running consumer.
 #[derive(Debug)]
 pub struct Consumer;
@@ -83,7 +87,7 @@ impl Consumer {
         relay: Relay,
         cancel: CancellationToken,
     ) {
-        let Some(consumer) = provision(&bus, &spec, &cancel).await else {
+        let Some(mut consumer) = provision(&bus, &spec, &cancel).await else {
             return;
         };
         tracing::info!(durable = %spec.durable, filter = spec.filter, "consumer started");
@@ -105,6 +109,16 @@ impl Consumer {
                     tokio::select! {
                         _ = cancel.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
+                    }
+                    if failures % REPROVISION_AFTER == 0 {
+                        // A NATS server that came back without its data has
+                        // neither stream nor consumer: create them again
+                        // (idempotent when they do exist). The outbox relay
+                        // and the reconcilers repair what was lost with them.
+                        match provision(&bus, &spec, &cancel).await {
+                            Some(c) => consumer = c,
+                            None => break,
+                        }
                     }
                     continue;
                 }
