@@ -1,15 +1,21 @@
 //! Small helpers the end-to-end tests share.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use diesel::{QueryableByName, RunQueryDsl, sql_query, sql_types::BigInt};
 use gpualloc_proto::{
     allocation::v1::{self as apb, State},
+    events::v1 as ev,
     resourcepool::v1 as rp,
     viewer::v1 as vpb,
 };
+use gpualloc_saga::subjects;
 use gpualloc_storage::{Db, DbError, DbOptions};
 use gpualloc_testkit::{TestDb, eventually};
+use prost::Message;
 
 use crate::{Mesh, admin, tenant};
 
@@ -142,4 +148,123 @@ pub async fn count(db: &TestDb, sql: &str) -> i64 {
         .read(move |c| Ok::<_, DbError>(sql_query(sql.clone()).get_result::<Count>(c)?.n))
         .await
         .unwrap()
+}
+
+/// Waits until a durable consumer has acknowledged everything in the stream.
+pub async fn drained(mesh: &Mesh, durable: &str) {
+    let js = mesh.jetstream().await;
+    eventually(SETTLE, &format!("consumer {durable} drained"), || async {
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+            .get_consumer_from_stream(durable, &mesh.stream)
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await
+}
+
+/// Waits until all three services have applied everything in the stream.
+pub async fn all_drained(mesh: &Mesh) {
+    for durable in ["resource-pool", "allocation", "viewer"] {
+        drained(mesh, durable).await;
+    }
+}
+
+/// Publishes a crafted event the way a relay would (message id = event id).
+pub async fn publish(mesh: &Mesh, event: &ev::Event) {
+    let payload = event.payload.as_ref().unwrap();
+    let subject = format!("{}.{}", mesh.prefix, subjects::of(payload));
+    let js = mesh.jetstream().await;
+    js.send_publish(
+        subject,
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(event.encode_to_vec().into())
+            .message_id(event.event_id.clone()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// Every event in the stream: (stream messages, distinct event ids) per
+/// allocation.
+pub async fn events_per_allocation(mesh: &Mesh) -> BTreeMap<String, (usize, BTreeSet<String>)> {
+    let js = mesh.jetstream().await;
+    let mut stream = js.get_stream(&mesh.stream).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out: BTreeMap<String, (usize, BTreeSet<String>)> = BTreeMap::new();
+    for seq in 1..=last {
+        let Ok(message) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        let event = ev::Event::decode(message.payload.clone()).unwrap();
+        if event.allocation_id.is_empty() {
+            continue;
+        }
+        let entry = out.entry(event.allocation_id).or_default();
+        entry.0 += 1;
+        entry.1.insert(event.event_id);
+    }
+    out
+}
+
+pub async fn get(mesh: &Mesh, t: &str, id: &str) -> apb::Allocation {
+    mesh.allocations()
+        .get_allocation(tenant(
+            t,
+            apb::GetAllocationRequest {
+                allocation_id: id.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub async fn cancel(mesh: &Mesh, t: &str, id: &str) -> Result<apb::Allocation, tonic::Status> {
+    mesh.allocations()
+        .cancel_allocation(tenant(
+            t,
+            apb::CancelAllocationRequest {
+                allocation_id: id.into(),
+                reason: "test".into(),
+            },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+pub async fn get_pool(mesh: &Mesh, id: &str) -> rp::Pool {
+    mesh.pools()
+        .get_pool(admin(rp::GetPoolRequest { pool_id: id.into() }))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+pub async fn list_held(mesh: &Mesh, pool: &str) -> Vec<rp::HeldReservation> {
+    mesh.pools()
+        .list_held(admin(rp::ListHeldRequest {
+            pool_id: pool.into(),
+            tenant: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .held
+}
+
+/// Creates with every field of the request under the test's control.
+pub async fn create_request(
+    mesh: &Mesh,
+    t: &str,
+    request: apb::CreateAllocationRequest,
+) -> apb::Allocation {
+    mesh.allocations()
+        .create_allocation(tenant(t, request))
+        .await
+        .unwrap()
+        .into_inner()
 }

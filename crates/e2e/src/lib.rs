@@ -50,6 +50,24 @@ pub enum Svc {
     Viewer,
 }
 
+/// Settings tests change beyond [`CommonConfig`].
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Allocation: re-drive sagas waiting on the pool this long.
+    pub stuck_after: Duration,
+    /// Resource pool: longest pause between sweeps.
+    pub sweep_interval: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            stuck_after: Duration::from_secs(3),
+            sweep_interval: Duration::from_millis(200),
+        }
+    }
+}
+
 /// One running service.
 pub struct Service {
     pub kind: Svc,
@@ -57,6 +75,7 @@ pub struct Service {
     pub common: CommonConfig,
     /// Allocation only: where the resource pool is.
     pub pool_url: String,
+    pub tuning: Tuning,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -67,6 +86,16 @@ impl Service {
         common: CommonConfig,
         pool_url: String,
         addr: Option<SocketAddr>,
+    ) -> Service {
+        Self::spawn_tuned(kind, common, pool_url, addr, Tuning::default()).await
+    }
+
+    pub async fn spawn_tuned(
+        kind: Svc,
+        common: CommonConfig,
+        pool_url: String,
+        addr: Option<SocketAddr>,
+        tuning: Tuning,
     ) -> Service {
         let listener =
             TcpListener::bind(addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))))
@@ -81,11 +110,12 @@ impl Service {
             Svc::Allocation => {
                 let mut c = gpualloc_allocation::Config::new(common.clone(), pool_url.clone());
                 c.check_quota_timeout = Duration::from_millis(300);
+                c.stuck_after = tuning.stuck_after;
                 tokio::spawn(gpualloc_allocation::run(c, listener, shutdown))
             }
             Svc::ResourcePool => {
                 let mut c = gpualloc_resource_pool::Config::new(common.clone());
-                c.sweep_interval = Duration::from_millis(200);
+                c.sweep_interval = tuning.sweep_interval;
                 tokio::spawn(gpualloc_resource_pool::run(c, listener, shutdown))
             }
             Svc::Viewer => tokio::spawn(gpualloc_viewer::run(
@@ -99,6 +129,7 @@ impl Service {
             addr,
             common,
             pool_url,
+            tuning,
             stop: Some(tx),
             task: Some(task),
         }
@@ -128,11 +159,17 @@ impl Service {
     /// Stops and starts again on the same port with the same database.
     pub async fn restart(&mut self) {
         self.stop().await;
-        *self = Service::spawn(
+        self.start_again().await;
+    }
+
+    /// Starts a stopped service again on the same port and database.
+    pub async fn start_again(&mut self) {
+        *self = Service::spawn_tuned(
             self.kind,
             self.common.clone(),
             self.pool_url.clone(),
             Some(self.addr),
+            self.tuning,
         )
         .await;
     }
@@ -187,16 +224,44 @@ impl Mesh {
     }
 
     pub async fn start_with_nats(backend: Backend, nats_url: String) -> Mesh {
+        Self::start_custom(backend, nats_url, Tuning::default(), |_| {}).await
+    }
+
+    /// Starts the mesh with `tuning` and settings changed by `configure`.
+    pub async fn start_custom(
+        backend: Backend,
+        nats_url: String,
+        tuning: Tuning,
+        configure: impl Fn(&mut CommonConfig),
+    ) -> Mesh {
         let stream = unique_name("T").to_uppercase();
         let prefix = unique_name("t");
         let (allocation_db, pool_db, viewer_db) = (backend.db(), backend.db(), backend.db());
         let common = |db: &TestDb| {
-            CommonConfig::new(db.url.clone(), nats_url.clone()).with_stream(&stream, &prefix)
+            let mut c =
+                CommonConfig::new(db.url.clone(), nats_url.clone()).with_stream(&stream, &prefix);
+            configure(&mut c);
+            c
         };
-        let pool = Service::spawn(Svc::ResourcePool, common(&pool_db), String::new(), None).await;
-        let allocation =
-            Service::spawn(Svc::Allocation, common(&allocation_db), pool.url(), None).await;
-        let viewer = Service::spawn(Svc::Viewer, common(&viewer_db), String::new(), None).await;
+        let pool = Service::spawn_tuned(
+            Svc::ResourcePool,
+            common(&pool_db),
+            String::new(),
+            None,
+            tuning,
+        )
+        .await;
+        let allocation = Service::spawn_tuned(
+            Svc::Allocation,
+            common(&allocation_db),
+            pool.url(),
+            None,
+            tuning,
+        )
+        .await;
+        let viewer =
+            Service::spawn_tuned(Svc::Viewer, common(&viewer_db), String::new(), None, tuning)
+                .await;
         let mesh = Mesh {
             backend,
             allocation,

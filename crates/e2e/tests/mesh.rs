@@ -433,20 +433,6 @@ async fn the_same_request_id_yields_one_allocation() {
     assert_eq!(pool.usage.unwrap().gpus_by_model["A100"], 1);
 }
 
-/// Waits until a durable consumer has acknowledged everything in the stream.
-async fn drained(mesh: &Mesh, durable: &str) {
-    let js = mesh.jetstream().await;
-    eventually(SETTLE, &format!("consumer {durable} drained"), || async {
-        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-            .get_consumer_from_stream(durable, &mesh.stream)
-            .await
-            .ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redelivered_event_changes_nothing() {
     let mesh = Mesh::start(Backend::Sqlite).await;
