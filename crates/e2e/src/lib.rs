@@ -314,4 +314,5 @@ pub fn tenant<T>(tenant: &str, message: T) -> Request<T> {
     r
 }
 
+pub mod cluster;
 pub mod fixtures;

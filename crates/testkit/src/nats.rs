@@ -60,7 +60,7 @@ impl NatsServer {
         // A watchdog shell kills the server when the test process is gone,
         // even after a panic or SIGKILL, so no server outlives its tests.
         let script = format!(
-            "{bin} -a 127.0.0.1 -p {port} -js -sd {dir} >/dev/null 2>&1 & n=$!; \
+            "{bin} -a 127.0.0.1 -p {port} -js -sd {dir} >/dev/null 2>&1 & n=$!; echo $n > {dir}/nats.pid; \
              trap 'kill $n 2>/dev/null; exit 0' TERM INT; \
              while kill -0 {parent} 2>/dev/null && kill -0 $n 2>/dev/null; do sleep 0.5; done; \
              kill $n 2>/dev/null; wait $n",
@@ -97,6 +97,27 @@ impl NatsServer {
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server with SIGKILL (no flush, no goodbye to clients), as a
+    /// crash would; `restart` or `start_again` brings it back with its data.
+    pub fn kill(&mut self) {
+        let pid = std::fs::read_to_string(self.store.path().join("nats.pid")).unwrap_or_default();
+        let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts a stopped or killed server again on the same port and data.
+    pub fn start_again(&mut self) {
+        if self.child.is_none() {
+            self.spawn();
         }
     }
 

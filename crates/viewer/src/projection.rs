@@ -69,12 +69,16 @@ pub fn project(conn: &mut DbConnection, now: i64, event: &Event) -> Result<(), E
                         .execute(conn)?;
                 }
                 Some(v) if v < event.aggregate_version => {
-                    diesel::update(tenant_quota_views::table.find(&event.tenant))
-                        .set((
-                            tenant_quota_views::limits.eq(&limits),
-                            tenant_quota_views::version.eq(event.aggregate_version),
-                        ))
-                        .execute(conn)?;
+                    diesel::update(
+                        tenant_quota_views::table
+                            .find(&event.tenant)
+                            .filter(tenant_quota_views::version.lt(event.aggregate_version)),
+                    )
+                    .set((
+                        tenant_quota_views::limits.eq(&limits),
+                        tenant_quota_views::version.eq(event.aggregate_version),
+                    ))
+                    .execute(conn)?;
                 }
                 Some(_) => {}
             }
@@ -152,15 +156,22 @@ fn apply_change(
                 .execute(conn)?;
         }
         Some(v) if v < a.version => {
-            diesel::update(allocation_views::table.find(&a.allocation_id))
-                .set((
-                    allocation_views::state.eq(state),
-                    allocation_views::version.eq(a.version),
-                    allocation_views::update_time.eq(change_time),
-                    allocation_views::snapshot.eq(&snapshot),
-                    allocation_views::project_time.eq(now),
-                ))
-                .execute(conn)?;
+            // The guard is repeated in the UPDATE: on PostgreSQL another
+            // replica may have moved the view between the read above and
+            // this write, and its newer version must win.
+            diesel::update(
+                allocation_views::table
+                    .find(&a.allocation_id)
+                    .filter(allocation_views::version.lt(a.version)),
+            )
+            .set((
+                allocation_views::state.eq(state),
+                allocation_views::version.eq(a.version),
+                allocation_views::update_time.eq(change_time),
+                allocation_views::snapshot.eq(&snapshot),
+                allocation_views::project_time.eq(now),
+            ))
+            .execute(conn)?;
         }
         Some(_) => {}
     }
