@@ -336,6 +336,36 @@ pub fn on_pool_event(
     if v <= row.pool_version {
         return Ok(());
     }
+    if let Some(Payload::ReservationReleased(r)) = &event.payload
+        && r.cause == ev::ReleaseCause::Expired as i32
+        && matches!(state, State::Pending | State::Held)
+    {
+        // The grant and the end of its lease overtook each other (two
+        // replicas of this consumer, or a lost grant): the allocation was
+        // granted and has expired. Record both steps, so that the history
+        // and the viewer show the grant; the late grant is then stale.
+        let now = emit.now();
+        let pool = r.pool_id.clone();
+        let granted = transition(
+            conn,
+            emit,
+            &row,
+            State::Allocated,
+            &format!("granted on pool {pool} (learned when its lease ended)"),
+            |n| {
+                n.pool_version = v;
+                n.pool_id = Some(pool.clone());
+                n.expire_time = Some(now);
+            },
+        )?;
+        let reason = if r.reason.is_empty() {
+            "lease expired".to_owned()
+        } else {
+            r.reason.clone()
+        };
+        transition(conn, emit, &granted, State::Expired, &reason, |_| {})?;
+        return Ok(());
+    }
     let target = match &event.payload {
         Some(Payload::ReservationGranted(g)) if matches!(state, State::Pending | State::Held) => {
             Some((State::Allocated, format!("granted on pool {}", g.pool_id)))

@@ -203,6 +203,43 @@ async fn the_state_machine_ignores_stale_and_duplicate_decisions(url: String) {
     assert!(events.is_empty());
 }
 
+/// Held (v1), granted (v2) and expired (v3) at the pool; the expiry
+/// overtakes the grant on the way. The allocation still ends EXPIRED, with
+/// the grant in its history, and the late grant is stale.
+async fn an_expiry_that_overtakes_its_grant_still_ends_the_allocation(url: String) {
+    let db = open(&url).await;
+    let (row, _) = op(&db, |c, emit| ops::create(c, emit, &new(None, 1), false))
+        .await
+        .unwrap();
+    let id = row.allocation_id.clone();
+    let held = Payload::ReservationHeld(ev::ReservationHeld {
+        position: 1,
+        reason: "wait".into(),
+    });
+    apply(&db, decision(&id, 1, held)).await;
+    let events = apply(&db, decision(&id, 3, released(ev::ReleaseCause::Expired))).await;
+    let states: Vec<i32> = events
+        .iter()
+        .filter_map(|e| match &e.payload {
+            Some(Payload::AllocationStateChanged(c)) => c.allocation.as_ref().map(|a| a.state),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            gpualloc_proto::allocation::v1::State::Allocated as i32,
+            gpualloc_proto::allocation::v1::State::Expired as i32
+        ]
+    );
+    assert!(apply(&db, decision(&id, 2, granted("p"))).await.is_empty());
+    let end = get(&db, &id).await;
+    assert_eq!(
+        (end.state.as_str(), end.version, end.pool_id.as_deref()),
+        ("EXPIRED", 4, Some("p"))
+    );
+}
+
 async fn terminal_states_refuse_and_tenants_are_isolated(url: String) {
     let db = open(&url).await;
     let (row, _) = op(&db, |c, emit| ops::create(c, emit, &new(None, 1), false))
@@ -261,5 +298,6 @@ async fn terminal_states_refuse_and_tenants_are_isolated(url: String) {
 gpualloc_testkit::backend_tests!(
     create_and_replay,
     the_state_machine_ignores_stale_and_duplicate_decisions,
+    an_expiry_that_overtakes_its_grant_still_ends_the_allocation,
     terminal_states_refuse_and_tenants_are_isolated,
 );

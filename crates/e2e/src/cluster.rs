@@ -346,7 +346,10 @@ struct Json {
 /// Rows of any query as JSON text (PostgreSQL `row_to_json`), for failure
 /// messages.
 pub async fn json_rows(url: &str, sql: &str) -> Vec<String> {
-    let (url, sql) = (url.to_owned(), format!("SELECT row_to_json(q)::text AS j FROM ({sql}) q"));
+    let (url, sql) = (
+        url.to_owned(),
+        format!("SELECT row_to_json(q)::text AS j FROM ({sql}) q"),
+    );
     tokio::task::spawn_blocking(move || {
         let mut c = PgConnection::establish(&url).unwrap();
         sql_query(sql)
@@ -366,27 +369,37 @@ impl Cluster {
             (
                 "allocation",
                 &self.allocation_db.url,
-                format!("SELECT state, version, pool_version, reason, redrives, update_time FROM allocations WHERE allocation_id = '{id}'"),
+                format!(
+                    "SELECT state, version, pool_version, reason, redrives, update_time FROM allocations WHERE allocation_id = '{id}'"
+                ),
             ),
             (
                 "allocation outbox",
                 &self.allocation_db.url,
-                format!("SELECT id, event_id, subject, origin, created_at, published_at FROM outbox WHERE aggregate_id = '{id}' ORDER BY id"),
+                format!(
+                    "SELECT id, event_id, subject, origin, created_at, published_at FROM outbox WHERE aggregate_id = '{id}' ORDER BY id"
+                ),
             ),
             (
                 "reservation",
                 &self.pool_db.url,
-                format!("SELECT state, version, reason, outcome, update_time FROM reservations WHERE allocation_id = '{id}'"),
+                format!(
+                    "SELECT state, version, reason, outcome, update_time FROM reservations WHERE allocation_id = '{id}'"
+                ),
             ),
             (
                 "pool outbox",
                 &self.pool_db.url,
-                format!("SELECT id, event_id, subject, origin, created_at, published_at FROM outbox WHERE aggregate_id = '{id}' ORDER BY id"),
+                format!(
+                    "SELECT id, event_id, subject, origin, created_at, published_at FROM outbox WHERE aggregate_id = '{id}' ORDER BY id"
+                ),
             ),
             (
                 "viewer history",
                 &self.viewer_db.url,
-                format!("SELECT version, state, event_id, change_time FROM allocation_history WHERE allocation_id = '{id}' ORDER BY version"),
+                format!(
+                    "SELECT version, state, event_id, change_time FROM allocation_history WHERE allocation_id = '{id}' ORDER BY version"
+                ),
             ),
         ] {
             out.push_str(&format!("{what}:\n"));
