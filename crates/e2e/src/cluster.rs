@@ -134,9 +134,9 @@ impl Cluster {
         let mut nodes = Vec::new();
         let pool_ports: Vec<u16> = (0..replicas).map(|_| free_port()).collect();
         for kind in [Svc::ResourcePool, Svc::Allocation, Svc::Viewer] {
-            for replica in 0..replicas {
+            for (replica, pool_port) in pool_ports.iter().copied().enumerate() {
                 let port = match kind {
-                    Svc::ResourcePool => pool_ports[replica],
+                    Svc::ResourcePool => pool_port,
                     _ => free_port(),
                 };
                 let db = match kind {
@@ -162,7 +162,7 @@ impl Cluster {
                     ("GPUALLOC_CHECK_QUOTA_TIMEOUT", "500ms".into()),
                     (
                         "GPUALLOC_RESOURCE_POOL_URL",
-                        format!("http://127.0.0.1:{}", pool_ports[replica]),
+                        format!("http://127.0.0.1:{pool_port}"),
                     ),
                     ("GPUALLOC_SHUTDOWN_GRACE", "5s".into()),
                     ("GPUALLOC_TEST_PARENT_PID", std::process::id().to_string()),

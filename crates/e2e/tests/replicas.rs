@@ -8,7 +8,8 @@
 //! - I2: every create the client saw succeed is in a terminal or steady
 //!   state in all three services;
 //! - I4: the viewer equals the allocation service, version for version;
-//! and all of that within an asserted bound after the load ends.
+//!
+//! All of that within an asserted bound after the load ends.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 

@@ -167,7 +167,7 @@ async fn a_hold_past_the_pools_maximum_is_rejected_with_a_reason() {
     wait_state(&mesh, "team", &a.allocation_id, State::Allocated).await;
     let b = create_for(&mesh, "team", gpu_request(1, "A100", 0)).await;
     wait_state(&mesh, "team", &b.allocation_id, State::Held).await;
-    let deadline = list_held(&mesh, "").await[0].hold_deadline.clone();
+    let deadline = list_held(&mesh, "").await[0].hold_deadline;
     assert!(deadline.is_some(), "a held request shows its deadline");
 
     let rejected = wait_state(&mesh, "team", &b.allocation_id, State::Rejected).await;

@@ -82,6 +82,9 @@ fn action() -> impl Strategy<Value = Action> {
     ]
 }
 
+/// A GPU model (if any) and the pool-class amounts taken with it.
+type Layout = (Option<String>, Vec<(Class, i64)>);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum MState {
     Held,
@@ -168,7 +171,7 @@ impl Model {
     }
 
     /// Every way `demand` can be laid out on `pool`, with the GPU model.
-    fn layouts(&self, pool: &str, demand: &Resources) -> Vec<(Option<String>, Vec<(Class, i64)>)> {
+    fn layouts(&self, pool: &str, demand: &Resources) -> Vec<Layout> {
         if demand.gpus == 0 {
             return vec![(None, demand.pool_lines(None))];
         }

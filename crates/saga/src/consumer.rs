@@ -110,7 +110,7 @@ impl Consumer {
                         _ = cancel.cancelled() => break,
                         _ = tokio::time::sleep(backoff) => {}
                     }
-                    if failures % REPROVISION_AFTER == 0 {
+                    if failures.is_multiple_of(REPROVISION_AFTER) {
                         // A NATS server that came back without its data has
                         // neither stream nor consumer: create them again
                         // (idempotent when they do exist). The outbox relay
