@@ -51,12 +51,18 @@ pub enum Svc {
 }
 
 /// Settings tests change beyond [`CommonConfig`].
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Tuning {
     /// Allocation: re-drive sagas waiting on the pool this long.
     pub stuck_after: Duration,
     /// Resource pool: longest pause between sweeps.
     pub sweep_interval: Duration,
+    /// Viewer: a watcher's buffer.
+    pub watch_buffer: usize,
+    /// Viewer: the rate card file.
+    pub rate_card: Option<std::path::PathBuf>,
+    /// Viewer: the notification settings file.
+    pub notify_config: Option<std::path::PathBuf>,
 }
 
 impl Default for Tuning {
@@ -64,6 +70,9 @@ impl Default for Tuning {
         Self {
             stuck_after: Duration::from_secs(3),
             sweep_interval: Duration::from_millis(200),
+            watch_buffer: gpualloc_viewer::watch::BUFFER,
+            rate_card: None,
+            notify_config: None,
         }
     }
 }
@@ -118,11 +127,13 @@ impl Service {
                 c.sweep_interval = tuning.sweep_interval;
                 tokio::spawn(gpualloc_resource_pool::run(c, listener, shutdown))
             }
-            Svc::Viewer => tokio::spawn(gpualloc_viewer::run(
-                gpualloc_viewer::Config::new(common.clone()),
-                listener,
-                shutdown,
-            )),
+            Svc::Viewer => {
+                let mut c = gpualloc_viewer::Config::new(common.clone());
+                c.watch_buffer = tuning.watch_buffer;
+                c.rate_card = tuning.rate_card.clone();
+                c.notify_config = tuning.notify_config.clone();
+                tokio::spawn(gpualloc_viewer::run(c, listener, shutdown))
+            }
         };
         Service {
             kind,
@@ -169,7 +180,7 @@ impl Service {
             self.common.clone(),
             self.pool_url.clone(),
             Some(self.addr),
-            self.tuning,
+            self.tuning.clone(),
         )
         .await;
     }
@@ -248,7 +259,7 @@ impl Mesh {
             common(&pool_db),
             String::new(),
             None,
-            tuning,
+            tuning.clone(),
         )
         .await;
         let allocation = Service::spawn_tuned(
@@ -256,7 +267,7 @@ impl Mesh {
             common(&allocation_db),
             pool.url(),
             None,
-            tuning,
+            tuning.clone(),
         )
         .await;
         let viewer =

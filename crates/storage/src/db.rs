@@ -83,10 +83,12 @@ fn establish(backend: Backend, url: &str) -> Result<DbConnection, DbError> {
     if backend == Backend::Sqlite {
         // WAL lets readers run beside the writer; synchronous=FULL makes every
         // commit durable (an acknowledged allocation must survive power loss);
-        // busy_timeout covers other processes on the same file.
+        // busy_timeout covers other processes on the same file, and comes
+        // first: switching to WAL needs a lock that a process closing the
+        // file (checkpointing its WAL) may hold for a moment.
         conn.batch_execute(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+            "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
+             PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )?;
     }
     Ok(conn)

@@ -1,7 +1,8 @@
 //! Test support shared by every crate's integration tests: a NATS JetStream
 //! server per test process (or the one `cargo xtask test` started), a fresh
 //! database per test on SQLite or PostgreSQL, unique stream names, and
-//! polling with a deadline instead of sleeps.
+//! polling with a deadline instead of sleeps, and an HTTP receiver that
+//! records what is sent to it.
 //!
 //! Environment (set by `cargo xtask test`):
 //! - `GPUALLOC_TEST_NATS_URL`: a JetStream-enabled server to share; without
@@ -12,11 +13,13 @@
 #![allow(clippy::unwrap_used)]
 
 mod db;
+mod http;
 mod nats;
 
 use std::{future::Future, time::Duration};
 
 pub use db::{TestDb, postgres_admin_url};
+pub use http::{HttpReceiver, Received};
 pub use nats::{NatsServer, free_port, nats_url};
 
 /// A short random name for streams, prefixes and databases.

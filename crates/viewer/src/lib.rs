@@ -4,7 +4,7 @@
 //! serves. It never calls the other services, so it keeps answering while
 //! they are down; its views may lag by the event backlog.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use gpualloc_platform::{CommonConfig, Platform, telemetry::LogFormat};
 use gpualloc_proto::viewer::v1::viewer_service_server::ViewerServiceServer;
@@ -13,14 +13,20 @@ use gpualloc_storage::Migration;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 
+pub mod dispatch;
 mod error;
+pub mod notify;
 pub mod projection;
+mod rebuild;
 mod schema;
 mod service;
 pub mod store;
+pub mod usage;
+pub mod watch;
 
 pub use error::Error;
 pub use projection::Projection;
+pub use rebuild::{Rebuilt, rebuild};
 pub use service::ViewerApi;
 
 /// The fully-qualified gRPC service name (also its health-check name).
@@ -29,10 +35,16 @@ pub const SERVICE_NAME: &str = <ViewerServiceServer<ViewerApi> as NamedService>:
 /// Durable consumer name, shared by all replicas.
 pub const CONSUMER: &str = "viewer";
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: "viewer_0001_views",
-    up: include_str!("../migrations/0001_views.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: "viewer_0001_views",
+        up: include_str!("../migrations/0001_views.sql"),
+    },
+    Migration {
+        version: "viewer_0002_watch_notify",
+        up: include_str!("../migrations/0002_watch_notify.sql"),
+    },
+];
 
 /// Settings of the viewer service.
 #[derive(clap::Parser, Clone, Debug)]
@@ -45,9 +57,47 @@ pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
 
+    /// JSON rate card for usage reports (see docs/operations.md); without
+    /// one, reports carry no costs.
+    #[arg(long, env = "GPUALLOC_RATE_CARD")]
+    pub rate_card: Option<PathBuf>,
+
+    /// Messages a watcher may have unread before it is ended with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GPUALLOC_WATCH_BUFFER", default_value_t = watch::BUFFER)]
+    pub watch_buffer: usize,
+
+    /// JSON notification settings: channels, lease warning, retries (see
+    /// docs/notifications.md); without them, nothing is sent.
+    #[arg(long, env = "GPUALLOC_NOTIFY_CONFIG")]
+    pub notify_config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Log format.
     #[arg(long, env = "GPUALLOC_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+}
+
+/// What to do instead of serving.
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum Command {
+    /// Drop the read models and rebuild them from the whole stream (stop
+    /// the viewer's replicas first).
+    Rebuild,
+    /// List notification deliveries (parked ones by default) and requeue
+    /// parked ones after fixing their channel.
+    Notifications {
+        /// PENDING, DELIVERED, PARKED or ALL.
+        #[arg(long, default_value = "PARKED")]
+        status: String,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Put every parked delivery back in the queue.
+        #[arg(long)]
+        requeue: bool,
+    },
 }
 
 impl Config {
@@ -55,6 +105,10 @@ impl Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50053)),
             common,
+            rate_card: None,
+            watch_buffer: watch::BUFFER,
+            notify_config: None,
+            command: None,
             log_format: LogFormat::Text,
         }
     }
@@ -66,12 +120,34 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let rates = config
+        .rate_card
+        .as_deref()
+        .map(usage::RateCard::load)
+        .transpose()?;
+    let notify = config
+        .notify_config
+        .as_deref()
+        .map(notify::Settings::load)
+        .transpose()?
+        .map(Arc::new);
     let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
-    let api = ViewerApi::new(platform.db());
-    platform.start(MIGRATIONS, |ready| {
+    let changes = watch::Changes::default();
+    let api = ViewerApi::new(platform.db(), changes.clone(), platform.stopping(), rates)
+        .with_watch_buffer(config.watch_buffer.max(1));
+    platform.start(MIGRATIONS, move |ready| {
+        let wake = dispatch::Wake::default();
+        if let Some(settings) = notify.clone() {
+            let (db, wake) = (ready.db.clone(), wake.clone());
+            ready.spawn(move |stop| dispatch::run(db, settings, wake, stop));
+        }
         ready.spawn_consumer(
             ConsumerSpec::new(CONSUMER, subjects::FILTER_ALL, &ready.origin),
-            Arc::new(Projection),
+            Arc::new(Projection {
+                changes,
+                notify,
+                wake,
+            }),
         );
     });
     platform
@@ -79,4 +155,47 @@ pub async fn run(
             routes.add_service(ViewerServiceServer::new(api))
         })
         .await
+}
+
+/// `gpualloc-viewer notifications`: prints deliveries in `status` (or all)
+/// as one line each, and with `requeue` puts parked ones back in the queue.
+pub async fn notifications(
+    common: &CommonConfig,
+    status: &str,
+    limit: i64,
+    requeue: bool,
+) -> anyhow::Result<()> {
+    let db = gpualloc_storage::Db::connect(&common.database_url, common.db_options()).await?;
+    db.migrate(&[gpualloc_storage::MIGRATIONS, MIGRATIONS])
+        .await?;
+    if requeue {
+        let n = dispatch::requeue(&db).await?;
+        println!("requeued {n} parked deliveries");
+        return Ok(());
+    }
+    let status = status.to_uppercase();
+    let filter = match status.as_str() {
+        "ALL" => None,
+        notify::status::PENDING | notify::status::DELIVERED | notify::status::PARKED => {
+            Some(status)
+        }
+        other => anyhow::bail!("unknown status {other:?}: PENDING, DELIVERED, PARKED or ALL"),
+    };
+    let rows = dispatch::list(&db, filter, limit.max(1)).await?;
+    println!("ID\tSTATUS\tCHANNEL\tTENANT\tALLOCATION\tKIND\tATTEMPTS\tCREATED\tLAST ERROR");
+    for d in &rows {
+        println!(
+            "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            d.id,
+            d.status,
+            d.channel,
+            d.tenant,
+            d.allocation_id,
+            d.kind,
+            d.attempts,
+            notify::rfc3339(d.create_time),
+            d.last_error
+        );
+    }
+    Ok(())
 }

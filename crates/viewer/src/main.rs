@@ -1,10 +1,26 @@
 use clap::Parser;
-use gpualloc_viewer::{Config, run};
+use gpualloc_viewer::{Command, Config, rebuild, run};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     gpualloc_platform::telemetry::init(config.log_format);
+    match config.command {
+        Some(Command::Rebuild) => {
+            let done = rebuild(&config.common).await?;
+            println!(
+                "rebuilt the read models from {} messages ({} undecodable, skipped)",
+                done.messages, done.skipped
+            );
+            return Ok(());
+        }
+        Some(Command::Notifications {
+            status,
+            limit,
+            requeue,
+        }) => return gpualloc_viewer::notifications(&config.common, &status, limit, requeue).await,
+        None => {}
+    }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     run(config, listener, gpualloc_platform::shutdown::signal()).await
 }

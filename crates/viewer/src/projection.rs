@@ -5,19 +5,27 @@
 
 use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, time};
-use gpualloc_proto::events::v1 as ev;
+use gpualloc_proto::{allocation::v1 as apb, events::v1 as ev};
 use gpualloc_saga::{Emitter, Event, Handler, Payload};
 use gpualloc_storage::DbConnection;
 use prost::Message;
 
 use crate::{
     Error,
+    notify::Settings,
     schema::{allocation_history, allocation_views, tenant_quota_views},
 };
 
-/// The viewer's consumer: projects every event it understands.
+/// The viewer's consumer: projects every event it understands, stores the
+/// notifications they call for, and wakes this replica's watchers and
+/// dispatcher after each commit.
 #[derive(Debug, Default)]
-pub struct Projection;
+pub struct Projection {
+    pub changes: crate::watch::Changes,
+    /// `None`: notifications are off.
+    pub notify: Option<std::sync::Arc<Settings>>,
+    pub wake: crate::dispatch::Wake,
+}
 
 impl Handler for Projection {
     type Error = Error;
@@ -28,7 +36,16 @@ impl Handler for Projection {
         emit: &mut Emitter,
         event: &Event,
     ) -> Result<(), Error> {
-        project(conn, emit.now(), event)
+        project(conn, emit.now(), event, self.notify.as_deref())
+    }
+
+    fn committed(&self, events: &[Event]) {
+        if !events.is_empty() {
+            self.changes.notify();
+            if self.notify.is_some() {
+                self.wake.notify();
+            }
+        }
     }
 }
 
@@ -38,14 +55,48 @@ fn state_name(v: i32) -> Result<&'static str, Error> {
         .ok_or_else(|| Error::BadEvent(format!("unknown state {v}")))
 }
 
-/// Applies one event to the read models.
-pub fn project(conn: &mut DbConnection, now: i64, event: &Event) -> Result<(), Error> {
+/// Applies one event to the read models and, with `notify`, stores the
+/// notifications it calls for (a rebuild passes `None`: what was sent once
+/// is not sent again).
+pub fn project(
+    conn: &mut DbConnection,
+    now: i64,
+    event: &Event,
+    notify: Option<&Settings>,
+) -> Result<(), Error> {
     match &event.payload {
-        Some(Payload::AllocationStateChanged(c)) => apply_change(conn, now, event, c),
+        Some(Payload::AllocationStateChanged(c)) => apply_change(conn, now, event, c, notify),
         Some(Payload::ReservationHeld(h)) => {
+            let view: Option<(String, i64)> = allocation_views::table
+                .find(&event.allocation_id)
+                .select((allocation_views::state, allocation_views::version))
+                .first(conn)
+                .optional()?;
             diesel::update(allocation_views::table.find(&event.allocation_id))
                 .set(allocation_views::hold_position.eq(h.position))
                 .execute(conn)?;
+            // Announce the hold unless the allocation has already moved on
+            // (the hold arrived late, or after a cancel).
+            let waiting = view
+                .as_ref()
+                .is_none_or(|(s, _)| s == State::Pending.as_str() || s == State::Held.as_str());
+            if let (Some(settings), true) = (notify, waiting) {
+                let when = event
+                    .event_time
+                    .as_ref()
+                    .map(time::from_timestamp)
+                    .unwrap_or(now);
+                let n = crate::notify::of_hold(
+                    &event.event_id,
+                    &event.tenant,
+                    &event.allocation_id,
+                    view.map(|(_, v)| v).unwrap_or(0),
+                    h.position,
+                    &h.reason,
+                    when,
+                );
+                crate::notify::enqueue(conn, settings, &n, now)?;
+            }
             Ok(())
         }
         Some(Payload::TenantQuotaChanged(q)) => {
@@ -93,6 +144,7 @@ fn apply_change(
     now: i64,
     event: &Event,
     c: &ev::AllocationStateChanged,
+    notify: Option<&Settings>,
 ) -> Result<(), Error> {
     let a = c
         .allocation
@@ -109,6 +161,7 @@ fn apply_change(
         .as_ref()
         .map(time::from_timestamp)
         .unwrap_or(now);
+    let snapshot = a.encode_to_vec();
     let seen: i64 = allocation_history::table
         .filter(allocation_history::allocation_id.eq(&a.allocation_id))
         .filter(allocation_history::version.eq(a.version))
@@ -125,6 +178,8 @@ fn apply_change(
                 allocation_history::state.eq(state),
                 allocation_history::reason.eq(&a.reason),
                 allocation_history::change_time.eq(change_time),
+                allocation_history::snapshot.eq(&snapshot),
+                allocation_history::project_time.eq(now),
             ))
             .execute(conn)?;
     }
@@ -133,7 +188,7 @@ fn apply_change(
         .select(allocation_views::version)
         .first(conn)
         .optional()?;
-    let snapshot = a.encode_to_vec();
+    let expire_time = a.expire_time.as_ref().map(time::from_timestamp);
     let create_time = a
         .create_time
         .as_ref()
@@ -152,6 +207,7 @@ fn apply_change(
                     allocation_views::hold_position.eq(0),
                     allocation_views::snapshot.eq(&snapshot),
                     allocation_views::project_time.eq(now),
+                    allocation_views::expire_time.eq(expire_time),
                 ))
                 .execute(conn)?;
         }
@@ -170,10 +226,20 @@ fn apply_change(
                 allocation_views::update_time.eq(change_time),
                 allocation_views::snapshot.eq(&snapshot),
                 allocation_views::project_time.eq(now),
+                allocation_views::expire_time.eq(expire_time),
             ))
             .execute(conn)?;
         }
-        Some(_) => {}
+        // A stale version: in the history, but announced only if it were
+        // news — telling a tenant "allocated" after "cancelled" misleads.
+        Some(_) => return Ok(()),
+    }
+    let kind = apb::State::try_from(a.state)
+        .ok()
+        .and_then(crate::notify::Kind::of_state);
+    if let (Some(settings), Some(kind)) = (notify, kind) {
+        let n = crate::notify::of_change(&event.event_id, kind, a, now);
+        crate::notify::enqueue(conn, settings, &n, now)?;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ diesel::table! {
         hold_position -> BigInt,
         snapshot -> Binary,
         project_time -> BigInt,
+        expire_time -> Nullable<BigInt>,
     }
 }
 
@@ -22,6 +23,8 @@ diesel::table! {
         state -> Text,
         reason -> Text,
         change_time -> BigInt,
+        snapshot -> Binary,
+        project_time -> BigInt,
     }
 }
 
@@ -30,5 +33,23 @@ diesel::table! {
         tenant -> Text,
         limits -> Text,
         version -> BigInt,
+    }
+}
+
+diesel::table! {
+    notifications (id) {
+        id -> BigInt,
+        dedupe_key -> Text,
+        channel -> Text,
+        tenant -> Text,
+        allocation_id -> Text,
+        kind -> Text,
+        body -> Text,
+        status -> Text,
+        attempts -> Integer,
+        next_attempt -> BigInt,
+        last_error -> Text,
+        create_time -> BigInt,
+        deliver_time -> Nullable<BigInt>,
     }
 }

@@ -1,16 +1,18 @@
 //! The gRPC face of the viewer. It reads only its own database.
 
-use std::pin::Pin;
+use std::sync::Arc;
 
 use gpualloc_domain::{AllocationId, State, TenantId, Violations};
 use gpualloc_platform::{Caller, DbHandle, status};
 use gpualloc_proto::viewer::v1::{self as pb, viewer_service_server::ViewerService};
-use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
     Error,
     store::{self, Cursor},
+    usage::{self, RateCard},
+    watch::{self, Changes, WatchStream},
 };
 
 const DEFAULT_PAGE: i64 = 100;
@@ -20,11 +22,31 @@ const MAX_PAGE: i64 = 1000;
 #[derive(Clone, Debug)]
 pub struct ViewerApi {
     db: DbHandle,
+    changes: Changes,
+    stopping: CancellationToken,
+    rates: Option<Arc<RateCard>>,
+    watch_buffer: usize,
 }
 
 impl ViewerApi {
-    pub fn new(db: DbHandle) -> Self {
-        Self { db }
+    pub fn new(
+        db: DbHandle,
+        changes: Changes,
+        stopping: CancellationToken,
+        rates: Option<RateCard>,
+    ) -> Self {
+        Self {
+            db,
+            changes,
+            stopping,
+            rates: rates.map(Arc::new),
+            watch_buffer: watch::BUFFER,
+        }
+    }
+
+    pub fn with_watch_buffer(mut self, n: usize) -> Self {
+        self.watch_buffer = n;
+        self
     }
 }
 
@@ -50,8 +72,6 @@ fn listing_tenant(caller: &Caller, requested: &str) -> Result<Option<TenantId>, 
     }
     Ok(Some(t))
 }
-
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchAllocationsResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ViewerService for ViewerApi {
@@ -159,11 +179,30 @@ impl ViewerService for ViewerApi {
 
     async fn watch_allocations(
         &self,
-        _request: Request<pb::WatchAllocationsRequest>,
+        request: Request<pb::WatchAllocationsRequest>,
     ) -> Result<Response<Self::WatchAllocationsStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchAllocations is not implemented yet",
-        ))
+        let caller = Caller::from_request(&request)?;
+        let req = request.into_inner();
+        let tenant = listing_tenant(&caller, &req.tenant)?;
+        let allocation_id = if req.allocation_id.is_empty() {
+            None
+        } else {
+            let id = AllocationId::parse(&req.allocation_id)
+                .map_err(|e| status::invalid_field("allocation_id", e))?;
+            Some(id.to_string())
+        };
+        let db = self.db.get()?.clone();
+        let filter = watch::Filter {
+            tenant: tenant.map(|t| t.to_string()),
+            allocation_id,
+        };
+        Ok(Response::new(watch::start(
+            db,
+            filter,
+            self.changes.clone(),
+            self.stopping.clone(),
+            self.watch_buffer,
+        )))
     }
 
     async fn list_allocation_history(
@@ -212,10 +251,30 @@ impl ViewerService for ViewerApi {
 
     async fn get_usage_report(
         &self,
-        _request: Request<pb::GetUsageReportRequest>,
+        request: Request<pb::GetUsageReportRequest>,
     ) -> Result<Response<pb::UsageReport>, Status> {
-        Err(Status::unimplemented(
-            "GetUsageReport is not implemented yet",
-        ))
+        let caller = Caller::from_request(&request)?;
+        let req = request.into_inner();
+        let tenant = match listing_tenant(&caller, &req.tenant)? {
+            Some(t) => t,
+            None => return Err(status::invalid_field("tenant", "tenant is required")),
+        };
+        let bounds =
+            usage::month_bounds(&req.month).map_err(|e| status::invalid_field("month", e))?;
+        let key = tenant.to_string();
+        let rows = self
+            .db
+            .get()?
+            .read(move |conn| store::usage_history(conn, &key, bounds))
+            .await?;
+        let report = usage::report(
+            tenant.as_str(),
+            &req.month,
+            bounds,
+            &rows,
+            gpualloc_domain::time::now_micros(),
+            self.rates.as_deref(),
+        )?;
+        Ok(Response::new(report))
     }
 }

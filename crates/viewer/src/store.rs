@@ -219,3 +219,107 @@ mod tests {
         assert_eq!(Cursor::decode(""), None);
     }
 }
+
+/// One version of an allocation, as projected.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = allocation_history)]
+pub struct HistoryRow {
+    pub allocation_id: String,
+    pub version: i64,
+    pub tenant: String,
+    pub state: String,
+    pub change_time: i64,
+    pub snapshot: Vec<u8>,
+    pub project_time: i64,
+}
+
+/// The current views a watcher starts from.
+pub fn watch_snapshot(
+    conn: &mut DbConnection,
+    tenant: Option<&str>,
+    allocation_id: Option<&str>,
+) -> Result<Vec<ViewRow>, Error> {
+    let mut q = allocation_views::table
+        .select(ViewRow::as_select())
+        .into_boxed();
+    if let Some(t) = tenant {
+        q = q.filter(allocation_views::tenant.eq(t.to_owned()));
+    }
+    if let Some(id) = allocation_id {
+        q = q.filter(allocation_views::allocation_id.eq(id.to_owned()));
+    }
+    Ok(q.order((
+        allocation_views::create_time,
+        allocation_views::allocation_id,
+    ))
+    .load(conn)?)
+}
+
+/// History rows projected at or after `since`, in projection order.
+pub fn changes_since(
+    conn: &mut DbConnection,
+    tenant: Option<&str>,
+    allocation_id: Option<&str>,
+    since: i64,
+    limit: i64,
+) -> Result<Vec<HistoryRow>, Error> {
+    let mut q = allocation_history::table
+        .filter(allocation_history::project_time.ge(since))
+        .select(HistoryRow::as_select())
+        .into_boxed();
+    if let Some(t) = tenant {
+        q = q.filter(allocation_history::tenant.eq(t.to_owned()));
+    }
+    if let Some(id) = allocation_id {
+        q = q.filter(allocation_history::allocation_id.eq(id.to_owned()));
+    }
+    Ok(q.order((
+        allocation_history::project_time,
+        allocation_history::allocation_id,
+        allocation_history::version,
+    ))
+    .limit(limit)
+    .load(conn)?)
+}
+
+/// A tenant's history rows that can matter for `[from, to)`: every version
+/// before `to` of each allocation that changed on or after `from` or is
+/// allocated now — the others ended before the month began. Old finished
+/// allocations, the bulk of a long history, are never read.
+pub fn usage_history(
+    conn: &mut DbConnection,
+    tenant: &str,
+    (from, to): (i64, i64),
+) -> Result<Vec<HistoryRow>, Error> {
+    let mut ids: Vec<String> = allocation_history::table
+        .filter(allocation_history::tenant.eq(tenant))
+        .filter(allocation_history::change_time.ge(from))
+        .select(allocation_history::allocation_id)
+        .distinct()
+        .load(conn)?;
+    ids.extend(
+        allocation_views::table
+            .filter(allocation_views::tenant.eq(tenant))
+            .filter(allocation_views::state.eq(State::Allocated.as_str()))
+            .select(allocation_views::allocation_id)
+            .load::<String>(conn)?,
+    );
+    ids.sort();
+    ids.dedup();
+    let mut rows = Vec::new();
+    // Bounded lists of bind parameters (SQLite allows 32,766 per query).
+    for chunk in ids.chunks(5_000) {
+        rows.extend(
+            allocation_history::table
+                .filter(allocation_history::allocation_id.eq_any(chunk))
+                .filter(allocation_history::change_time.lt(to))
+                .select(HistoryRow::as_select())
+                .order((
+                    allocation_history::allocation_id,
+                    allocation_history::version,
+                ))
+                .load::<HistoryRow>(conn)?,
+        );
+    }
+    Ok(rows)
+}

@@ -33,6 +33,10 @@ async fn main() -> anyhow::Result<()> {
         }
         "viewer" => {
             let c = gpualloc_viewer::Config::parse_from(args);
+            if let Some(gpualloc_viewer::Command::Rebuild) = c.command {
+                gpualloc_viewer::rebuild(&c.common).await?;
+                return Ok(());
+            }
             gpualloc_platform::telemetry::init(c.log_format);
             let l = tokio::net::TcpListener::bind(c.listen).await?;
             gpualloc_viewer::run(c, l, shutdown).await

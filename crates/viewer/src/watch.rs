@@ -1,0 +1,236 @@
+//! `WatchAllocations`: a snapshot of the current views, then every change
+//! once, in version order per allocation.
+//!
+//! Watchers follow the history table, not the event stream: every replica
+//! of the viewer projects into the same database, so a watcher on one
+//! replica sees what another projected, and the snapshot and the live part
+//! come from one source with no gap between them. Each watcher polls on its
+//! own task — woken at once when this replica commits, and every
+//! [`POLL`] otherwise — so a slow watcher never holds up the projection
+//! or other watchers. Its buffer is bounded; a watcher that falls
+//! [`BUFFER`] messages behind is ended with `RESOURCE_EXHAUSTED`.
+//!
+//! Exactly once and in order: the watcher remembers the last version sent
+//! per allocation, skips what it has sent and holds back a version until
+//! the one before it has been sent. Rows are read again from a little
+//! before the previous poll ([`LAG`]), because a transaction that started
+//! earlier may commit after a later one.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use gpualloc_domain::time;
+use gpualloc_proto::{allocation::v1 as apb, viewer::v1 as pb};
+use gpualloc_storage::Db;
+use prost::Message;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::{Error, store};
+
+/// Default of the messages a watcher may have unread before it is ended.
+pub const BUFFER: usize = 1024;
+/// Longest wait between two polls (changes projected by other replicas).
+pub const POLL: Duration = Duration::from_millis(100);
+/// How far back each poll reads again, for transactions that commit late.
+pub const LAG: i64 = 5_000_000;
+/// Rows read per poll.
+const BATCH: i64 = 2_000;
+
+/// What to watch.
+#[derive(Clone, Debug)]
+pub struct Filter {
+    /// `None`: every tenant (administrators only).
+    pub tenant: Option<String>,
+    pub allocation_id: Option<String>,
+}
+
+/// Wakes watchers when this replica has projected something.
+#[derive(Clone, Debug, Default)]
+pub struct Changes(Arc<Notify>);
+
+impl Changes {
+    pub fn notify(&self) {
+        self.0.notify_waiters();
+    }
+}
+
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchAllocationsResponse, Status>> + Send>>;
+
+/// Starts a watcher and returns its stream.
+pub fn start(
+    db: Db,
+    filter: Filter,
+    changes: Changes,
+    stopping: CancellationToken,
+    buffer: usize,
+) -> WatchStream {
+    let (tx, rx) = mpsc::channel(buffer);
+    let overflow = Arc::new(AtomicBool::new(false));
+    let flag = overflow.clone();
+    tokio::spawn(async move {
+        if let Err(status) = follow(&db, &filter, &changes, &stopping, &tx, &flag).await {
+            let _ = tx.try_send(Err(status));
+        }
+    });
+    // After the buffered messages, a watcher that overflowed learns why.
+    let tail = tokio_stream::iter([()]).filter_map(move |_| {
+        overflow.load(Ordering::SeqCst).then(|| {
+            Err(Status::resource_exhausted(format!(
+                "the watcher fell more than {buffer} changes behind; reconnect to get a fresh snapshot"
+            )))
+        })
+    });
+    Box::pin(ReceiverStream::new(rx).chain(tail))
+}
+
+enum Sent {
+    Ok,
+    /// The client is gone or too slow: stop.
+    Stop,
+}
+
+fn send(
+    tx: &mpsc::Sender<Result<pb::WatchAllocationsResponse, Status>>,
+    overflow: &AtomicBool,
+    message: pb::WatchAllocationsResponse,
+) -> Sent {
+    match tx.try_send(Ok(message)) {
+        Ok(()) => Sent::Ok,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            overflow.store(true, Ordering::SeqCst);
+            Sent::Stop
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => Sent::Stop,
+    }
+}
+
+fn change(view: pb::AllocationView) -> pb::WatchAllocationsResponse {
+    pb::WatchAllocationsResponse {
+        r#type: pb::WatchEventType::Change as i32,
+        view: Some(view),
+    }
+}
+
+async fn follow(
+    db: &Db,
+    filter: &Filter,
+    changes: &Changes,
+    stopping: &CancellationToken,
+    tx: &mpsc::Sender<Result<pb::WatchAllocationsResponse, Status>>,
+    overflow: &AtomicBool,
+) -> Result<(), Status> {
+    let start = time::now_micros();
+    let f = filter.clone();
+    let snapshot = db
+        .read(move |c| store::watch_snapshot(c, f.tenant.as_deref(), f.allocation_id.as_deref()))
+        .await
+        .map_err(Status::from)?;
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for row in &snapshot {
+        last.insert(row.allocation_id.clone(), row.version);
+        let message = pb::WatchAllocationsResponse {
+            r#type: pb::WatchEventType::Snapshot as i32,
+            view: Some(row.to_proto().map_err(Status::from)?),
+        };
+        if let Sent::Stop = send(tx, overflow, message) {
+            return Ok(());
+        }
+    }
+    let end = pb::WatchAllocationsResponse {
+        r#type: pb::WatchEventType::SnapshotEnd as i32,
+        view: None,
+    };
+    if let Sent::Stop = send(tx, overflow, end) {
+        return Ok(());
+    }
+
+    // Versions read but not sendable yet (the one before is missing).
+    let mut waiting: HashMap<String, BTreeMap<i64, pb::AllocationView>> = HashMap::new();
+    let mut since = start - LAG;
+    loop {
+        let notified = changes.0.notified();
+        let poll_start = time::now_micros();
+        let f = filter.clone();
+        let rows = db
+            .read(move |c| {
+                store::changes_since(
+                    c,
+                    f.tenant.as_deref(),
+                    f.allocation_id.as_deref(),
+                    since,
+                    BATCH,
+                )
+            })
+            .await
+            .map_err(Status::from)?;
+        let full = rows.len() as i64 == BATCH;
+        let mut newest = since;
+        for row in rows {
+            newest = newest.max(row.project_time);
+            let seen = last.get(&row.allocation_id).copied().unwrap_or(0);
+            if row.version <= seen {
+                continue;
+            }
+            let view = history_view(&row).map_err(Status::from)?;
+            waiting
+                .entry(row.allocation_id.clone())
+                .or_default()
+                .insert(row.version, view);
+        }
+        let mut done = Vec::new();
+        for (id, versions) in waiting.iter_mut() {
+            let seen = last.entry(id.clone()).or_insert(0);
+            while let Some(entry) = versions.first_entry() {
+                // An allocation missing from the snapshot had no row when
+                // it was taken, so its versions start at 1 here.
+                if *entry.key() != *seen + 1 {
+                    break;
+                }
+                let (v, view) = entry.remove_entry();
+                *seen = v;
+                if let Sent::Stop = send(tx, overflow, change(view)) {
+                    return Ok(());
+                }
+            }
+            if versions.is_empty() {
+                done.push(id.clone());
+            }
+        }
+        for id in done {
+            waiting.remove(&id);
+        }
+        since = if full { newest } else { poll_start - LAG };
+        if full {
+            continue;
+        }
+        tokio::select! {
+            _ = stopping.cancelled() => {
+                return Err(Status::unavailable("the viewer is shutting down; reconnect to another replica"));
+            }
+            _ = tx.closed() => return Ok(()),
+            _ = notified => {}
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
+fn history_view(row: &store::HistoryRow) -> Result<pb::AllocationView, Error> {
+    let allocation = apb::Allocation::decode(row.snapshot.as_slice())
+        .map_err(|e| Error::BadEvent(format!("stored snapshot of {}: {e}", row.allocation_id)))?;
+    Ok(pb::AllocationView {
+        allocation: Some(allocation),
+        hold_position: 0,
+        project_time: Some(time::to_timestamp(row.project_time)),
+    })
+}
