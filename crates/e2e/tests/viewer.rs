@@ -651,3 +651,139 @@ async fn a_rebuild_from_the_stream_equals_the_incremental_read_model() {
     let total: i64 = summary.counts.iter().map(|c| c.count).sum();
     assert_eq!(total as usize, red.len() + 1);
 }
+
+async fn page(
+    mesh: &Mesh,
+    t: &str,
+    states: &[State],
+    page_size: i32,
+    token: &str,
+) -> Result<vpb::ListAllocationViewsResponse, tonic::Status> {
+    mesh.viewer()
+        .list_allocation_views(tenant(
+            t,
+            vpb::ListAllocationViewsRequest {
+                tenant: t.into(),
+                states: states.iter().map(|s| *s as i32).collect(),
+                page_size,
+                page_token: token.into(),
+            },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn listings_page_newest_first_and_summaries_add_up() {
+    let mesh = Mesh::start(Backend::Sqlite).await;
+    put_pool(&mesh, "p", gpu_capacity(&[("A100", 4)])).await;
+    let t = "team";
+    set_quota(&mesh, t, gpus(100, "")).await;
+    set_quota(&mesh, "other", gpus(100, "")).await;
+    create(&mesh, "other", gpus(1, "A100")).await;
+    // Granted until the pool is full, then held; every other one is
+    // cancelled.
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(create(&mesh, t, gpus(1, "A100")).await.allocation_id);
+    }
+    all_drained(&mesh).await;
+    for id in ids.iter().step_by(2) {
+        cancel(&mesh, t, id).await.unwrap();
+    }
+    all_drained(&mesh).await;
+    for id in ids.iter().step_by(2) {
+        wait_view(&mesh, t, id, State::Cancelled).await;
+    }
+    all_drained(&mesh).await;
+
+    // Pages of 3, newest first; allocations created meanwhile do not
+    // disturb the pages after the first (they sort before the cursor).
+    let mut listed = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let p = page(&mesh, t, &[], 3, &token).await.unwrap();
+        assert!(p.allocations.len() <= 3);
+        listed.extend(p.allocations.into_iter().map(|v| v.allocation.unwrap()));
+        pages += 1;
+        if pages == 1 {
+            create(&mesh, t, gpus(1, "A100")).await;
+        }
+        if p.next_page_token.is_empty() {
+            break;
+        }
+        token = p.next_page_token;
+    }
+    assert_eq!(pages, 4);
+    let mut newest_first = ids.clone();
+    newest_first.reverse();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|a| a.allocation_id.clone())
+            .collect::<Vec<_>>(),
+        newest_first,
+        "every allocation once, newest first"
+    );
+    assert!(listed.iter().all(|a| a.tenant == t));
+
+    // Filtered by state.
+    let views = current_versions(&mut mesh.viewer(), t).await;
+    let held = page(&mesh, t, &[State::Held], 100, "").await.unwrap();
+    let cancelled = page(&mesh, t, &[State::Cancelled, State::Expired], 100, "")
+        .await
+        .unwrap();
+    assert_eq!(cancelled.allocations.len(), 5);
+    assert!(
+        held.allocations.iter().all(
+            |v| v.allocation.as_ref().unwrap().state == State::Held as i32 && v.hold_position > 0
+        )
+    );
+
+    // The summary agrees with the views.
+    let summary = mesh
+        .viewer()
+        .get_tenant_summary(tenant(t, vpb::GetTenantSummaryRequest { tenant: t.into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let by_state: BTreeMap<i32, i64> = summary.counts.iter().map(|c| (c.state, c.count)).collect();
+    assert_eq!(by_state.values().sum::<i64>() as usize, views.len());
+    assert_eq!(by_state[&(State::Cancelled as i32)], 5);
+    assert_eq!(
+        by_state.get(&(State::Held as i32)).copied().unwrap_or(0) as usize,
+        held.allocations.len()
+    );
+    let allocated = by_state[&(State::Allocated as i32)];
+    // Four GPUs, one of them taken by the other tenant.
+    assert_eq!(allocated, 3, "the pool is full: {by_state:?}");
+    assert_eq!(summary.in_use.unwrap().gpus as i64, allocated);
+    assert_eq!(summary.quota.unwrap().gpus, 100);
+
+    // Bad requests are refused with the field named, and another tenant's
+    // listing is refused.
+    for (size, token, field) in [
+        (-1, "", "page_size"),
+        (100_000, "", "page_size"),
+        (3, "garbage", "page_token"),
+    ] {
+        let err = page(&mesh, t, &[], size, token).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        let details = tonic_types::StatusExt::get_error_details(&err);
+        let violations = details.bad_request().unwrap().field_violations.clone();
+        assert_eq!(violations[0].field, field, "{err:?}");
+    }
+    let err = mesh
+        .viewer()
+        .list_allocation_views(tenant(
+            "other",
+            vpb::ListAllocationViewsRequest {
+                tenant: t.into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
