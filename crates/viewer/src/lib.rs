@@ -89,8 +89,9 @@ pub enum Command {
     /// List notification deliveries (parked ones by default) and requeue
     /// parked ones after fixing their channel.
     Notifications {
-        /// PENDING, DELIVERED, PARKED or ALL.
-        #[arg(long, default_value = "PARKED")]
+        /// Which deliveries to list.
+        #[arg(long, default_value = "PARKED", ignore_case = true,
+              value_parser = ["PENDING", "DELIVERED", "PARKED", "ALL"])]
         status: String,
         #[arg(long, default_value_t = 100)]
         limit: i64,
