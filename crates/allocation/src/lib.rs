@@ -15,6 +15,7 @@ use gpualloc_storage::Migration;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 
+pub mod breaker;
 mod error;
 mod handler;
 pub mod ops;
@@ -73,6 +74,23 @@ pub struct Config {
     #[arg(long, env = "GPUALLOC_STUCK_AFTER", default_value = "30s", value_parser = parse_duration)]
     pub stuck_after: Duration,
 
+    /// Consecutive CheckQuota failures (transport errors, UNAVAILABLE,
+    /// deadline) that open the circuit breaker.
+    #[arg(long, env = "GPUALLOC_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+
+    /// How long the breaker stays open the first time; it doubles (with
+    /// jitter) while probes keep failing, up to `breaker_open_max`.
+    #[arg(long, env = "GPUALLOC_BREAKER_OPEN", default_value = "5s", value_parser = parse_duration)]
+    pub breaker_open: Duration,
+
+    #[arg(long, env = "GPUALLOC_BREAKER_OPEN_MAX", default_value = "60s", value_parser = parse_duration)]
+    pub breaker_open_max: Duration,
+
+    /// Calls let through at once while half-open.
+    #[arg(long, env = "GPUALLOC_BREAKER_PROBES", default_value_t = 1)]
+    pub breaker_probes: usize,
+
     /// Longest pause between two re-drives of the same stuck step.
     #[arg(long, env = "GPUALLOC_REDRIVE_MAX_BACKOFF", default_value = "10m", value_parser = parse_duration)]
     pub redrive_max_backoff: Duration,
@@ -91,6 +109,10 @@ impl Config {
             check_quota_timeout: service::DEFAULT_CHECK_TIMEOUT,
             stuck_after: Duration::from_secs(30),
             redrive_max_backoff: Duration::from_secs(600),
+            breaker_failures: 5,
+            breaker_open: Duration::from_secs(5),
+            breaker_open_max: Duration::from_secs(60),
+            breaker_probes: 1,
             log_format: LogFormat::Text,
         }
     }
@@ -103,7 +125,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
-    let quota = QuotaClient::new(&config.resource_pool_url, config.check_quota_timeout)?;
+    let breaker = breaker::BreakerConfig {
+        failures: config.breaker_failures,
+        open_min: config.breaker_open,
+        open_max: config.breaker_open_max,
+        probes: config.breaker_probes,
+    };
+    let quota = QuotaClient::new(
+        &config.resource_pool_url,
+        config.check_quota_timeout,
+        breaker,
+    )?;
     let api = AllocationApi::new(
         platform.db(),
         platform.relay(),
@@ -122,9 +154,14 @@ pub async fn run(
         let (db, relay, origin) = (ready.db.clone(), ready.relay.clone(), ready.origin.clone());
         ready.spawn(move |cancel| reconciler::run(db, relay, origin, policy, cancel));
     });
+    let max_message = config.common.max_message_bytes;
     platform
         .serve(listener, shutdown, |routes| {
-            routes.add_service(AllocationServiceServer::new(api))
+            routes.add_service(
+                AllocationServiceServer::new(api)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
         })
         .await
 }

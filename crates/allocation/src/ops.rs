@@ -94,6 +94,7 @@ pub fn create(
     };
     store::insert(conn, &row)?;
     announce_change(emit, None, &row)?;
+    count_transition(state);
     if state == State::Pending {
         request_placement(emit, &row)?;
     }
@@ -174,7 +175,17 @@ fn transition(
     edit(&mut next);
     store::update(conn, &next, row.version)?;
     announce_change(emit, Some(from), &next)?;
+    count_transition(to);
     Ok(next)
+}
+
+/// `gpualloc_saga_transitions_total{state}`. Counted in the transaction: a
+/// rare retried transaction counts twice, which a rate does not notice.
+fn count_transition(to: State) {
+    gpualloc_telemetry::METRICS
+        .saga_transitions
+        .get_or_create(&gpualloc_telemetry::labels([("state", to.as_str())]))
+        .inc();
 }
 
 /// Loads an allocation the caller may see; others' are NOT_FOUND, as if

@@ -1,7 +1,8 @@
 //! The synchronous, advisory CheckQuota call to the resource pool. Its
 //! answer can refuse a request early (over quota, unsatisfiable) or send it
-//! to approval; when the pool cannot answer in time the request is accepted
-//! as PENDING and the saga decides.
+//! to approval; when the pool cannot answer in time — or the circuit
+//! breaker ([`crate::breaker`]) holds calls back because it has not been
+//! answering — the request is accepted as PENDING and the saga decides.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -10,7 +11,15 @@ use gpualloc_platform::{Caller, propagation};
 use gpualloc_proto::resourcepool::v1::{
     self as rp, resource_pool_service_client::ResourcePoolServiceClient,
 };
-use tonic::transport::{Channel, Endpoint};
+use gpualloc_telemetry::{METRICS, labels, trace};
+use tokio::time::Instant;
+use tonic::{
+    Code,
+    transport::{Channel, Endpoint},
+};
+use tracing::{Instrument, field::Empty};
+
+use crate::breaker::{Breaker, BreakerConfig, Outcome};
 
 /// What the pool said, or why it said nothing.
 #[derive(Debug)]
@@ -23,12 +32,19 @@ pub enum Advice {
 pub struct QuotaClient {
     client: ResourcePoolServiceClient<Channel>,
     timeout: Duration,
+    breaker: Breaker,
+}
+
+/// Whether a failed call says the pool is not there (a breaker failure)
+/// rather than that it refused the request.
+pub fn is_unreachable(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::DeadlineExceeded)
 }
 
 impl QuotaClient {
     /// Connects lazily: the allocation service starts (and accepts
     /// requests) while the pool is down.
-    pub fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+    pub fn new(url: &str, timeout: Duration, breaker: BreakerConfig) -> anyhow::Result<Self> {
         let channel = Endpoint::from_shared(url.to_owned())?
             .connect_timeout(timeout)
             .tcp_nodelay(true)
@@ -38,7 +54,12 @@ impl QuotaClient {
         Ok(Self {
             client: ResourcePoolServiceClient::new(channel),
             timeout,
+            breaker: Breaker::new("resource-pool", breaker),
         })
+    }
+
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     pub async fn check(
@@ -48,20 +69,73 @@ impl QuotaClient {
         tenant: &TenantId,
         resources: &Resources,
     ) -> Advice {
+        let start = Instant::now();
+        let Some(ticket) = self.breaker.admit() else {
+            observe("rejected", start);
+            return Advice::Unreachable("circuit breaker open".into());
+        };
+        let span = tracing::info_span!(
+            "CheckQuota",
+            otel.name = "gpualloc.resourcepool.v1.ResourcePoolService/CheckQuota",
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = "gpualloc.resourcepool.v1.ResourcePoolService",
+            rpc.method = "CheckQuota",
+            rpc.grpc.status_code = Empty,
+        );
         let mut request = tonic::Request::new(rp::CheckQuotaRequest {
             tenant: tenant.to_string(),
             resources: Some(rp::Resources::from(resources)),
         });
         request.set_timeout(self.timeout);
         caller.to_metadata(request.metadata_mut());
-        propagation::inject(headers, request.metadata_mut());
+        // The pool's server span becomes a child of this client span.
+        propagation::inject(&trace::outgoing(&span, headers), request.metadata_mut());
         let mut client = self.client.clone();
-        match tokio::time::timeout(self.timeout, client.check_quota(request)).await {
-            Ok(Ok(r)) => Advice::Verdict(Box::new(r.into_inner())),
-            Ok(Err(status)) => {
-                Advice::Unreachable(format!("{:?}: {}", status.code(), status.message()))
+        let result = tokio::time::timeout(self.timeout, client.check_quota(request))
+            .instrument(span.clone())
+            .await;
+        let (advice, outcome, label) = match result {
+            Ok(Ok(r)) => {
+                span.record("rpc.grpc.status_code", 0);
+                (
+                    Advice::Verdict(Box::new(r.into_inner())),
+                    Outcome::Answered,
+                    "verdict",
+                )
             }
-            Err(_) => Advice::Unreachable(format!("no answer within {:?}", self.timeout)),
-        }
+            Ok(Err(status)) => {
+                span.record("rpc.grpc.status_code", status.code() as i32);
+                let outcome = if is_unreachable(status.code()) {
+                    Outcome::Unreachable
+                } else {
+                    // The pool answered, if with an error (a bad request,
+                    // a permission problem): not a reason to stop calling.
+                    Outcome::Answered
+                };
+                (
+                    Advice::Unreachable(format!("{:?}: {}", status.code(), status.message())),
+                    outcome,
+                    "error",
+                )
+            }
+            Err(_) => (
+                Advice::Unreachable(format!("no answer within {:?}", self.timeout)),
+                Outcome::Unreachable,
+                "timeout",
+            ),
+        };
+        self.breaker.record(ticket, outcome);
+        observe(label, start);
+        advice
     }
+}
+
+fn observe(outcome: &str, start: Instant) {
+    let l = labels([("outcome", outcome)]);
+    METRICS.check_quota.get_or_create(&l).inc();
+    METRICS
+        .check_quota_duration
+        .get_or_create(&l)
+        .observe(start.elapsed().as_secs_f64());
 }

@@ -165,6 +165,11 @@ impl Cluster {
                         format!("http://127.0.0.1:{pool_port}"),
                     ),
                     ("GPUALLOC_SHUTDOWN_GRACE", "5s".into()),
+                    // Replicas share a host: no default ports.
+                    (
+                        "GPUALLOC_METRICS_LISTEN",
+                        format!("127.0.0.1:{}", free_port()),
+                    ),
                     ("GPUALLOC_TEST_PARENT_PID", std::process::id().to_string()),
                     ("RUST_LOG", "info".into()),
                 ];

@@ -268,3 +268,42 @@ pub async fn create_request(
         .unwrap()
         .into_inner()
 }
+
+/// `GET /metrics` from a service's metrics endpoint.
+pub async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    socket.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The sum of the samples of `name` whose labels include `with`.
+pub fn metric(text: &str, name: &str, with: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            (n == name
+                && with
+                    .iter()
+                    .all(|(k, v)| labels.split(',').any(|p| p == format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// Whether `name` appears in the exposition at all.
+pub fn has_metric(text: &str, name: &str) -> bool {
+    text.lines()
+        .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
+}

@@ -63,6 +63,8 @@ pub struct Tuning {
     pub rate_card: Option<std::path::PathBuf>,
     /// Viewer: the notification settings file.
     pub notify_config: Option<std::path::PathBuf>,
+    /// Allocation: the CheckQuota circuit breaker.
+    pub breaker: gpualloc_allocation::breaker::BreakerConfig,
 }
 
 impl Default for Tuning {
@@ -73,6 +75,7 @@ impl Default for Tuning {
             watch_buffer: gpualloc_viewer::watch::BUFFER,
             rate_card: None,
             notify_config: None,
+            breaker: gpualloc_allocation::breaker::BreakerConfig::default(),
         }
     }
 }
@@ -120,6 +123,10 @@ impl Service {
                 let mut c = gpualloc_allocation::Config::new(common.clone(), pool_url.clone());
                 c.check_quota_timeout = Duration::from_millis(300);
                 c.stuck_after = tuning.stuck_after;
+                c.breaker_failures = tuning.breaker.failures;
+                c.breaker_open = tuning.breaker.open_min;
+                c.breaker_open_max = tuning.breaker.open_max;
+                c.breaker_probes = tuning.breaker.probes;
                 tokio::spawn(gpualloc_allocation::run(c, listener, shutdown))
             }
             Svc::ResourcePool => {

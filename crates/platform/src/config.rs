@@ -64,6 +64,33 @@ pub struct CommonConfig {
     /// Kubernetes).
     #[arg(long, env = "GPUALLOC_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
     pub shutdown_delay: Duration,
+
+    /// Longest a request may run; past it the client gets
+    /// DEADLINE_EXCEEDED (a shorter `grpc-timeout` from the caller wins).
+    #[arg(long, env = "GPUALLOC_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Requests handled at once; beyond it requests are refused with
+    /// RESOURCE_EXHAUSTED and a retry pushback (health checks excepted).
+    #[arg(long, env = "GPUALLOC_MAX_CONCURRENT_REQUESTS", default_value_t = 512)]
+    pub max_concurrent_requests: usize,
+
+    /// Requests per second per tenant (0: no limit).
+    #[arg(long, env = "GPUALLOC_TENANT_RATE_LIMIT", default_value_t = 0.0)]
+    pub tenant_rate_limit: f64,
+
+    /// Burst per tenant above the rate (0: one second's worth).
+    #[arg(long, env = "GPUALLOC_TENANT_BURST", default_value_t = 0)]
+    pub tenant_burst: u32,
+
+    /// Largest gRPC message accepted or sent.
+    #[arg(long, env = "GPUALLOC_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Prometheus metrics address (`host:port`, or `off`); defaults to
+    /// 127.0.0.1:9091 (allocation), 9092 (resource-pool), 9093 (viewer).
+    #[arg(long, env = "GPUALLOC_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 impl CommonConfig {
@@ -82,6 +109,43 @@ impl CommonConfig {
             ack_wait: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
             shutdown_delay: Duration::ZERO,
+            request_timeout: Duration::from_secs(10),
+            max_concurrent_requests: 512,
+            tenant_rate_limit: 0.0,
+            tenant_burst: 0,
+            max_message_bytes: 4 * 1024 * 1024,
+            // Several services share a process in tests: no fixed ports.
+            metrics_listen: Some("off".into()),
+        }
+    }
+
+    /// What the server stack enforces.
+    pub fn protection(&self) -> crate::layers::Protection {
+        let burst = if self.tenant_burst > 0 {
+            self.tenant_burst
+        } else {
+            self.tenant_rate_limit.ceil().max(1.0) as u32
+        };
+        crate::layers::Protection {
+            request_timeout: self.request_timeout,
+            max_concurrent: self.max_concurrent_requests,
+            tenant_rate: (self.tenant_rate_limit > 0.0).then_some((self.tenant_rate_limit, burst)),
+        }
+    }
+
+    /// Where to serve metrics: the setting, or `default_port` on loopback;
+    /// `None` when turned off.
+    pub fn metrics_addr(&self, default_port: u16) -> Result<Option<std::net::SocketAddr>, String> {
+        match self.metrics_listen.as_deref().map(str::trim) {
+            None | Some("") => Ok(Some(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                default_port,
+            )))),
+            Some("off") => Ok(None),
+            Some(a) => a
+                .parse()
+                .map(Some)
+                .map_err(|e| format!("GPUALLOC_METRICS_LISTEN {a:?}: {e}")),
         }
     }
 

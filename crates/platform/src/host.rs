@@ -222,6 +222,7 @@ impl Platform {
             tracing::info!(stream = %config.stream, prefix = %config.subject_prefix, "JetStream ready");
 
             let mut relay_config = RelayConfig::new(origin.clone());
+            relay_config.service = name.to_owned();
             if db.backend() == Backend::Sqlite {
                 // One process per SQLite file: every pending row is ours.
                 relay_config.foreign_grace = Duration::ZERO;
@@ -330,10 +331,30 @@ impl Platform {
             tracing::info!("draining in-flight RPCs");
         };
 
+        let default_metrics_port = match self.name {
+            "allocation" => 9091,
+            "resource-pool" => 9092,
+            _ => 9093,
+        };
+        if let Some(metrics_addr) = self
+            .config
+            .metrics_addr(default_metrics_port)
+            .map_err(|e| anyhow::anyhow!(e))?
+        {
+            let listener = TcpListener::bind(metrics_addr).await.map_err(|e| {
+                anyhow::anyhow!("binding the metrics endpoint on {metrics_addr}: {e}")
+            })?;
+            tokio::spawn(gpualloc_telemetry::metrics::serve(
+                listener,
+                self.background.clone(),
+            ));
+        }
+
         tracing::info!(service = self.name, %addr, replica = %self.origin, "serving gRPC");
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(crate::layers::stack(self.config.protection()))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

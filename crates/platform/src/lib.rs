@@ -9,6 +9,7 @@
 pub mod config;
 pub mod host;
 pub mod identity;
+pub mod layers;
 pub mod propagation;
 pub mod shutdown;
 pub mod status;

@@ -1,21 +1,24 @@
 //! Trace context and request id, carried from gRPC metadata into the
-//! outbox rows (and from there into NATS headers) so that one trace covers
-//! the whole saga.
+//! outbox rows (and from there into NATS headers) and into outbound calls,
+//! so that one trace covers the whole saga. See
+//! [`gpualloc_telemetry::trace`] for the formats.
 
 use std::collections::BTreeMap;
 
-use gpualloc_saga::TRACE_HEADERS;
+use gpualloc_telemetry::trace::{self, TRACE_HEADERS};
 use tonic::metadata::MetadataMap;
 
-/// The propagation headers present in `md`.
+/// The headers to pass on from the current handler: its `x-request-id` and
+/// the context of the current span (the RPC's server span), so that what
+/// it causes becomes part of its trace.
 pub fn headers(md: &MetadataMap) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
+    let mut inbound = BTreeMap::new();
     for name in TRACE_HEADERS {
         if let Some(v) = md.get(*name).and_then(|v| v.to_str().ok()) {
-            out.insert((*name).to_owned(), v.to_owned());
+            inbound.insert((*name).to_owned(), v.to_owned());
         }
     }
-    out
+    trace::outgoing(&tracing::Span::current(), &inbound)
 }
 
 /// Copies `headers` into outgoing gRPC metadata.

@@ -96,10 +96,40 @@ pub async fn run(
         );
         let (db, relay, origin) = (ready.db.clone(), ready.relay.clone(), ready.origin.clone());
         ready.spawn(move |cancel| sweeper::run(db, relay, origin, sweep_interval, cancel));
+        let db = ready.db.clone();
+        ready.spawn(move |cancel| sample_hold_queue(db, cancel));
     });
+    let max_message = config.common.max_message_bytes;
     platform
         .serve(listener, shutdown, |routes| {
-            routes.add_service(ResourcePoolServiceServer::new(service))
+            routes.add_service(
+                ResourcePoolServiceServer::new(service)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
         })
         .await
+}
+
+/// Keeps `gpualloc_hold_queue_depth` current (all replicas report the same
+/// shared queue).
+async fn sample_hold_queue(db: gpualloc_storage::Db, cancel: tokio_util::sync::CancellationToken) {
+    use diesel::prelude::*;
+    loop {
+        let depth = db
+            .read(|c| {
+                schema::reservations::table
+                    .filter(schema::reservations::state.eq("HELD"))
+                    .count()
+                    .get_result::<i64>(c)
+            })
+            .await;
+        if let Ok(n) = depth {
+            gpualloc_telemetry::METRICS.hold_queue_depth.set(n);
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }

@@ -18,6 +18,9 @@ use gpualloc_domain::time::now_micros;
 use gpualloc_storage::{Db, DbConnection, TxError, inbox};
 use tokio_util::sync::CancellationToken;
 
+use gpualloc_telemetry::{METRICS, labels, trace};
+use tracing::field::Empty;
+
 use crate::{Bus, Emitter, Event, Relay, TRACE_HEADERS, decode};
 
 /// Applies events of one durable consumer.
@@ -71,6 +74,23 @@ impl ConsumerSpec {
 /// provisioned again.
 const REPROVISION_AFTER: u32 = 3;
 
+/// How often the consumer's lag is read from the server for the metrics.
+const LAG_SAMPLE: Duration = Duration::from_secs(2);
+
+async fn sample_lag(consumer: &mut PullConsumer, durable: &str) {
+    if let Ok(info) = consumer.info().await {
+        let l = labels([("consumer", durable)]);
+        METRICS
+            .consumer_pending
+            .get_or_create(&l)
+            .set(info.num_pending as i64);
+        METRICS
+            .consumer_ack_pending
+            .get_or_create(&l)
+            .set(info.num_ack_pending as i64);
+    }
+}
+
 /// A running consumer.
 #[derive(Debug)]
 pub struct Consumer;
@@ -92,7 +112,12 @@ impl Consumer {
         };
         tracing::info!(durable = %spec.durable, filter = spec.filter, "consumer started");
         let mut failures = 0u32;
+        let mut next_sample = tokio::time::Instant::now();
         while !cancel.is_cancelled() {
+            if tokio::time::Instant::now() >= next_sample {
+                next_sample = tokio::time::Instant::now() + LAG_SAMPLE;
+                sample_lag(&mut consumer, &spec.durable).await;
+            }
             let batch = tokio::select! {
                 _ = cancel.cancelled() => break,
                 b = fetch(&consumer, spec.batch) => b,
@@ -212,7 +237,11 @@ pub fn trace_headers(message: &Message) -> BTreeMap<String, String> {
 struct Item {
     message: Message,
     event: Event,
+    /// What the events it causes carry on: this span's context.
     headers: BTreeMap<String, String>,
+    /// The consumer span (OpenTelemetry messaging conventions), a child of
+    /// the producer's; it ends when the item is acked.
+    _span: tracing::Span,
 }
 
 async fn process<H: Handler>(
@@ -226,11 +255,37 @@ async fn process<H: Handler>(
     for message in messages {
         match decode(&message.payload) {
             Ok(event) => {
-                let headers = trace_headers(&message);
+                let inbound = trace_headers(&message);
+                let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+                if delivered > 1 {
+                    METRICS
+                        .consumer_redeliveries
+                        .get_or_create(&labels([("consumer", &spec.durable)]))
+                        .inc();
+                }
+                let span = tracing::info_span!(
+                    "process",
+                    otel.name = %format!("{} process", message.subject),
+                    otel.kind = "consumer",
+                    messaging.system = "nats",
+                    messaging.operation.type = "process",
+                    messaging.operation.name = "process",
+                    messaging.destination.name = %message.subject,
+                    messaging.consumer.group.name = %spec.durable,
+                    messaging.message.id = %event.event_id,
+                    messaging.message.delivery_count = delivered,
+                    gpualloc.allocation_id = %event.allocation_id,
+                    request_id = inbound.get(trace::REQUEST_ID).map(String::as_str).unwrap_or(""),
+                    trace_id = Empty,
+                    span_id = Empty,
+                );
+                trace::adopt(&span, trace::extract(&inbound));
+                let headers = trace::outgoing(&span, &inbound);
                 items.push(Item {
                     message,
                     event,
                     headers,
+                    _span: span,
                 });
             }
             Err(e) => {
@@ -253,6 +308,7 @@ async fn process<H: Handler>(
                 let _ = item.message.ack().await;
             }
             relay.nudge();
+            count_applied(spec, &applied);
             handler.committed(&applied);
         }
         Err(e) if items.len() > 1 => {
@@ -263,6 +319,7 @@ async fn process<H: Handler>(
                     Ok(applied) => {
                         let _ = item.message.ack().await;
                         relay.nudge();
+                        count_applied(spec, &applied);
                         handler.committed(&applied);
                     }
                     Err(e) => nak(spec, &item, &e.to_string()).await,
@@ -275,6 +332,13 @@ async fn process<H: Handler>(
             }
         }
     }
+}
+
+fn count_applied(spec: &ConsumerSpec, applied: &[Event]) {
+    METRICS
+        .consumer_events
+        .get_or_create(&labels([("consumer", &spec.durable)]))
+        .inc_by(applied.len() as u64);
 }
 
 async fn nak(spec: &ConsumerSpec, item: &Item, error: &str) {

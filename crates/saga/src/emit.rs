@@ -6,20 +6,7 @@ use prost::Message;
 
 use crate::{Event, Payload, subjects};
 
-/// Headers that carry trace context and request identity from the gRPC call
-/// that started a saga through every event it causes: W3C trace context,
-/// Envoy's B3 headers and `x-request-id`.
-pub const TRACE_HEADERS: &[&str] = &[
-    "traceparent",
-    "tracestate",
-    "x-request-id",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-];
+pub use gpualloc_telemetry::trace::TRACE_HEADERS;
 
 /// Builds events and stages them for the outbox of the current transaction.
 /// Create one per transaction attempt, call [`Emitter::emit`] for each event,

@@ -28,11 +28,14 @@ pub struct RelayConfig {
     /// Other replicas' rows are published only when older than this: their
     /// writer normally publishes them itself; this picks up after a crash.
     pub foreign_grace: Duration,
+    /// The service, as the `service` label of the outbox metrics.
+    pub service: String,
 }
 
 impl RelayConfig {
     pub fn new(origin: impl Into<String>) -> Self {
         Self {
+            service: String::new(),
             origin: origin.into(),
             batch: 512,
             poll: Duration::from_millis(500),
@@ -85,11 +88,16 @@ impl Relay {
         drain_timeout: Duration,
     ) {
         let mut failures = 0u32;
+        let mut next_sample = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.notify.notified() => {}
                 _ = tokio::time::sleep(config.poll) => {}
+            }
+            if tokio::time::Instant::now() >= next_sample {
+                next_sample = tokio::time::Instant::now() + BACKLOG_SAMPLE;
+                sample_backlog(&db, &config.service).await;
             }
             match drain(&db, &bus, &config).await {
                 Ok(_) => failures = 0,
@@ -121,6 +129,19 @@ impl Relay {
     }
 }
 
+/// How often the outbox backlog is measured for the metrics.
+const BACKLOG_SAMPLE: Duration = Duration::from_secs(2);
+
+async fn sample_backlog(db: &Db, service: &str) {
+    if let Ok((count, oldest)) = db.read(|c| Ok::<_, DbError>(outbox::backlog(c)?)).await {
+        let l = gpualloc_telemetry::labels([("service", service)]);
+        let m = &gpualloc_telemetry::METRICS;
+        m.outbox_backlog.get_or_create(&l).set(count);
+        let age = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
+        m.outbox_oldest_age.get_or_create(&l).set(age);
+    }
+}
+
 /// Publishes every pending row; returns how many were published.
 pub async fn drain(db: &Db, bus: &Bus, config: &RelayConfig) -> anyhow::Result<usize> {
     let mut total = 0;
@@ -144,6 +165,10 @@ pub async fn drain(db: &Db, bus: &Bus, config: &RelayConfig) -> anyhow::Result<u
             db.write(move |c| Ok::<_, DbError>(outbox::mark_published(c, &ids, now_micros())?))
                 .await?;
             total += ok;
+            gpualloc_telemetry::METRICS
+                .outbox_published
+                .get_or_create(&gpualloc_telemetry::labels([("service", &config.service)]))
+                .inc_by(ok as u64);
         }
         if let Some(e) = published.error {
             return Err(e);
@@ -166,8 +191,25 @@ async fn publish(bus: &Bus, rows: &[outbox::PendingRow]) -> Published {
     let mut acks: Vec<(i64, PublishAckFuture)> = Vec::with_capacity(rows.len());
     let mut error = None;
     for row in rows {
+        // The producer span of this hop: a child of the context stored with
+        // the row (the RPC or consumer that wrote it), and the parent of
+        // the consumers' spans.
+        let inbound = row.header_map();
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = %format!("{} publish", row.subject),
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.operation.type = "send",
+            messaging.operation.name = "publish",
+            messaging.destination.name = %bus.subject(&row.subject),
+            messaging.message.id = %row.event_id,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        gpualloc_telemetry::trace::adopt(&span, gpualloc_telemetry::trace::extract(&inbound));
         let mut headers = HeaderMap::new();
-        for (k, v) in row.header_map() {
+        for (k, v) in gpualloc_telemetry::trace::outgoing(&span, &inbound) {
             headers.insert(k.as_str(), v.as_str());
         }
         let message = async_nats::jetstream::message::PublishMessage::build()

@@ -213,6 +213,19 @@ fn record(
 ) -> Result<(), Error> {
     let now = time::now_micros();
     let attempts = d.attempts + 1;
+    let label = match outcome {
+        Outcome::Delivered => "delivered",
+        Outcome::Retry { .. } if attempts >= settings.max_attempts as i32 => "parked",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Park(_) => "parked",
+    };
+    gpualloc_telemetry::METRICS
+        .notifications
+        .get_or_create(&gpualloc_telemetry::labels([
+            ("channel", &d.channel),
+            ("outcome", label),
+        ]))
+        .inc();
     let row = notifications::table
         .find(d.id)
         .filter(notifications::status.eq(status::PENDING));

@@ -151,9 +151,14 @@ pub async fn run(
             }),
         );
     });
+    let max_message = config.common.max_message_bytes;
     platform
         .serve(listener, shutdown, |routes| {
-            routes.add_service(ViewerServiceServer::new(api))
+            routes.add_service(
+                ViewerServiceServer::new(api)
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
         })
         .await
 }

@@ -1,0 +1,79 @@
+//! RPC rate, errors and latency per method: `gpualloc_rpc_requests_total`
+//! by method and status code, `gpualloc_rpc_duration_seconds` by method
+//! (time to the response head; for server streams, to the first message).
+
+use std::{
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use gpualloc_telemetry::{METRICS, labels};
+use tonic::Code;
+
+use super::{BoxError, BoxFuture, Req, Res};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Layer;
+
+impl<S> tower::Layer<S> for Layer {
+    type Service = Metrics<S>;
+    fn layer(&self, inner: S) -> Metrics<S> {
+        Metrics { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Metrics<S> {
+    inner: S,
+}
+
+/// The status of a response whose head carries one (errors are sent as
+/// trailers-only responses); OK otherwise.
+pub fn code_of(response: &Res) -> Code {
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
+impl<S> tower::Service<Req> for Metrics<S>
+where
+    S: tower::Service<Req, Response = Res> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+{
+    type Response = Res;
+    type Error = BoxError;
+    type Future = BoxFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let method = req.uri().path().to_owned();
+        let start = Instant::now();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let result = fut.await.map_err(Into::into);
+            let code = match &result {
+                Ok(r) => code_of(r),
+                Err(e) => super::errors::to_status(e.as_ref()).code(),
+            };
+            METRICS
+                .rpc_requests
+                .get_or_create(&labels([
+                    ("method", &method),
+                    ("code", &format!("{code:?}")),
+                ]))
+                .inc();
+            METRICS
+                .rpc_duration
+                .get_or_create(&labels([("method", &method)]))
+                .observe(start.elapsed().as_secs_f64());
+            result
+        })
+    }
+}

@@ -1,0 +1,280 @@
+//! The metrics every gpualloc service exports, in one process-wide
+//! registry, and a small HTTP endpoint serving them in the Prometheus text
+//! format.
+//!
+//! One registry per process: in production a process is one service. Labels
+//! carry what differs within a process (method, consumer, channel).
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{LazyLock, atomic::AtomicU64},
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tokio_util::sync::CancellationToken;
+
+type Labels = Vec<(&'static str, String)>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+fn latency() -> Histogram {
+    // 100 µs to ~13 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Every metric, registered once.
+pub struct Metrics {
+    registry: Registry,
+    /// gRPC requests served, by method and status code.
+    pub rpc_requests: Family<Labels, Counter>,
+    /// gRPC handling time, by method.
+    pub rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Allocation state transitions, by the state entered.
+    pub saga_transitions: Family<Labels, Counter>,
+    /// Requests in the hold queue.
+    pub hold_queue_depth: Gauge,
+    /// Unpublished outbox rows, and the age of the oldest, by service.
+    pub outbox_backlog: Family<Labels, Gauge>,
+    pub outbox_oldest_age: Family<Labels, FloatGauge>,
+    /// Events published by the relay, by service.
+    pub outbox_published: Family<Labels, Counter>,
+    /// Messages a durable consumer has not been delivered yet, and
+    /// delivered but not acknowledged, by consumer.
+    pub consumer_pending: Family<Labels, Gauge>,
+    pub consumer_ack_pending: Family<Labels, Gauge>,
+    /// Events a consumer applied, and messages it got more than once.
+    pub consumer_events: Family<Labels, Counter>,
+    pub consumer_redeliveries: Family<Labels, Counter>,
+    /// Circuit breaker state per target: 0 closed, 1 open, 2 half-open.
+    pub breaker_state: Family<Labels, Gauge>,
+    pub breaker_transitions: Family<Labels, Counter>,
+    /// CheckQuota calls by outcome (verdict, unreachable, rejected by the
+    /// open breaker) and their duration.
+    pub check_quota: Family<Labels, Counter>,
+    pub check_quota_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Notification delivery attempts by channel and outcome.
+    pub notifications: Family<Labels, Counter>,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("gpualloc");
+        let m = Metrics {
+            rpc_requests: Family::default(),
+            rpc_duration: Family::new_with_constructor(latency),
+            saga_transitions: Family::default(),
+            hold_queue_depth: Gauge::default(),
+            outbox_backlog: Family::default(),
+            outbox_oldest_age: Family::default(),
+            outbox_published: Family::default(),
+            consumer_pending: Family::default(),
+            consumer_ack_pending: Family::default(),
+            consumer_events: Family::default(),
+            consumer_redeliveries: Family::default(),
+            breaker_state: Family::default(),
+            breaker_transitions: Family::default(),
+            check_quota: Family::default(),
+            check_quota_duration: Family::new_with_constructor(latency),
+            notifications: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "rpc_requests",
+            "gRPC requests served, by method and status code",
+            m.rpc_requests.clone(),
+        );
+        r.register(
+            "rpc_duration_seconds",
+            "gRPC handling time by method",
+            m.rpc_duration.clone(),
+        );
+        r.register(
+            "saga_transitions",
+            "Allocation state transitions by the state entered",
+            m.saga_transitions.clone(),
+        );
+        r.register(
+            "hold_queue_depth",
+            "Requests waiting in the hold queue",
+            m.hold_queue_depth.clone(),
+        );
+        r.register(
+            "outbox_backlog",
+            "Outbox rows not yet published",
+            m.outbox_backlog.clone(),
+        );
+        r.register(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest unpublished outbox row",
+            m.outbox_oldest_age.clone(),
+        );
+        r.register(
+            "outbox_published",
+            "Events published to JetStream by the relay",
+            m.outbox_published.clone(),
+        );
+        r.register(
+            "consumer_pending",
+            "Messages not yet delivered to the durable consumer (lag)",
+            m.consumer_pending.clone(),
+        );
+        r.register(
+            "consumer_ack_pending",
+            "Messages delivered but not acknowledged",
+            m.consumer_ack_pending.clone(),
+        );
+        r.register(
+            "consumer_events",
+            "Events applied by the consumer",
+            m.consumer_events.clone(),
+        );
+        r.register(
+            "consumer_redeliveries",
+            "Messages delivered to the consumer more than once",
+            m.consumer_redeliveries.clone(),
+        );
+        r.register(
+            "breaker_state",
+            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
+            m.breaker_state.clone(),
+        );
+        r.register(
+            "breaker_transitions",
+            "Circuit breaker transitions by the state entered",
+            m.breaker_transitions.clone(),
+        );
+        r.register(
+            "check_quota",
+            "CheckQuota calls by outcome",
+            m.check_quota.clone(),
+        );
+        r.register(
+            "check_quota_duration_seconds",
+            "CheckQuota time by outcome (rejected: refused by the open breaker)",
+            m.check_quota_duration.clone(),
+        );
+        r.register(
+            "notifications",
+            "Notification delivery attempts by channel and outcome",
+            m.notifications.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
+        }
+        out
+    }
+}
+
+/// The process's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// A label set.
+pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+/// Serves `GET /metrics` on `listener` until `stop` fires.
+pub async fn serve(listener: TcpListener, stop: CancellationToken) {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    tracing::info!(?addr, "serving metrics on /metrics");
+    loop {
+        let socket = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((socket, _)) => socket,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics endpoint accept failed");
+                    continue;
+                }
+            },
+        };
+        tokio::spawn(answer(socket));
+    }
+}
+
+/// One request per connection: enough for Prometheus and curl.
+async fn answer(mut socket: tokio::net::TcpStream) {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    // Read the request head (bounded, with a deadline against idle peers).
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            match socket.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        true
+    })
+    .await;
+    if !matches!(read, Ok(true)) {
+        return;
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body, kind) =
+        if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+            (
+                "200 OK",
+                METRICS.render(),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            ("404 Not Found", "try /metrics\n".to_owned(), "text/plain")
+        };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = socket.write_all(response.as_bytes()).await;
+    let _ = socket.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_registered_metrics_with_labels() {
+        METRICS
+            .rpc_requests
+            .get_or_create(&labels([("method", "/x.Y/Z"), ("code", "OK")]))
+            .inc();
+        METRICS.hold_queue_depth.set(3);
+        METRICS
+            .rpc_duration
+            .get_or_create(&labels([("method", "/x.Y/Z")]))
+            .observe(0.0002);
+        let text = METRICS.render();
+        assert!(
+            text.contains(r#"gpualloc_rpc_requests_total{method="/x.Y/Z",code="OK"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("gpualloc_hold_queue_depth 3"), "{text}");
+        assert!(
+            text.contains("# TYPE gpualloc_rpc_duration_seconds histogram"),
+            "{text}"
+        );
+    }
+}
