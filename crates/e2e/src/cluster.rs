@@ -83,6 +83,19 @@ impl Node {
         }
     }
 
+    /// SIGTERM (what Kubernetes sends), then waits until the process has
+    /// shut down; returns its exit status.
+    pub async fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().ok()?;
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        tokio::task::spawn_blocking(move || child.wait().ok())
+            .await
+            .ok()
+            .flatten()
+    }
+
     /// Starts a killed process again with the same settings.
     pub fn start(&mut self) {
         if self.child.is_none() {
@@ -125,6 +138,11 @@ impl Cluster {
     /// Starts `replicas` processes of each service from the `mesh-node`
     /// binary at `bin`; returns once every one is SERVING.
     pub async fn start(bin: &str, replicas: usize) -> Cluster {
+        Self::start_with_env(bin, replicas, &[]).await
+    }
+
+    /// The same, with extra environment for every process.
+    pub async fn start_with_env(bin: &str, replicas: usize, extra: &[(&str, &str)]) -> Cluster {
         let nats = NatsServer::start();
         let stream = unique_name("C").to_uppercase();
         let prefix = unique_name("c");
@@ -177,7 +195,15 @@ impl Cluster {
                     kind,
                     replica,
                     port,
-                    env: env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+                    env: env
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .chain(
+                            extra
+                                .iter()
+                                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+                        )
+                        .collect(),
                     bin: PathBuf::from(bin),
                     log: logs.path().join(format!("{name}.log")),
                     child: None,

@@ -4,7 +4,7 @@ use gpualloc_viewer::{Command, Config, rebuild, run};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    gpualloc_platform::telemetry::init(config.log_format);
+    let telemetry = gpualloc_platform::telemetry::init(config.log_format, "gpualloc-viewer");
     match config.command {
         Some(Command::Rebuild) => {
             let done = rebuild(&config.common).await?;
@@ -22,5 +22,7 @@ async fn main() -> anyhow::Result<()> {
         None => {}
     }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
-    run(config, listener, gpualloc_platform::shutdown::signal()).await
+    let result = run(config, listener, gpualloc_platform::shutdown::signal()).await;
+    telemetry.shutdown();
+    result
 }

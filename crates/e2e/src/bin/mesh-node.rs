@@ -21,15 +21,19 @@ async fn main() -> anyhow::Result<()> {
     match service.as_str() {
         "allocation" => {
             let c = gpualloc_allocation::Config::parse_from(args);
-            gpualloc_platform::telemetry::init(c.log_format);
+            let t = gpualloc_platform::telemetry::init(c.log_format, "gpualloc-allocation");
             let l = tokio::net::TcpListener::bind(c.listen).await?;
-            gpualloc_allocation::run(c, l, shutdown).await
+            let r = gpualloc_allocation::run(c, l, shutdown).await;
+            t.shutdown();
+            r
         }
         "resource-pool" => {
             let c = gpualloc_resource_pool::Config::parse_from(args);
-            gpualloc_platform::telemetry::init(c.log_format);
+            let t = gpualloc_platform::telemetry::init(c.log_format, "gpualloc-resource-pool");
             let l = tokio::net::TcpListener::bind(c.listen).await?;
-            gpualloc_resource_pool::run(c, l, shutdown).await
+            let r = gpualloc_resource_pool::run(c, l, shutdown).await;
+            t.shutdown();
+            r
         }
         "viewer" => {
             let c = gpualloc_viewer::Config::parse_from(args);
@@ -37,9 +41,11 @@ async fn main() -> anyhow::Result<()> {
                 gpualloc_viewer::rebuild(&c.common).await?;
                 return Ok(());
             }
-            gpualloc_platform::telemetry::init(c.log_format);
+            let t = gpualloc_platform::telemetry::init(c.log_format, "gpualloc-viewer");
             let l = tokio::net::TcpListener::bind(c.listen).await?;
-            gpualloc_viewer::run(c, l, shutdown).await
+            let r = gpualloc_viewer::run(c, l, shutdown).await;
+            t.shutdown();
+            r
         }
         other => anyhow::bail!("unknown service {other:?}"),
     }
