@@ -43,6 +43,10 @@ pub struct Args {
     /// Build and run release binaries.
     #[arg(long)]
     release: bool,
+    /// Export traces over OTLP/gRPC to this collector (e.g. Jaeger's
+    /// http://127.0.0.1:4317); `OTEL_EXPORTER_OTLP_ENDPOINT` works too.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    otlp: Option<String>,
 }
 
 struct Svc {
@@ -159,13 +163,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let pool_url = "http://127.0.0.1:50052";
     for svc in &SERVICES {
         let binary = root.join("target").join(profile).join(svc.binary);
-        let env = [
+        let mut env = vec![
             ("GPUALLOC_LISTEN", format!("127.0.0.1:{}", svc.port)),
             ("GPUALLOC_DATABASE_URL", database_url(&args, &state, svc)?),
             ("GPUALLOC_CREATE_DATABASE", "true".into()),
             ("GPUALLOC_NATS_URL", nats_url.clone()),
             ("GPUALLOC_RESOURCE_POOL_URL", pool_url.into()),
         ];
+        if let Some(otlp) = &args.otlp {
+            env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()));
+        }
         // A script to start this one service again by hand after stopping it.
         let log = state.join("logs").join(format!("{}.log", svc.name));
         let script: String = std::iter::once("#!/bin/sh\n".to_owned())
@@ -306,6 +313,7 @@ gpualloc is up.
   allocation     127.0.0.1:50051
   resource-pool  127.0.0.1:50052
   viewer         127.0.0.1:50053
+  metrics        http://127.0.0.1:9091/metrics (allocation), :9092 (resource-pool), :9093 (viewer)
   NATS           {nats_url}
   state          {state}
   processes      {pids}

@@ -130,3 +130,39 @@ async fn a_request_past_the_servers_deadline_gets_deadline_exceeded() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_oversized_message_is_refused_and_changes_nothing() {
+    let mut mesh = Mesh::start(Backend::Sqlite).await;
+    let t = "team";
+    put_pool(&mesh, "p", gpu_capacity(&[("A100", 8)])).await;
+    set_quota(&mesh, t, gpus(8, "")).await;
+    mesh.allocation.stop().await;
+    let mut common = mesh.allocation.common.clone();
+    common.max_message_bytes = 2048;
+    let pool_url = mesh.pool.url();
+    mesh.allocation =
+        Service::spawn_tuned(Svc::Allocation, common, pool_url, None, Tuning::default()).await;
+    mesh.allocation.wait_serving().await;
+    let big = apb::CreateAllocationRequest {
+        tenant: t.into(),
+        resources: Some(gpus(1, "A100")),
+        labels: (0..16)
+            .map(|i| (format!("k{i}"), "v".repeat(200)))
+            .collect(),
+        ..Default::default()
+    };
+    let err = mesh
+        .allocations()
+        .create_allocation(tenant(t, big))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("2048"), "{err:?}");
+    assert_eq!(
+        count(&mesh.allocation_db, "SELECT COUNT(*) AS n FROM allocations").await,
+        0
+    );
+    // A normal request still goes through.
+    assert!(try_create(&mesh, t, 1).await.is_ok());
+}
