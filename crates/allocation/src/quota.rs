@@ -36,9 +36,22 @@ pub struct QuotaClient {
 }
 
 /// Whether a failed call says the pool is not there (a breaker failure)
-/// rather than that it refused the request.
-pub fn is_unreachable(code: Code) -> bool {
-    matches!(code, Code::Unavailable | Code::DeadlineExceeded)
+/// rather than that it refused the request: `UNAVAILABLE`,
+/// `DEADLINE_EXCEEDED`, or any error of the transport (a connection that
+/// broke mid-call surfaces as `CANCELLED` or `UNKNOWN` with a transport
+/// error as its source).
+pub fn is_unreachable(status: &tonic::Status) -> bool {
+    if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) {
+        return true;
+    }
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 impl QuotaClient {
@@ -106,7 +119,7 @@ impl QuotaClient {
             }
             Ok(Err(status)) => {
                 span.record("rpc.grpc.status_code", status.code() as i32);
-                let outcome = if is_unreachable(status.code()) {
+                let outcome = if is_unreachable(&status) {
                     Outcome::Unreachable
                 } else {
                     // The pool answered, if with an error (a bad request,
@@ -138,4 +151,28 @@ fn observe(outcome: &str, start: Instant) {
         .check_quota_duration
         .get_or_create(&l)
         .observe(start.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_absence_counts_against_the_pool() {
+        assert!(is_unreachable(&tonic::Status::unavailable("down")));
+        assert!(is_unreachable(&tonic::Status::deadline_exceeded("slow")));
+        let broken = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        )));
+        assert!(is_unreachable(&broken), "{broken:?}");
+        for answered in [
+            tonic::Status::failed_precondition("over quota"),
+            tonic::Status::invalid_argument("bad"),
+            tonic::Status::permission_denied("no"),
+            tonic::Status::cancelled("by the caller"),
+        ] {
+            assert!(!is_unreachable(&answered), "{answered:?}");
+        }
+    }
 }

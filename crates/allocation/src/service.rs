@@ -219,7 +219,10 @@ impl AllocationService for AllocationApi {
             })
             .await
         {
-            Ok(row) => respond(row),
+            Ok(row) => {
+                tracing::debug!(allocation_id = %row.allocation_id, tenant = %row.tenant, state = %row.state, "allocation created");
+                respond(row)
+            }
             // Two concurrent calls with one key: the loser returns the
             // winner's allocation.
             Err(e) if is_unique_violation(&e) => {

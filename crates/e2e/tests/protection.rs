@@ -166,3 +166,59 @@ async fn an_oversized_message_is_refused_and_changes_nothing() {
     // A normal request still goes through.
     assert!(try_create(&mesh, t, 1).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_over_its_rate_is_slowed_down_and_others_are_not() {
+    let mut mesh = Mesh::start(Backend::Sqlite).await;
+    put_pool(&mesh, "p", gpu_capacity(&[("A100", 1_000)])).await;
+    for t in ["noisy", "quiet"] {
+        set_quota(&mesh, t, gpus(1_000, "")).await;
+    }
+    mesh.allocation.stop().await;
+    let mut common = mesh.allocation.common.clone();
+    // One request per second, bursts of three: the test's quick requests
+    // outrun it by far.
+    common.tenant_rate_limit = 1.0;
+    common.tenant_burst = 3;
+    let pool_url = mesh.pool.url();
+    mesh.allocation =
+        Service::spawn_tuned(Svc::Allocation, common, pool_url, None, Tuning::default()).await;
+    mesh.allocation.wait_serving().await;
+
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..10 {
+        match try_create(&mesh, "noisy", 1).await {
+            Ok(_) => ok += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("noisy"), "{status:?}");
+                let pushback: u64 = status
+                    .metadata()
+                    .get("grpc-retry-pushback-ms")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!((1..=1_000).contains(&pushback), "{pushback}");
+                limited += 1;
+            }
+        }
+    }
+    assert!((3..=4).contains(&ok), "{ok} got through");
+    assert_eq!(ok + limited, 10);
+    // Another tenant has its own bucket; health checks have none.
+    for _ in 0..3 {
+        try_create(&mesh, "quiet", 1).await.unwrap();
+    }
+    assert_eq!(mesh.allocation.health().await, Some(ServingStatus::Serving));
+    // Refused requests stored nothing.
+    assert_eq!(
+        count(
+            &mesh.allocation_db,
+            "SELECT COUNT(*) AS n FROM allocations WHERE tenant = 'noisy'"
+        )
+        .await,
+        ok
+    );
+}

@@ -173,6 +173,8 @@ async fn one_trace_spans_the_saga_across_all_three_services() {
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("GPUALLOC_LOG_FORMAT", "json"),
+            ("RUST_LOG", "info,gpualloc_allocation=debug"),
         ],
     )
     .await;
@@ -288,5 +290,22 @@ async fn one_trace_spans_the_saga_across_all_three_services() {
         .unwrap();
     assert_eq!(root.parent, "e457b5a2e4d86bd1");
     assert_hops_join(&b3);
+
+    // Logs lead to the trace: the allocation service's JSON log lines
+    // inside the request carry its trace id and request id.
+    let logs = std::fs::read_to_string(cluster.log_dir().join("allocation-0.log")).unwrap();
+    let line = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["allocation_id"] == a.allocation_id.as_str())
+        .unwrap_or_else(|| panic!("no log line of {}:\n{logs}", a.allocation_id));
+    assert_eq!(line["span"]["trace_id"], trace_id, "{line}");
+    assert_eq!(line["span"]["request_id"], "req-w3c", "{line}");
+    assert!(
+        line["span"]["span_id"]
+            .as_str()
+            .is_some_and(|s| s.len() == 16),
+        "{line}"
+    );
     drop(cluster);
 }
