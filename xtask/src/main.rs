@@ -1,7 +1,9 @@
 //! Project automation (the xtask pattern): `cargo xtask up` starts NATS and
 //! the three services locally and seeds a demo; `cargo xtask test` installs
-//! what is missing and runs every check CI runs.
+//! what is missing and runs every check CI runs; `cargo xtask bench` runs
+//! the benchmark.
 
+mod bench;
 mod install;
 mod procs;
 mod test;
@@ -26,6 +28,9 @@ enum Command {
     /// Install what is missing, then run fmt, clippy, buf lint and every
     /// test against a throwaway NATS and PostgreSQL.
     Test(test::Args),
+    /// Build in release and run the full benchmark; writes
+    /// docs/benchmarks/latest.{json,md,svg}.
+    Bench(bench::Args),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -38,5 +43,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Up(args) => up::run(args),
         Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

@@ -1,0 +1,93 @@
+//! `gpualloc-bench`: measures what gpualloc exists for, each number next to
+//! a baseline measured in the same run (timings on a shared machine are
+//! noisy; ratios are what compare across runs). It starts the mesh as real
+//! processes (see [`mesh`]) and runs named scenarios (see [`scenarios`]);
+//! each writes latency histograms, throughputs and the services' peak
+//! memory and CPU time. Results go to a JSON file, a markdown table and an
+//! SVG plot ([`report`]).
+
+use std::{path::PathBuf, time::Duration};
+
+pub mod load;
+pub mod mesh;
+pub mod report;
+pub mod scenarios;
+
+#[derive(clap::Parser, Debug)]
+#[command(name = "gpualloc-bench", about = "gpualloc benchmark harness")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Run scenarios and write the report.
+    Run(RunArgs),
+    /// Run one service in this process (used by the harness itself).
+    #[command(hide = true)]
+    Node {
+        service: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// A short run of every scenario that checks the harness, not the speed.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Scenarios to run (default: all): quota-check, create, saga, churn, scale.
+    #[arg(long, value_delimiter = ',')]
+    pub scenarios: Vec<String>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Repetitions; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Where the JSON, markdown and SVG go.
+    #[arg(long, default_value = "docs/benchmarks")]
+    pub out: PathBuf,
+    /// Stored allocations for the large half of `scale`.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub scale_large: u64,
+}
+
+impl RunArgs {
+    pub fn duration(&self) -> Duration {
+        if self.smoke {
+            Duration::from_millis(700)
+        } else {
+            Duration::from_secs_f64(self.seconds.max(0.5))
+        }
+    }
+
+    pub fn runs(&self) -> usize {
+        if self.smoke { 1 } else { self.runs.max(1) }
+    }
+
+    pub fn wants(&self, name: &str) -> bool {
+        self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == name)
+    }
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut results = Vec::new();
+    for (name, f) in scenarios::ALL {
+        if !args.wants(name) {
+            continue;
+        }
+        eprintln!("bench: {name}");
+        let r = f(exe.clone(), args.clone()).await?;
+        eprintln!("bench: {name}: {}", r.summary());
+        results.push(r);
+    }
+    let written = report::write(&args, &results)?;
+    for path in written {
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! The run's report: `bench.json` (everything, for comparing runs),
+//! `bench.md` (the tables docs/benchmarks.md quotes) and `bench.svg`
+//! (latency percentiles and throughputs per scenario).
+
+use std::{fmt::Write as _, path::PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::{RunArgs, scenarios::ScenarioResult};
+
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_default();
+    let mem_kib: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpu_model": cpu,
+        "memory_gib": (mem_kib as f64 / 1048576.0 * 10.0).round() / 10.0,
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+    })
+}
+
+fn percentiles(h: &hdrhistogram::Histogram<u64>) -> Value {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    json!({
+        "count": h.len(),
+        "p50_ms": ms(0.5),
+        "p90_ms": ms(0.9),
+        "p99_ms": ms(0.99),
+        "max_ms": h.max() as f64 / 1000.0,
+    })
+}
+
+pub fn to_json(args: &RunArgs, results: &[ScenarioResult]) -> Value {
+    let scenarios: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "values": r.values.iter().map(|(n, v, u)| json!({"name": n, "value": v, "unit": u})).collect::<Vec<_>>(),
+                "latencies": r.latencies.iter().map(|(l, h)| json!({"label": l, "distribution": percentiles(h)})).collect::<Vec<_>>(),
+                "services": r.usage.iter().map(|(s, u)| json!({
+                    "service": s,
+                    "peak_rss_mib": (u.peak_rss_kib as f64 / 1024.0 * 10.0).round() / 10.0,
+                    "cpu_seconds": u.cpu_seconds,
+                })).collect::<Vec<_>>(),
+                "targets": r.targets.iter().map(|t| json!({
+                    "what": t.what, "value": t.value, "goal": t.goal, "met": t.met(),
+                })).collect::<Vec<_>>(),
+                "checks": r.checks,
+            })
+        })
+        .collect();
+    json!({
+        "time_unix": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        "machine": machine(),
+        "smoke": args.smoke,
+        "seconds_per_measurement": args.duration().as_secs_f64(),
+        "runs": args.runs(),
+        "scenarios": scenarios,
+    })
+}
+
+pub fn to_markdown(results: &[ScenarioResult]) -> String {
+    let m = machine();
+    let mut out = format!(
+        "Machine: {} CPUs ({}), {} GiB, Linux {}, {} build.\n\n",
+        m["cpus"],
+        m["cpu_model"].as_str().unwrap_or(""),
+        m["memory_gib"],
+        m["kernel"].as_str().unwrap_or(""),
+        m["profile"].as_str().unwrap_or("")
+    );
+    out.push_str("| target | measured | goal | met |\n|---|---:|---:|---|\n");
+    for r in results {
+        for t in &r.targets {
+            let _ = writeln!(
+                out,
+                "| {} | {:.2} | {} {} | {} |",
+                t.what,
+                t.value,
+                if t.at_least { "≥" } else { "≤" },
+                t.goal,
+                if t.met() { "yes" } else { "**no**" }
+            );
+        }
+    }
+    for r in results {
+        let _ = writeln!(out, "\n### {}\n\n| value | |\n|---|---:|", r.name);
+        for (n, v, u) in &r.values {
+            let _ = writeln!(out, "| {n} | {v:.2} {u} |");
+        }
+        if !r.latencies.is_empty() {
+            out.push_str("\n| latency | n | p50 ms | p90 ms | p99 ms | max ms |\n|---|---:|---:|---:|---:|---:|\n");
+            for (l, h) in &r.latencies {
+                let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
+                let _ = writeln!(
+                    out,
+                    "| {l} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    h.len(),
+                    q(0.5),
+                    q(0.9),
+                    q(0.99),
+                    h.max() as f64 / 1000.0
+                );
+            }
+        }
+        if !r.usage.is_empty() {
+            out.push_str("\n| service | peak RSS MiB | CPU s |\n|---|---:|---:|\n");
+            for (s, u) in &r.usage {
+                let _ = writeln!(
+                    out,
+                    "| {s} | {:.1} | {:.1} |",
+                    u.peak_rss_kib as f64 / 1024.0,
+                    u.cpu_seconds
+                );
+            }
+        }
+        for c in &r.checks {
+            let _ = writeln!(out, "\nCheck: {c}.");
+        }
+    }
+    out
+}
+
+/// Latency percentiles per distribution (log scale) and throughputs.
+pub fn to_svg(results: &[ScenarioResult]) -> String {
+    let rows: Vec<(String, [f64; 4])> = results
+        .iter()
+        .flat_map(|r| {
+            r.latencies.iter().map(move |(l, h)| {
+                let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
+                (
+                    format!("{}: {l}", r.name),
+                    [q(0.5), q(0.9), q(0.99), h.max() as f64 / 1000.0],
+                )
+            })
+        })
+        .collect();
+    let rates: Vec<(String, f64)> = results
+        .iter()
+        .flat_map(|r| {
+            r.values
+                .iter()
+                .filter(|(_, _, u)| *u == "/s")
+                .map(move |(n, v, _)| (format!("{}: {n}", r.name), *v))
+        })
+        .collect();
+    let (w, label_w, row_h) = (960.0, 330.0, 22.0);
+    let plot_w = w - label_w - 40.0;
+    let lat_h = 60.0 + rows.len() as f64 * row_h;
+    let h = lat_h + 80.0 + rates.len() as f64 * row_h;
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="10" y="20" font-size="15" font-weight="bold">Latency (ms, log scale): p50 ● p90 ◆ p99 ▲ max ✕</text>
+"#
+    );
+    let (lo, hi) = (0.05f64.ln(), 10_000f64.ln());
+    let x = |ms: f64| label_w + (ms.max(0.05).ln() - lo) / (hi - lo) * plot_w;
+    for tick in [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0] {
+        let tx = x(tick);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{tx:.1}" y1="30" x2="{tx:.1}" y2="{:.1}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle">{tick}</text>"##,
+            lat_h - 10.0,
+            lat_h + 4.0
+        );
+    }
+    for (i, (label, q)) in rows.iter().enumerate() {
+        let y = 45.0 + i as f64 * row_h;
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#4a78b5" stroke-width="2"/>"##,
+            label_w - 8.0,
+            y + 4.0,
+            escape(label),
+            x(q[0]),
+            x(q[3])
+        );
+        for (k, v) in q.iter().enumerate() {
+            let colour = ["#1b5e20", "#4a78b5", "#e65100", "#b71c1c"][k];
+            let _ = writeln!(
+                s,
+                r#"<circle cx="{:.1}" cy="{y:.1}" r="{}" fill="{colour}"/>"#,
+                x(*v),
+                [5, 4, 4, 3][k]
+            );
+        }
+    }
+    let max_rate = rates.iter().map(|(_, v)| *v).fold(1.0, f64::max);
+    let _ = writeln!(
+        s,
+        r#"<text x="10" y="{:.1}" font-size="15" font-weight="bold">Throughput (per second)</text>"#,
+        lat_h + 40.0
+    );
+    for (i, (label, v)) in rates.iter().enumerate() {
+        let y = lat_h + 55.0 + i as f64 * row_h;
+        let bw = v / max_rate * plot_w;
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text><rect x="{label_w}" y="{:.1}" width="{bw:.1}" height="14" fill="#4a78b5"/><text x="{:.1}" y="{:.1}">{v:.0}</text>"##,
+            label_w - 8.0,
+            y + 11.0,
+            escape(label),
+            y,
+            label_w + bw + 6.0,
+            y + 11.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Writes the three files under `args.out`; returns their paths.
+pub fn write(args: &RunArgs, results: &[ScenarioResult]) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(&args.out)?;
+    let stem = if args.smoke { "smoke" } else { "latest" };
+    let json = args.out.join(format!("{stem}.json"));
+    let md = args.out.join(format!("{stem}.md"));
+    let svg = args.out.join(format!("{stem}.svg"));
+    std::fs::write(
+        &json,
+        serde_json::to_string_pretty(&to_json(args, results))?,
+    )?;
+    std::fs::write(&md, to_markdown(results))?;
+    std::fs::write(&svg, to_svg(results))?;
+    Ok(vec![json, md, svg])
+}

@@ -1,0 +1,760 @@
+//! The scenarios. Each starts a fresh mesh, so peak memory and CPU time
+//! belong to it, and measures its subject next to its baseline in the same
+//! run.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    path::PathBuf,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use gpualloc_platform::identity::{ROLE_HEADER, TENANT_HEADER};
+use gpualloc_proto::{
+    allocation::v1::{self as apb, allocation_service_client::AllocationServiceClient},
+    resourcepool::v1::{self as rp, resource_pool_service_client::ResourcePoolServiceClient},
+    viewer::v1::{self as vpb, viewer_service_client::ViewerServiceClient},
+};
+use hdrhistogram::Histogram;
+use tokio::{sync::oneshot, time::Instant};
+use tokio_stream::StreamExt;
+use tonic::{Request, metadata::MetadataValue, transport::Channel};
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::{
+    RunArgs,
+    load::{self, Outcome},
+    mesh::{Mesh, Usage},
+};
+
+/// One scenario's numbers.
+#[derive(Debug, Default)]
+pub struct ScenarioResult {
+    pub name: &'static str,
+    /// Named values with their unit, in report order.
+    pub values: Vec<(String, f64, &'static str)>,
+    /// Latency distributions (µs) by label.
+    pub latencies: Vec<(String, Histogram<u64>)>,
+    pub usage: Vec<(&'static str, Usage)>,
+    pub targets: Vec<Target>,
+    /// Correctness checks the scenario made (all passed, or it failed).
+    pub checks: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub what: String,
+    pub value: f64,
+    pub goal: f64,
+    /// `true`: value ≥ goal is met; `false`: value ≤ goal is met.
+    pub at_least: bool,
+}
+
+impl Target {
+    pub fn met(&self) -> bool {
+        if self.at_least {
+            self.value >= self.goal
+        } else {
+            self.value <= self.goal
+        }
+    }
+}
+
+impl ScenarioResult {
+    fn value(&mut self, name: impl Into<String>, v: f64, unit: &'static str) {
+        self.values.push((name.into(), v, unit));
+    }
+
+    fn target(&mut self, what: impl Into<String>, value: f64, goal: f64, at_least: bool) {
+        self.targets.push(Target {
+            what: what.into(),
+            value,
+            goal,
+            at_least,
+        });
+    }
+
+    pub fn summary(&self) -> String {
+        self.values
+            .iter()
+            .map(|(n, v, u)| format!("{n}={v:.3}{u}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+type ScenarioFn =
+    fn(PathBuf, RunArgs) -> Pin<Box<dyn Future<Output = anyhow::Result<ScenarioResult>> + Send>>;
+
+pub const ALL: [(&str, ScenarioFn); 5] = [
+    ("quota-check", |e, a| Box::pin(quota_check(e, a))),
+    ("create", |e, a| Box::pin(create(e, a))),
+    ("saga", |e, a| Box::pin(saga(e, a))),
+    ("churn", |e, a| Box::pin(churn(e, a))),
+    ("scale", |e, a| Box::pin(scale(e, a))),
+];
+
+const TENANT: &str = "bench";
+/// Concurrency of the closed loops: enough to keep two cores busy through
+/// network and fsync waits.
+const CONCURRENCY: usize = 64;
+
+fn as_tenant<T>(m: T) -> Request<T> {
+    let mut r = Request::new(m);
+    r.metadata_mut()
+        .insert(TENANT_HEADER, MetadataValue::from_static(TENANT));
+    r
+}
+
+fn as_admin<T>(m: T) -> Request<T> {
+    let mut r = Request::new(m);
+    r.metadata_mut()
+        .insert(ROLE_HEADER, MetadataValue::from_static("admin"));
+    r
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn gpu_request(gpus: i32) -> rp::Resources {
+    rp::Resources {
+        gpus,
+        gpu_model: "A100".into(),
+        cpu_millis: 1000,
+        memory_mib: 1024,
+        ..Default::default()
+    }
+}
+
+/// A pool and quota large enough for everything a scenario creates (or
+/// `gpus` for a small pool).
+async fn setup(mesh: &Mesh, gpus: i32) -> anyhow::Result<()> {
+    let mut pools = ResourcePoolServiceClient::new(mesh.channel("resource-pool"));
+    pools
+        .put_pool(as_admin(rp::PutPoolRequest {
+            pool: Some(rp::Pool {
+                pool_id: "bench".into(),
+                capacity: Some(rp::Capacity {
+                    cpu_millis: 1_000_000_000_000,
+                    memory_mib: 1_000_000_000_000,
+                    storage_gib: 1_000_000,
+                    gpus_by_model: [("A100".to_owned(), gpus)].into(),
+                    custom: Default::default(),
+                }),
+                ..Default::default()
+            }),
+        }))
+        .await?;
+    pools
+        .set_tenant_quota(as_admin(rp::SetTenantQuotaRequest {
+            tenant: TENANT.into(),
+            limits: Some(rp::Resources {
+                cpu_millis: 1_000_000_000_000,
+                memory_mib: 1_000_000_000_000,
+                gpus: i32::MAX,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await?;
+    Ok(())
+}
+
+fn create_op(
+    client: AllocationServiceClient<Channel>,
+    prefix: &'static str,
+) -> impl Fn(u64) -> Pin<Box<dyn Future<Output = bool> + Send>> + Clone + Send + 'static {
+    move |i| {
+        let mut c = client.clone();
+        Box::pin(async move {
+            c.create_allocation(as_tenant(apb::CreateAllocationRequest {
+                tenant: TENANT.into(),
+                resources: Some(gpu_request(1)),
+                request_id: format!("{prefix}-{i}"),
+                ..Default::default()
+            }))
+            .await
+            .is_ok()
+        })
+    }
+}
+
+async fn quota_check(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
+    let mesh = Mesh::start(&exe).await?;
+    setup(&mesh, 1_000_000).await?;
+    let mut out = ScenarioResult {
+        name: "quota-check",
+        ..Default::default()
+    };
+    let channel = mesh.channel("resource-pool");
+    let health = HealthClient::new(channel.clone());
+    let pools = ResourcePoolServiceClient::new(channel);
+    let health_op = move |_| {
+        let mut h = health.clone();
+        async move {
+            h.check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .is_ok()
+        }
+    };
+    let check_op = move |_| {
+        let mut p = pools.clone();
+        async move {
+            p.check_quota(as_tenant(rp::CheckQuotaRequest {
+                tenant: TENANT.into(),
+                resources: Some(gpu_request(1)),
+            }))
+            .await
+            .is_ok()
+        }
+    };
+    let d = args.duration();
+    let (mut health_rates, mut check_rates, mut ratios) = (vec![], vec![], vec![]);
+    // Interleaved, so both see the same machine.
+    for _ in 0..args.runs() {
+        let h = load::closed(CONCURRENCY, d, health_op.clone()).await;
+        let c = load::closed(CONCURRENCY, d, check_op.clone()).await;
+        health_rates.push(h.rate());
+        check_rates.push(c.rate());
+        ratios.push(c.rate() / h.rate().max(1e-9));
+    }
+    let (hr, cr, ratio) = (median(health_rates), median(check_rates), median(ratios));
+    out.value("health_rps", hr, "/s");
+    out.value("check_quota_rps", cr, "/s");
+    out.value("ratio", ratio, "×");
+    let half = load::open(cr / 2.0, d, check_op).await;
+    out.value("p50_at_half_ms", ms(&half.latency, 0.5), "ms");
+    out.value("p99_at_half_ms", ms(&half.latency, 0.99), "ms");
+    out.latencies
+        .push(("CheckQuota at ½ max".into(), half.latency));
+    out.target("CheckQuota ≥ 0.8 × health throughput", ratio, 0.8, true);
+    out.usage = mesh.usage();
+    Ok(out)
+}
+
+async fn create(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
+    let mesh = Mesh::start(&exe).await?;
+    setup(&mesh, i32::MAX).await?;
+    let mut out = ScenarioResult {
+        name: "create",
+        ..Default::default()
+    };
+    let d = args.duration();
+    let baseline_db = baseline_db(&mesh).await?;
+    let (mut rates, mut base_rates, mut ratios) = (vec![], vec![], vec![]);
+    let mut last: Option<Outcome> = None;
+    for run in 0..args.runs() {
+        let prefix: &'static str = Box::leak(format!("c{run}").into_boxed_str());
+        let client = AllocationServiceClient::new(mesh.channel("allocation"));
+        let c = load::closed(CONCURRENCY, d, create_op(client, prefix)).await;
+        let db = baseline_db.clone();
+        let b = load::closed(CONCURRENCY, d, move |i| {
+            let db = db.clone();
+            async move { baseline_tx(&db, run, i).await }
+        })
+        .await;
+        rates.push(c.rate());
+        base_rates.push(b.rate());
+        ratios.push(c.rate() / b.rate().max(1e-9));
+        last = Some(c);
+    }
+    let (r, b, ratio) = (median(rates), median(base_rates), median(ratios));
+    out.value("create_rps", r, "/s");
+    out.value("raw_tx_rps", b, "/s");
+    out.value("ratio", ratio, "×");
+    if let Some(c) = last {
+        out.value("p50_ms", ms(&c.latency, 0.5), "ms");
+        out.value("p99_ms", ms(&c.latency, 0.99), "ms");
+        out.latencies
+            .push(("CreateAllocation, closed loop".into(), c.latency));
+    }
+    out.target("CreateAllocation ≥ 3000/s", r, 3000.0, true);
+    out.target("create ≥ 0.7 × raw durable transaction", ratio, 0.7, true);
+    out.usage = mesh.usage();
+    Ok(out)
+}
+
+/// The baseline of `create`: the same durable SQLite transaction (one row
+/// and one outbox row, WAL, synchronous=FULL) without gRPC or the saga.
+async fn baseline_db(mesh: &Mesh) -> anyhow::Result<gpualloc_storage::Db> {
+    let path = mesh.dir.path().join("baseline.db");
+    let db = gpualloc_storage::Db::connect(
+        &format!("sqlite://{}", path.display()),
+        gpualloc_storage::DbOptions::default(),
+    )
+    .await?;
+    db.migrate(&[gpualloc_storage::MIGRATIONS]).await?;
+    db.write(|c| {
+        use diesel::RunQueryDsl;
+        diesel::sql_query(
+            "CREATE TABLE IF NOT EXISTS rows (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, \
+             body TEXT NOT NULL, version BIGINT NOT NULL)",
+        )
+        .execute(c)?;
+        Ok::<_, gpualloc_storage::DbError>(())
+    })
+    .await?;
+    Ok(db)
+}
+
+async fn baseline_tx(db: &gpualloc_storage::Db, run: usize, i: u64) -> bool {
+    db.write(move |c| {
+        use diesel::{RunQueryDsl, sql_types::Text};
+        let id = format!("r{run}-{i}");
+        diesel::sql_query("INSERT INTO rows (id, tenant, body, version) VALUES (?, 'bench', ?, 1)")
+            .bind::<Text, _>(&id)
+            .bind::<Text, _>("{\"gpus\":1,\"gpu_model\":\"A100\",\"cpu_millis\":1000}")
+            .execute(c)?;
+        gpualloc_storage::outbox::append(
+            c,
+            "bench",
+            gpualloc_domain::time::now_micros(),
+            &[gpualloc_storage::outbox::OutboxMessage {
+                event_id: id.clone(),
+                subject: "saga.allocation.requested".into(),
+                payload: vec![0; 96],
+                headers: Default::default(),
+                aggregate_id: id,
+            }],
+        )?;
+        Ok::<_, gpualloc_storage::DbError>(())
+    })
+    .await
+    .is_ok()
+}
+
+/// Follows WatchAllocations and tells when each allocation is ALLOCATED.
+#[derive(Clone, Default)]
+struct Arrivals(Arc<Mutex<HashMap<String, Arrival>>>);
+
+enum Arrival {
+    Seen(Instant),
+    Waiting(oneshot::Sender<Instant>),
+}
+
+impl Arrivals {
+    fn arrived(&self, id: String, at: Instant) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match m.remove(&id) {
+            Some(Arrival::Waiting(tx)) => {
+                let _ = tx.send(at);
+            }
+            _ => {
+                m.insert(id, Arrival::Seen(at));
+            }
+        }
+    }
+
+    async fn wait(&self, id: String, deadline: Duration) -> Option<Instant> {
+        let rx = {
+            let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            match m.remove(&id) {
+                Some(Arrival::Seen(at)) => return Some(at),
+                _ => {
+                    let (tx, rx) = oneshot::channel();
+                    m.insert(id, Arrival::Waiting(tx));
+                    rx
+                }
+            }
+        };
+        tokio::time::timeout(deadline, rx).await.ok()?.ok()
+    }
+
+    fn count_seen(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|a| matches!(a, Arrival::Seen(_)))
+            .count()
+    }
+
+    fn last_seen(&self) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|a| match a {
+                Arrival::Seen(t) => Some(*t),
+                Arrival::Waiting(_) => None,
+            })
+            .max()
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+async fn watch_allocated(mesh: &Mesh, arrivals: Arrivals) -> anyhow::Result<()> {
+    let mut viewer = ViewerServiceClient::new(mesh.channel("viewer"));
+    let mut stream = viewer
+        .watch_allocations(as_tenant(vpb::WatchAllocationsRequest {
+            tenant: TENANT.into(),
+            allocation_id: String::new(),
+        }))
+        .await?
+        .into_inner();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            if m.r#type != vpb::WatchEventType::Change as i32 {
+                continue;
+            }
+            if let Some(a) = m.view.and_then(|v| v.allocation)
+                && a.state == apb::State::Allocated as i32
+            {
+                arrivals.arrived(a.allocation_id, Instant::now());
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Samples the outbox backlog and consumer lag of every service.
+fn sample_backlog(
+    mesh: &Mesh,
+) -> (
+    tokio::task::JoinHandle<(f64, f64)>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addrs: Vec<String> = crate::mesh::SERVICES
+        .iter()
+        .map(|s| mesh.metrics_url(s))
+        .collect();
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let (mut backlog, mut lag) = (0f64, 0f64);
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            for a in &addrs {
+                if let Some(text) = scrape(a).await {
+                    backlog = backlog.max(sum_metric(&text, "gpualloc_outbox_backlog"));
+                    lag = lag.max(sum_metric(&text, "gpualloc_consumer_pending"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        (backlog, lag)
+    });
+    (task, stop)
+}
+
+async fn scrape(addr: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: bench\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+fn sum_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
+    let mesh = Mesh::start(&exe).await?;
+    setup(&mesh, i32::MAX).await?;
+    let mut out = ScenarioResult {
+        name: "saga",
+        ..Default::default()
+    };
+    let arrivals = Arrivals::default();
+    watch_allocated(&mesh, arrivals.clone()).await?;
+    let d = args.duration();
+    let (sampler, stop_sampling) = sample_backlog(&mesh);
+    let mut rates = vec![];
+    for run in 0..args.runs() {
+        arrivals.clear();
+        let prefix: &'static str = Box::leak(format!("s{run}").into_boxed_str());
+        let client = AllocationServiceClient::new(mesh.channel("allocation"));
+        let start = Instant::now();
+        let created = load::closed(CONCURRENCY, d, create_op(client, prefix)).await;
+        // Everything created must reach the viewer as ALLOCATED.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (arrivals.count_seen() as u64) < created.ok && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let done = arrivals.count_seen() as u64;
+        anyhow::ensure!(
+            done >= created.ok,
+            "only {done} of {} allocations reached ALLOCATED in the viewer",
+            created.ok
+        );
+        let end = arrivals.last_seen().unwrap_or_else(Instant::now);
+        rates.push(done as f64 / end.duration_since(start).as_secs_f64().max(1e-9));
+    }
+    let max_rate = median(rates);
+    out.value("allocated_per_s", max_rate, "/s");
+
+    // At half the maximum: request → ALLOCATED in the viewer.
+    arrivals.clear();
+    let client = AllocationServiceClient::new(mesh.channel("allocation"));
+    let waiting = arrivals.clone();
+    let half = load::open(max_rate / 2.0, d, move |i| {
+        let mut c = client.clone();
+        let arrivals = waiting.clone();
+        async move {
+            let Ok(a) = c
+                .create_allocation(as_tenant(apb::CreateAllocationRequest {
+                    tenant: TENANT.into(),
+                    resources: Some(gpu_request(1)),
+                    request_id: format!("half-{i}"),
+                    ..Default::default()
+                }))
+                .await
+            else {
+                return false;
+            };
+            arrivals
+                .wait(a.into_inner().allocation_id, Duration::from_secs(30))
+                .await
+                .is_some()
+        }
+    })
+    .await;
+    stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (backlog, lag) = sampler.await.unwrap_or_default();
+    out.value("p50_to_allocated_ms", ms(&half.latency, 0.5), "ms");
+    out.value("p99_to_allocated_ms", ms(&half.latency, 0.99), "ms");
+    out.value(
+        "max_to_allocated_ms",
+        half.latency.max() as f64 / 1000.0,
+        "ms",
+    );
+    out.value("lost_at_half", half.errors as f64, "");
+    out.value("max_outbox_backlog", backlog, "rows");
+    out.value("max_consumer_lag", lag, "events");
+    out.latencies.push((
+        "request → ALLOCATED in viewer at ½ max".into(),
+        half.latency,
+    ));
+    out.target(
+        "saga ≥ 3000 allocations/s end to end",
+        max_rate,
+        3000.0,
+        true,
+    );
+    out.target(
+        "p99 request → ALLOCATED ≤ 50 ms at ½ max",
+        ms(&out.latencies[0].1, 0.99),
+        50.0,
+        false,
+    );
+    out.usage = mesh.usage();
+    for (service, u) in &out.usage {
+        out.targets.push(Target {
+            what: format!("{service} peak RSS ≤ 100 MiB"),
+            value: u.peak_rss_kib as f64 / 1024.0,
+            goal: 100.0,
+            at_least: false,
+        });
+    }
+    anyhow::ensure!(
+        half.errors == 0,
+        "{} allocations did not reach ALLOCATED",
+        half.errors
+    );
+    Ok(out)
+}
+
+async fn churn(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
+    let mesh = Mesh::start(&exe).await?;
+    // Four GPUs for sixteen workers: most requests wait in the hold queue.
+    setup(&mesh, 4).await?;
+    let mut out = ScenarioResult {
+        name: "churn",
+        ..Default::default()
+    };
+    let client = AllocationServiceClient::new(mesh.channel("allocation"));
+    let cycles = load::closed(16, args.duration(), move |i| {
+        let mut c = client.clone();
+        async move {
+            let Ok(a) = c
+                .create_allocation(as_tenant(apb::CreateAllocationRequest {
+                    tenant: TENANT.into(),
+                    resources: Some(gpu_request(1)),
+                    request_id: format!("churn-{i}"),
+                    ..Default::default()
+                }))
+                .await
+            else {
+                return false;
+            };
+            c.cancel_allocation(as_tenant(apb::CancelAllocationRequest {
+                allocation_id: a.into_inner().allocation_id,
+                reason: "churn".into(),
+            }))
+            .await
+            .is_ok()
+        }
+    })
+    .await;
+    out.value("cycles_per_s", cycles.rate(), "/s");
+    out.value("p99_cycle_ms", ms(&cycles.latency, 0.99), "ms");
+    out.latencies
+        .push(("create + cancel cycle".into(), cycles.latency));
+    // Every cancel releases: the pool ends empty, with nobody held.
+    let mut pools = ResourcePoolServiceClient::new(mesh.channel("resource-pool"));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (used, held) = loop {
+        let pool = pools
+            .get_pool(as_admin(rp::GetPoolRequest {
+                pool_id: "bench".into(),
+            }))
+            .await?
+            .into_inner();
+        let used = pool
+            .usage
+            .as_ref()
+            .and_then(|u| u.gpus_by_model.get("A100").copied())
+            .unwrap_or(0);
+        let held = pools
+            .list_held(as_admin(rp::ListHeldRequest {
+                pool_id: "bench".into(),
+                tenant: String::new(),
+            }))
+            .await?
+            .into_inner()
+            .held
+            .len();
+        if (used == 0 && held == 0) || Instant::now() > deadline {
+            break (used, held);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    anyhow::ensure!(
+        used == 0 && held == 0,
+        "capacity did not return: {used} GPUs still used, {held} held"
+    );
+    out.checks.push(format!(
+        "after {} create/cancel cycles on 4 GPUs the pool returned to 0 used, 0 held",
+        cycles.ok
+    ));
+    out.usage = mesh.usage();
+    Ok(out)
+}
+
+/// Stores `n` finished allocations directly in the allocation and pool
+/// databases (history a long-running installation has).
+fn seed(mesh: &Mesh, n: u64) -> anyhow::Result<()> {
+    use diesel::{Connection, RunQueryDsl, SqliteConnection};
+    let now = gpualloc_domain::time::now_micros() - 86_400_000_000;
+    for (service, sql) in [
+        (
+            "allocation",
+            format!(
+                "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < {n}) \
+                 INSERT INTO allocations (allocation_id, tenant, state, reason, resources, pool_id, \
+                 priority, request_id, fingerprint, labels, lease_micros, version, pool_version, \
+                 approved_time, create_time, update_time, expire_time, redrives, redrive_time) \
+                 SELECT printf('seed-%09d', n), printf('seed-%03d', n % 500), 'CANCELLED', 'seeded', \
+                 '{{}}', 'bench', 0, printf('seed-%09d', n), '', '{{}}', NULL, 4, 2, NULL, \
+                 {now} + n, {now} + n, NULL, 0, NULL FROM seq"
+            ),
+        ),
+        (
+            "resource-pool",
+            format!(
+                "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < {n}) \
+                 INSERT INTO reservations (allocation_id, tenant, state, demand, pool_id, gpu_model, \
+                 priority, request_time, lease_micros, hold_deadline, expire_time, reason, outcome, \
+                 version, create_time, update_time) \
+                 SELECT printf('seed-%09d', n), printf('seed-%03d', n % 500), 'RELEASED', '{{}}', \
+                 'bench', 'A100', 0, {now} + n, NULL, NULL, NULL, 'seeded', 'CANCELLED', 2, \
+                 {now} + n, {now} + n FROM seq"
+            ),
+        ),
+    ] {
+        let path = &mesh.proc(service).db;
+        let mut c = SqliteConnection::establish(&path.display().to_string())?;
+        diesel::sql_query("PRAGMA busy_timeout = 60000").execute(&mut c)?;
+        diesel::sql_query(sql).execute(&mut c)?;
+    }
+    Ok(())
+}
+
+async fn scale(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
+    let mut out = ScenarioResult {
+        name: "scale",
+        ..Default::default()
+    };
+    let large = if args.smoke { 10_000 } else { args.scale_large };
+    let d = args.duration();
+    // A modest fixed rate: the question is cost per request, not capacity.
+    let rate = if args.smoke { 50.0 } else { 200.0 };
+    let mut p50s: BTreeMap<(&str, u64), f64> = BTreeMap::new();
+    let mut usage = Vec::new();
+    for n in [1_000, large] {
+        let mesh = Mesh::start(&exe).await?;
+        setup(&mesh, i32::MAX).await?;
+        let seeding = Instant::now();
+        seed(&mesh, n)?;
+        eprintln!(
+            "bench: scale: seeded {n} allocations in {:?}",
+            seeding.elapsed()
+        );
+        let pools = ResourcePoolServiceClient::new(mesh.channel("resource-pool"));
+        let check = load::open(rate, d, move |_| {
+            let mut p = pools.clone();
+            async move {
+                p.check_quota(as_tenant(rp::CheckQuotaRequest {
+                    tenant: TENANT.into(),
+                    resources: Some(gpu_request(1)),
+                }))
+                .await
+                .is_ok()
+            }
+        })
+        .await;
+        let client = AllocationServiceClient::new(mesh.channel("allocation"));
+        let prefix: &'static str = Box::leak(format!("scale{n}").into_boxed_str());
+        let create = load::open(rate, d, create_op(client, prefix)).await;
+        p50s.insert(("CheckQuota", n), ms(&check.latency, 0.5));
+        p50s.insert(("CreateAllocation", n), ms(&create.latency, 0.5));
+        out.value(
+            format!("check_quota_p50_ms_at_{n}"),
+            ms(&check.latency, 0.5),
+            "ms",
+        );
+        out.value(
+            format!("create_p50_ms_at_{n}"),
+            ms(&create.latency, 0.5),
+            "ms",
+        );
+        out.latencies
+            .push((format!("CheckQuota, {n} stored"), check.latency));
+        out.latencies
+            .push((format!("CreateAllocation, {n} stored"), create.latency));
+        usage = mesh.usage();
+    }
+    for what in ["CheckQuota", "CreateAllocation"] {
+        let small = p50s.get(&(what, 1_000)).copied().unwrap_or(0.0);
+        let big = p50s.get(&(what, large)).copied().unwrap_or(0.0);
+        let ratio = big / small.max(1e-9);
+        out.value(format!("{what}_p50_ratio"), ratio, "×");
+        out.target(
+            format!("{what} p50 at {large} ≤ 1.2 × at 1000"),
+            ratio,
+            1.2,
+            false,
+        );
+    }
+    out.usage = usage;
+    Ok(out)
+}

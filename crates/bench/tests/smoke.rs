@@ -1,0 +1,75 @@
+//! A short run of every scenario: the harness starts the mesh, drives each
+//! scenario, and writes a JSON, a markdown table and an SVG. This checks
+//! that the harness works, not how fast anything is (`cargo xtask bench`
+//! does that, in release).
+
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+use std::process::Command;
+
+#[test]
+fn every_scenario_runs_and_is_reported() {
+    let out = tempfile::tempdir().unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_gpualloc-bench"))
+        .args(["run", "--smoke", "--out"])
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the smoke run failed: {status:?}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("smoke.json")).unwrap())
+            .unwrap();
+    let scenarios = json["scenarios"].as_array().unwrap();
+    let names: Vec<&str> = scenarios
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["quota-check", "create", "saga", "churn", "scale"]);
+    for s in scenarios {
+        let name = s["name"].as_str().unwrap();
+        // Something was measured, with each service's memory and CPU.
+        assert!(
+            s["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|v| v["value"].as_f64().is_some_and(f64::is_finite)),
+            "{name}: {s}"
+        );
+        assert!(!s["latencies"].as_array().unwrap().is_empty(), "{name}");
+        for l in s["latencies"].as_array().unwrap() {
+            assert!(
+                l["distribution"]["count"].as_u64().unwrap() > 0,
+                "{name}: {l}"
+            );
+        }
+        let services = s["services"].as_array().unwrap();
+        assert_eq!(services.len(), 3, "{name}");
+        assert!(
+            services
+                .iter()
+                .all(|u| u["peak_rss_mib"].as_f64().unwrap() > 1.0),
+            "{name}"
+        );
+    }
+    // The saga ran to ALLOCATED in the viewer for every request, and churn
+    // gave every GPU back.
+    let saga = &scenarios[2];
+    let lost = saga["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "lost_at_half")
+        .unwrap();
+    assert_eq!(lost["value"], 0.0);
+    assert!(
+        scenarios[3]["checks"][0]
+            .as_str()
+            .unwrap()
+            .contains("0 used, 0 held")
+    );
+    let md = std::fs::read_to_string(out.path().join("smoke.md")).unwrap();
+    assert!(md.contains("| target | measured | goal | met |"), "{md}");
+    let svg = std::fs::read_to_string(out.path().join("smoke.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+}
