@@ -38,7 +38,7 @@ impl Default for DbOptions {
 /// SQLite connections need their pragmas on every new connection, and the
 /// multi-backend `establish` hides the real connect error, which operators
 /// need to see.
-struct Manager {
+pub(crate) struct Manager {
     backend: Backend,
     url: String,
 }
@@ -109,12 +109,15 @@ fn redact(url: &str) -> String {
 }
 
 type Pool = managed::Pool<Manager>;
+pub(crate) type WritePool = Pool;
 
 struct Inner {
     backend: Backend,
     url: String,
     write: Pool,
     read: Pool,
+    /// SQLite: writes go through group commit (see [`crate::group`]).
+    group: Option<crate::group::Queue>,
 }
 
 /// A service's database: a pool for write transactions and one for reads.
@@ -179,12 +182,14 @@ impl Db {
             Backend::Postgres => write.clone(),
             Backend::Sqlite => build(options.pool_size)?,
         };
+        let group = (backend == Backend::Sqlite).then(|| crate::group::start(write.clone()));
         let db = Db {
             inner: Arc::new(Inner {
                 backend,
                 url: redact(url),
                 write,
                 read,
+                group,
             }),
         };
         // Fail fast with the real error rather than at the first query.
@@ -220,13 +225,24 @@ impl Db {
 
     /// Runs `f` in a write transaction on the blocking pool. Retryable
     /// failures ([`TxError::is_retryable`]) roll back and run `f` again, a
-    /// few times, with a short backoff.
+    /// few times, with a short backoff. On SQLite the transaction is a
+    /// savepoint in a group commit ([`crate::group`]); it returns after the
+    /// group committed.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: TxError,
         F: FnMut(&mut DbConnection) -> Result<T, E> + Send + 'static,
     {
+        if let Some(queue) = &self.inner.group {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            queue
+                .send(Box::new(crate::group::Item::new(f, reply)))
+                .map_err(|_| E::from(DbError::Pool("the SQLite writer has stopped".into())))?;
+            return answer
+                .await
+                .map_err(|_| E::from(DbError::Panic("a write in its group panicked".into())))?;
+        }
         self.transaction(&self.inner.write, f).await
     }
 

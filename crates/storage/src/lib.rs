@@ -12,6 +12,7 @@
 mod conn;
 mod db;
 mod error;
+mod group;
 pub mod inbox;
 pub mod lock;
 mod migrate;
