@@ -74,10 +74,14 @@ pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<AllocRow>, Error>
     Ok(allocations::table
         .find(id)
         .select(AllocRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()?)
 }
 
+// Lookups by a unique key use `get_result`, not `first`: `first` adds a
+// `LIMIT ?`, and SQLite re-prepares a statement every time a parameter its
+// plan depends on is bound again (the LIMIT is one), which cost the create
+// path a quarter of its CPU (docs/benchmarks.md).
 pub fn by_request_id(
     conn: &mut DbConnection,
     tenant: &str,
@@ -87,7 +91,7 @@ pub fn by_request_id(
         .filter(allocations::tenant.eq(tenant))
         .filter(allocations::request_id.eq(request_id))
         .select(AllocRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()?)
 }
 
@@ -161,7 +165,7 @@ pub fn decision(conn: &mut DbConnection, id: &str) -> Result<Option<String>, Err
     Ok(approvals::table
         .find(id)
         .select(approvals::decision)
-        .first(conn)
+        .get_result(conn)
         .optional()?)
 }
 

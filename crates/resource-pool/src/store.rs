@@ -151,7 +151,7 @@ pub fn load_tenant(
     let Some(row) = tenant_quotas::table
         .find(tenant)
         .select(QuotaRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()?
     else {
         return Ok(None);
@@ -292,7 +292,7 @@ pub fn get_reservation(
     Ok(reservations::table
         .find(allocation_id)
         .select(ReservationRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()?)
 }
 
@@ -424,11 +424,11 @@ pub fn next_deadline(conn: &mut DbConnection) -> Result<Option<i64>, Error> {
     let lease: Option<i64> = reservations::table
         .filter(reservations::state.eq(GRANTED))
         .select(diesel::dsl::min(reservations::expire_time))
-        .first(conn)?;
+        .get_result(conn)?;
     let hold: Option<i64> = reservations::table
         .filter(reservations::state.eq(HELD))
         .select(diesel::dsl::min(reservations::hold_deadline))
-        .first(conn)?;
+        .get_result(conn)?;
     Ok(match (lease, hold) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),

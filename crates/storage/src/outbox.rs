@@ -128,7 +128,7 @@ pub fn backlog(conn: &mut DbConnection) -> QueryResult<(i64, Option<i64>)> {
     let oldest = outbox::table
         .filter(outbox::published_at.is_null())
         .select(diesel::dsl::min(outbox::created_at))
-        .first(conn)?;
+        .get_result(conn)?;
     Ok((count, oldest))
 }
 

@@ -70,7 +70,7 @@ pub fn project(
             let view: Option<(String, i64)> = allocation_views::table
                 .find(&event.allocation_id)
                 .select((allocation_views::state, allocation_views::version))
-                .first(conn)
+                .get_result(conn)
                 .optional()?;
             diesel::update(allocation_views::table.find(&event.allocation_id))
                 .set(allocation_views::hold_position.eq(h.position))
@@ -107,7 +107,7 @@ pub fn project(
             let current: Option<i64> = tenant_quota_views::table
                 .find(&event.tenant)
                 .select(tenant_quota_views::version)
-                .first(conn)
+                .get_result(conn)
                 .optional()?;
             match current {
                 None => {
@@ -186,7 +186,7 @@ fn apply_change(
     let current: Option<i64> = allocation_views::table
         .find(&a.allocation_id)
         .select(allocation_views::version)
-        .first(conn)
+        .get_result(conn)
         .optional()?;
     let expire_time = a.expire_time.as_ref().map(time::from_timestamp);
     let create_time = a

@@ -45,7 +45,7 @@ pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<ViewRow>, Error> 
     Ok(allocation_views::table
         .find(id)
         .select(ViewRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()?)
 }
 
@@ -190,7 +190,7 @@ pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantS
     let quota: Option<String> = tenant_quota_views::table
         .find(tenant.as_str())
         .select(tenant_quota_views::limits)
-        .first(conn)
+        .get_result(conn)
         .optional()?;
     let quota = quota
         .map(|q| serde_json::from_str::<Resources>(&q))
