@@ -30,6 +30,15 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    fn empty() -> Outcome {
+        Outcome {
+            ok: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latency: histogram(),
+        }
+    }
+
     pub fn rate(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -66,12 +75,7 @@ where
         .collect();
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut out = Outcome {
-        ok: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency: histogram(),
-    };
+    let mut out = Outcome::empty();
     for w in workers {
         if let Ok((ok, errors, h)) = w.await {
             out.ok += ok;
@@ -104,12 +108,7 @@ where
             (ok, intended.elapsed())
         }));
     }
-    let mut out = Outcome {
-        ok: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency: histogram(),
-    };
+    let mut out = Outcome::empty();
     for t in tasks {
         match t.await {
             Ok((true, latency)) => {

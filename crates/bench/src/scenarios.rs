@@ -168,18 +168,35 @@ async fn setup(mesh: &Mesh, gpus: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn create_request(request_id: String) -> Request<apb::CreateAllocationRequest> {
+    as_tenant(apb::CreateAllocationRequest {
+        tenant: TENANT.into(),
+        resources: Some(gpu_request(1)),
+        request_id,
+        ..Default::default()
+    })
+}
+
 fn create_op(
     client: AllocationServiceClient<Channel>,
-    prefix: &'static str,
+    prefix: String,
 ) -> impl Fn(u64) -> Pin<Box<dyn Future<Output = bool> + Send>> + Clone + Send + 'static {
     move |i| {
         let mut c = client.clone();
+        let request = create_request(format!("{prefix}-{i}"));
+        Box::pin(async move { c.create_allocation(request).await.is_ok() })
+    }
+}
+
+fn check_quota_op(
+    pools: ResourcePoolServiceClient<Channel>,
+) -> impl Fn(u64) -> Pin<Box<dyn Future<Output = bool> + Send>> + Clone + Send + 'static {
+    move |_| {
+        let mut p = pools.clone();
         Box::pin(async move {
-            c.create_allocation(as_tenant(apb::CreateAllocationRequest {
+            p.check_quota(as_tenant(rp::CheckQuotaRequest {
                 tenant: TENANT.into(),
                 resources: Some(gpu_request(1)),
-                request_id: format!("{prefix}-{i}"),
-                ..Default::default()
             }))
             .await
             .is_ok()
@@ -207,17 +224,7 @@ async fn quota_check(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResu
             .is_ok()
         }
     };
-    let check_op = move |_| {
-        let mut p = pools.clone();
-        async move {
-            p.check_quota(as_tenant(rp::CheckQuotaRequest {
-                tenant: TENANT.into(),
-                resources: Some(gpu_request(1)),
-            }))
-            .await
-            .is_ok()
-        }
-    };
+    let check_op = check_quota_op(pools);
     let d = args.duration();
     let (mut health_rates, mut check_rates, mut ratios) = (vec![], vec![], vec![]);
     // Interleaved, so both see the same machine.
@@ -254,9 +261,8 @@ async fn create(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     let (mut rates, mut base_rates, mut ratios) = (vec![], vec![], vec![]);
     let mut last: Option<Outcome> = None;
     for run in 0..args.runs() {
-        let prefix: &'static str = Box::leak(format!("c{run}").into_boxed_str());
         let client = AllocationServiceClient::new(mesh.channel("allocation"));
-        let c = load::closed(CONCURRENCY, d, create_op(client, prefix)).await;
+        let c = load::closed(CONCURRENCY, d, create_op(client, format!("c{run}"))).await;
         let db = baseline_db.clone();
         let b = load::closed(CONCURRENCY, d, move |i| {
             let db = db.clone();
@@ -481,10 +487,9 @@ async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     let mut rates = vec![];
     for run in 0..args.runs() {
         arrivals.clear();
-        let prefix: &'static str = Box::leak(format!("s{run}").into_boxed_str());
         let client = AllocationServiceClient::new(mesh.channel("allocation"));
         let start = Instant::now();
-        let created = load::closed(CONCURRENCY, d, create_op(client, prefix)).await;
+        let created = load::closed(CONCURRENCY, d, create_op(client, format!("s{run}"))).await;
         // Everything created must reach the viewer as ALLOCATED.
         let deadline = Instant::now() + Duration::from_secs(120);
         while (arrivals.count_seen() as u64) < created.ok && Instant::now() < deadline {
@@ -511,12 +516,7 @@ async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
         let arrivals = waiting.clone();
         async move {
             let Ok(a) = c
-                .create_allocation(as_tenant(apb::CreateAllocationRequest {
-                    tenant: TENANT.into(),
-                    resources: Some(gpu_request(1)),
-                    request_id: format!("half-{i}"),
-                    ..Default::default()
-                }))
+                .create_allocation(create_request(format!("half-{i}")))
                 .await
             else {
                 return false;
@@ -586,12 +586,7 @@ async fn churn(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
         let mut c = client.clone();
         async move {
             let Ok(a) = c
-                .create_allocation(as_tenant(apb::CreateAllocationRequest {
-                    tenant: TENANT.into(),
-                    resources: Some(gpu_request(1)),
-                    request_id: format!("churn-{i}"),
-                    ..Default::default()
-                }))
+                .create_allocation(create_request(format!("churn-{i}")))
                 .await
             else {
                 return false;
@@ -710,21 +705,9 @@ async fn scale(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
             seeding.elapsed()
         );
         let pools = ResourcePoolServiceClient::new(mesh.channel("resource-pool"));
-        let check = load::open(rate, d, move |_| {
-            let mut p = pools.clone();
-            async move {
-                p.check_quota(as_tenant(rp::CheckQuotaRequest {
-                    tenant: TENANT.into(),
-                    resources: Some(gpu_request(1)),
-                }))
-                .await
-                .is_ok()
-            }
-        })
-        .await;
+        let check = load::open(rate, d, check_quota_op(pools)).await;
         let client = AllocationServiceClient::new(mesh.channel("allocation"));
-        let prefix: &'static str = Box::leak(format!("scale{n}").into_boxed_str());
-        let create = load::open(rate, d, create_op(client, prefix)).await;
+        let create = load::open(rate, d, create_op(client, format!("scale{n}"))).await;
         p50s.insert(("CheckQuota", n), ms(&check.latency, 0.5));
         p50s.insert(("CreateAllocation", n), ms(&create.latency, 0.5));
         out.value(

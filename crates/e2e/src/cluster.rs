@@ -12,7 +12,7 @@ use std::{
 
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl, sql_query, sql_types};
 use gpualloc_proto::{
-    allocation::v1::allocation_service_client::AllocationServiceClient,
+    allocation::v1::allocation_service_client::AllocationServiceClient, resourcepool::v1 as rp,
     resourcepool::v1::resource_pool_service_client::ResourcePoolServiceClient,
     viewer::v1::viewer_service_client::ViewerServiceClient,
 };
@@ -250,6 +250,34 @@ impl Cluster {
             .filter(|n| n.kind == kind)
             .map(Node::channel)
             .collect()
+    }
+
+    /// Creates or replaces a pool, as an administrator.
+    pub async fn put_pool(&self, id: &str, capacity: rp::Capacity) {
+        self.pools()
+            .remove(0)
+            .put_pool(crate::admin(rp::PutPoolRequest {
+                pool: Some(rp::Pool {
+                    pool_id: id.into(),
+                    capacity: Some(capacity),
+                    ..Default::default()
+                }),
+            }))
+            .await
+            .unwrap();
+    }
+
+    /// Sets a tenant's quota, as an administrator.
+    pub async fn set_quota(&self, tenant: &str, limits: rp::Resources) {
+        self.pools()
+            .remove(0)
+            .set_tenant_quota(crate::admin(rp::SetTenantQuotaRequest {
+                tenant: tenant.into(),
+                limits: Some(limits),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
     }
 
     pub fn allocations(&self) -> Vec<AllocationServiceClient<Channel>> {

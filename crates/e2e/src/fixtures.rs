@@ -88,6 +88,32 @@ pub async fn create(mesh: &Mesh, t: &str, resources: rp::Resources) -> apb::Allo
         .into_inner()
 }
 
+/// Creates `n` A100s for `t`, returning what the service answered.
+pub async fn try_create(mesh: &Mesh, t: &str, n: i32) -> Result<apb::Allocation, tonic::Status> {
+    mesh.allocations()
+        .create_allocation(tenant(
+            t,
+            apb::CreateAllocationRequest {
+                tenant: t.into(),
+                resources: Some(gpus(n, "A100")),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Gives a service a metrics endpoint on a free port (use with
+/// `Mesh::start_custom`).
+pub fn with_metrics(c: &mut gpualloc_platform::CommonConfig) {
+    c.metrics_listen = Some(format!("127.0.0.1:{}", gpualloc_testkit::free_port()));
+}
+
+/// Where a service started [`with_metrics`] serves them.
+pub fn metrics_addr(s: &crate::Service) -> String {
+    s.common.metrics_listen.clone().unwrap()
+}
+
 /// Polls GetAllocation until the allocation is in `state`.
 pub async fn wait_state(mesh: &Mesh, t: &str, id: &str, state: State) -> apb::Allocation {
     eventually(SETTLE, &format!("{id} {state:?} in allocation"), || async {
@@ -132,17 +158,22 @@ struct Count {
     n: i64,
 }
 
-/// Runs `SELECT COUNT(*) AS n …` on a service's database.
-pub async fn count(db: &TestDb, sql: &str) -> i64 {
-    let handle = Db::connect(
+/// A handle on a service's database, for checks from outside.
+pub async fn open_db(db: &TestDb) -> Db {
+    Db::connect(
         &db.url,
         DbOptions {
-            pool_size: 1,
+            pool_size: 2,
             ..Default::default()
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// Runs `SELECT COUNT(*) AS n …` on a service's database.
+pub async fn count(db: &TestDb, sql: &str) -> i64 {
+    let handle = open_db(db).await;
     let sql = sql.to_owned();
     handle
         .read(move |c| Ok::<_, DbError>(sql_query(sql.clone()).get_result::<Count>(c)?.n))

@@ -9,36 +9,13 @@
 use std::time::Duration;
 
 use gpualloc_allocation::breaker::BreakerConfig;
-use gpualloc_e2e::{Backend, Mesh, Service, Tuning, fixtures::*, tenant};
-use gpualloc_platform::CommonConfig;
-use gpualloc_proto::allocation::v1::{self as apb, State};
-use gpualloc_testkit::{eventually, free_port};
+use gpualloc_e2e::{Backend, Mesh, Tuning, fixtures::*};
+use gpualloc_proto::allocation::v1::State;
+use gpualloc_testkit::eventually;
 use tonic::Code;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 const CHECK_QUOTA: &str = "/gpualloc.resourcepool.v1.ResourcePoolService/CheckQuota";
-
-fn with_metrics(c: &mut CommonConfig) {
-    c.metrics_listen = Some(format!("127.0.0.1:{}", free_port()));
-}
-
-fn metrics_addr(s: &Service) -> String {
-    s.common.metrics_listen.clone().unwrap()
-}
-
-async fn try_create(mesh: &Mesh, t: &str, gpus_n: i32) -> Result<apb::Allocation, tonic::Status> {
-    mesh.allocations()
-        .create_allocation(tenant(
-            t,
-            apb::CreateAllocationRequest {
-                tenant: t.into(),
-                resources: Some(gpus(gpus_n, "A100")),
-                ..Default::default()
-            },
-        ))
-        .await
-        .map(|r| r.into_inner())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_are_accepted_while_the_pool_is_down_and_the_breaker_spares_it() {

@@ -17,8 +17,7 @@ use gpualloc_proto::{
     allocation::v1::{self as apb, State},
     resourcepool::v1 as rp,
 };
-use gpualloc_storage::{Db, DbOptions};
-use gpualloc_testkit::{HttpReceiver, Received, TestDb, eventually};
+use gpualloc_testkit::{HttpReceiver, Received, eventually};
 use gpualloc_viewer::dispatch;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -262,7 +261,7 @@ async fn each_channel_gets_every_state_change_in_its_own_shape() {
 
     // Nothing more arrives: each notification once per channel (all
     // deliveries are recorded as delivered, none pending).
-    let viewer_db = open(&mesh.viewer_db).await;
+    let viewer_db = open_db(&mesh.viewer_db).await;
     eventually(DEADLINE, "all delivered", || async {
         let pending = dispatch::list(&viewer_db, Some("PENDING".into()), 1000)
             .await
@@ -279,18 +278,6 @@ async fn each_channel_gets_every_state_change_in_its_own_shape() {
     assert_eq!(per_path("/v2/api/talk/memo/default/send"), expected.len());
     assert_eq!(per_path("/grants"), 3);
     assert_eq!(delivered.len(), 3 * expected.len() + 1 + 3);
-}
-
-async fn open(db: &TestDb) -> Db {
-    Db::connect(
-        &db.url,
-        DbOptions {
-            pool_size: 2,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -336,7 +323,7 @@ async fn a_receiver_that_was_down_gets_each_notification_exactly_once() {
     for id in &ids[..3] {
         wait_view(&mesh, "team", id, State::Cancelled).await;
     }
-    let viewer_db = open(&mesh.viewer_db).await;
+    let viewer_db = open_db(&mesh.viewer_db).await;
     // Retried: attempts grow, the error is recorded.
     let pending = eventually(DEADLINE, "failed attempts", || async {
         let rows = dispatch::list(&viewer_db, Some("PENDING".into()), 100)
@@ -422,7 +409,7 @@ async fn a_delivery_the_receiver_refuses_is_parked_and_can_be_requeued() {
     let a = create(&mesh, "team", gpus(1, "A100")).await;
     wait_view(&mesh, "team", &a.allocation_id, State::Allocated).await;
 
-    let viewer_db = open(&mesh.viewer_db).await;
+    let viewer_db = open_db(&mesh.viewer_db).await;
     let parked = eventually(DEADLINE, "parked", || async {
         let rows = dispatch::list(&viewer_db, Some("PARKED".into()), 100)
             .await

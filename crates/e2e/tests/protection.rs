@@ -13,20 +13,6 @@ use tokio::net::TcpListener;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-async fn try_create(mesh: &Mesh, t: &str, gpus_n: i32) -> Result<apb::Allocation, tonic::Status> {
-    mesh.allocations()
-        .create_allocation(tenant(
-            t,
-            apb::CreateAllocationRequest {
-                tenant: t.into(),
-                resources: Some(gpus(gpus_n, "A100")),
-                ..Default::default()
-            },
-        ))
-        .await
-        .map(|r| r.into_inner())
-}
-
 /// A "pool" that accepts connections and never answers.
 async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

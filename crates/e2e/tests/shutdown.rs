@@ -16,12 +16,12 @@ use std::{
 };
 
 use gpualloc_e2e::{
-    Svc, admin,
+    Svc,
     cluster::{Cluster, pg_count, rows},
     fixtures::*,
     tenant,
 };
-use gpualloc_proto::{allocation::v1 as apb, resourcepool::v1 as rp};
+use gpualloc_proto::allocation::v1 as apb;
 use gpualloc_testkit::eventually;
 use tonic::Code;
 
@@ -57,25 +57,10 @@ fn never_processed(s: &tonic::Status) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_under_load_finishes_in_flight_rpcs_and_loses_nothing() {
     let mut cluster = Cluster::start(env!("CARGO_BIN_EXE_mesh-node"), 1).await;
-    let mut pools = cluster.pools().remove(0);
-    pools
-        .put_pool(admin(rp::PutPoolRequest {
-            pool: Some(rp::Pool {
-                pool_id: "p".into(),
-                capacity: Some(gpu_capacity(&[("A100", 100_000)])),
-                ..Default::default()
-            }),
-        }))
-        .await
-        .unwrap();
-    pools
-        .set_tenant_quota(admin(rp::SetTenantQuotaRequest {
-            tenant: "team".into(),
-            limits: Some(gpus(100_000, "")),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    cluster
+        .put_pool("p", gpu_capacity(&[("A100", 100_000)]))
+        .await;
+    cluster.set_quota("team", gpus(100_000, "")).await;
 
     let client = cluster.allocations().remove(0);
     let stop = Arc::new(AtomicBool::new(false));

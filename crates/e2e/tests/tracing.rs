@@ -8,15 +8,14 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use gpualloc_e2e::{admin, cluster::Cluster, fixtures::*, tenant};
+use gpualloc_e2e::{cluster::Cluster, fixtures::*, tenant};
 use gpualloc_proto::{
     allocation::v1::{self as apb, State},
-    resourcepool::v1 as rp,
     viewer::v1 as vpb,
 };
 use gpualloc_testkit::eventually;
@@ -119,14 +118,19 @@ async fn trace_of(r: &Receiver, trace_id: &str) -> Vec<Got> {
                     .filter(|s| s.trace_id == trace_id)
                     .cloned()
                     .collect();
-            let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
-            // The viewer's projection of the grant is the last hop.
-            let viewer_saw_grant = spans
-                .iter()
-                .filter(|s| s.service == "gpualloc-viewer" && s.kind == SpanKind::Consumer as i32)
-                .count()
-                >= 2;
-            (SERVICES.iter().all(|s| services.contains(s)) && viewer_saw_grant).then_some(spans)
+            // Spans arrive in export batches, per process and out of
+            // order: wait for every hop. Each service consumed something
+            // (the pool the request, the allocation service the grant),
+            // and the viewer all four events: both state changes, the
+            // request and the grant.
+            let consumed = |service: &str| {
+                spans
+                    .iter()
+                    .filter(|s| s.service == service && s.kind == SpanKind::Consumer as i32)
+                    .count()
+            };
+            (SERVICES.iter().all(|s| consumed(s) >= 1) && consumed("gpualloc-viewer") >= 4)
+                .then_some(spans)
         },
     )
     .await
@@ -178,27 +182,10 @@ async fn one_trace_spans_the_saga_across_all_three_services() {
         ],
     )
     .await;
-    let mut pools = cluster.pools().remove(0);
     let mut allocations = cluster.allocations().remove(0);
     let viewers = cluster.viewers().remove(0);
-    pools
-        .put_pool(admin(rp::PutPoolRequest {
-            pool: Some(rp::Pool {
-                pool_id: "p".into(),
-                capacity: Some(gpu_capacity(&[("A100", 8)])),
-                ..Default::default()
-            }),
-        }))
-        .await
-        .unwrap();
-    pools
-        .set_tenant_quota(admin(rp::SetTenantQuotaRequest {
-            tenant: "team".into(),
-            limits: Some(gpus(8, "")),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    cluster.put_pool("p", gpu_capacity(&[("A100", 8)])).await;
+    cluster.set_quota("team", gpus(8, "")).await;
 
     let create = |headers: Vec<(&'static str, String)>| {
         let mut r = tenant(

@@ -17,7 +17,7 @@ use gpualloc_proto::{
     resourcepool::v1 as rp,
     viewer::v1::{self as vpb, WatchEventType, viewer_service_client::ViewerServiceClient},
 };
-use gpualloc_storage::{Db, DbError, DbOptions};
+use gpualloc_storage::DbError;
 use gpualloc_testkit::{TestDb, eventually};
 use tokio_stream::StreamExt;
 use tonic::{Code, Streaming, transport::Endpoint};
@@ -563,16 +563,8 @@ struct Line {
 /// The read model as text, without the projection times (a rebuild
 /// projects at another time, by design).
 async fn read_model(db: &TestDb) -> Vec<String> {
-    let handle = Db::connect(
-        &db.url,
-        DbOptions {
-            pool_size: 1,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    handle
+    open_db(db)
+        .await
         .read(|c| {
             let mut out = Vec::new();
             for sql in [

@@ -5,20 +5,14 @@
 
 use std::collections::BTreeMap;
 
-use gpualloc_telemetry::trace::{self, TRACE_HEADERS};
+use gpualloc_telemetry::trace;
 use tonic::metadata::MetadataMap;
 
 /// The headers to pass on from the current handler: its `x-request-id` and
 /// the context of the current span (the RPC's server span), so that what
 /// it causes becomes part of its trace.
 pub fn headers(md: &MetadataMap) -> BTreeMap<String, String> {
-    let mut inbound = BTreeMap::new();
-    for name in TRACE_HEADERS {
-        if let Some(v) = md.get(*name).and_then(|v| v.to_str().ok()) {
-            inbound.insert((*name).to_owned(), v.to_owned());
-        }
-    }
-    trace::outgoing(&tracing::Span::current(), &inbound)
+    trace::outgoing(&tracing::Span::current(), &trace::inbound_http(md.as_ref()))
 }
 
 /// Copies `headers` into outgoing gRPC metadata.

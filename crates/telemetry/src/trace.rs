@@ -125,12 +125,17 @@ impl TextMapPropagator for B3 {
 }
 
 /// W3C trace context and B3 together; W3C wins when both are present (the
-/// later propagator overrides).
-pub fn propagator() -> TextMapCompositePropagator {
-    TextMapCompositePropagator::new(vec![
-        Box::new(B3),
-        Box::new(opentelemetry_sdk::propagation::TraceContextPropagator::new()),
-    ])
+/// later propagator overrides). Built once: it is used on every RPC and
+/// every event.
+pub fn propagator() -> &'static TextMapCompositePropagator {
+    static PROPAGATOR: std::sync::LazyLock<TextMapCompositePropagator> =
+        std::sync::LazyLock::new(|| {
+            TextMapCompositePropagator::new(vec![
+                Box::new(B3),
+                Box::new(opentelemetry_sdk::propagation::TraceContextPropagator::new()),
+            ])
+        });
+    &PROPAGATOR
 }
 
 /// Reads propagation headers from a string map (outbox rows, NATS).

@@ -119,8 +119,7 @@ pub async fn run(db: Db, settings: Arc<Settings>, wake: Wake, stop: Cancellation
             && tokio::time::Instant::now() >= next_sweep
         {
             next_sweep = tokio::time::Instant::now() + LEASE_SWEEP;
-            let s = settings.clone();
-            if let Err(e) = db.write(move |c| warn_leases(c, &s, window)).await {
+            if let Err(e) = warn_leases(&db, &settings, window).await {
                 tracing::warn!(error = %e, "looking for expiring leases failed");
             }
         }
@@ -422,23 +421,60 @@ pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> Result<String, String
     Ok(out)
 }
 
-/// Stores a warning for every allocated lease that ends within `window`.
-fn warn_leases(c: &mut DbConnection, settings: &Settings, window: Duration) -> Result<(), Error> {
+/// Stores a warning for every allocated lease that ends within `window`
+/// and has none yet. Runs every second, so it looks first and writes only
+/// when there is something new.
+async fn warn_leases(db: &Db, settings: &Arc<Settings>, window: Duration) -> Result<(), Error> {
     let now = time::now_micros();
     let horizon = now + window.as_micros() as i64;
-    let rows: Vec<(Vec<u8>, Option<i64>)> = allocation_views::table
-        .filter(allocation_views::state.eq("ALLOCATED"))
-        .filter(allocation_views::expire_time.gt(now))
-        .filter(allocation_views::expire_time.le(horizon))
-        .select((allocation_views::snapshot, allocation_views::expire_time))
-        .load(c)?;
-    for (snapshot, expire) in rows {
-        let Some(expire) = expire else { continue };
-        let a = apb::Allocation::decode(snapshot.as_slice())
-            .map_err(|e| Error::BadEvent(format!("stored snapshot: {e}")))?;
-        notify::enqueue(c, settings, &notify::of_lease(&a, expire, now), now)?;
+    let due = db
+        .read(move |c| {
+            let rows: Vec<(String, Vec<u8>, Option<i64>)> = allocation_views::table
+                .filter(allocation_views::state.eq("ALLOCATED"))
+                .filter(allocation_views::expire_time.gt(now))
+                .filter(allocation_views::expire_time.le(horizon))
+                .select((
+                    allocation_views::allocation_id,
+                    allocation_views::snapshot,
+                    allocation_views::expire_time,
+                ))
+                .load(c)?;
+            let keyed: Vec<(String, Vec<u8>, i64)> = rows
+                .into_iter()
+                .filter_map(|(id, snapshot, expire)| {
+                    let expire = expire?;
+                    Some((notify::lease_key(&id, expire), snapshot, expire))
+                })
+                .collect();
+            let keys: Vec<&String> = keyed.iter().map(|(k, _, _)| k).collect();
+            let warned: std::collections::HashSet<String> = notifications::table
+                .filter(notifications::dedupe_key.eq_any(keys))
+                .select(notifications::dedupe_key)
+                .load(c)?
+                .into_iter()
+                .collect();
+            Ok::<_, Error>(
+                keyed
+                    .into_iter()
+                    .filter(|(k, _, _)| !warned.contains(k))
+                    .map(|(_, snapshot, expire)| (snapshot, expire))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await?;
+    if due.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let settings = settings.clone();
+    db.write(move |c| {
+        for (snapshot, expire) in &due {
+            let a = apb::Allocation::decode(snapshot.as_slice())
+                .map_err(|e| Error::BadEvent(format!("stored snapshot: {e}")))?;
+            notify::enqueue(c, &settings, &notify::of_lease(&a, *expire, now), now)?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Deletes delivered rows older than `days`. Dedupe outlives them: the
