@@ -473,6 +473,38 @@ fn sum_metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The low rate of the saga's latency floor (allocations/s).
+const FLOOR_RATE: f64 = 100.0;
+
+/// Creates an allocation and waits until the viewer's watcher saw it
+/// ALLOCATED.
+fn to_allocated_op(
+    mesh: &Mesh,
+    arrivals: &Arrivals,
+    prefix: &'static str,
+) -> impl Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Clone + use<>
+{
+    arrivals.clear();
+    let client = AllocationServiceClient::new(mesh.channel("allocation"));
+    let arrivals = arrivals.clone();
+    move |i| {
+        let mut c = client.clone();
+        let arrivals = arrivals.clone();
+        Box::pin(async move {
+            let Ok(a) = c
+                .create_allocation(create_request(format!("{prefix}-{i}")))
+                .await
+            else {
+                return false;
+            };
+            arrivals
+                .wait(a.into_inner().allocation_id, Duration::from_secs(30))
+                .await
+                .is_some()
+        })
+    }
+}
+
 async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     let mesh = Mesh::start(&exe).await?;
     setup(&mesh, i32::MAX).await?;
@@ -508,26 +540,17 @@ async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     out.value("allocated_per_s", max_rate, "/s");
 
     // At half the maximum: request → ALLOCATED in the viewer.
-    arrivals.clear();
-    let client = AllocationServiceClient::new(mesh.channel("allocation"));
-    let waiting = arrivals.clone();
-    let half = load::open(max_rate / 2.0, d, move |i| {
-        let mut c = client.clone();
-        let arrivals = waiting.clone();
-        async move {
-            let Ok(a) = c
-                .create_allocation(create_request(format!("half-{i}")))
-                .await
-            else {
-                return false;
-            };
-            arrivals
-                .wait(a.into_inner().allocation_id, Duration::from_secs(30))
-                .await
-                .is_some()
-        }
-    })
+    let half = load::open(max_rate / 2.0, d, to_allocated_op(&mesh, &arrivals, "half")).await;
+    // And at a low rate, where nothing queues: what the hops themselves
+    // cost (commits, relays, fetches, the watcher's poll).
+    let floor = load::open(
+        FLOOR_RATE.min(max_rate / 4.0),
+        d,
+        to_allocated_op(&mesh, &arrivals, "floor"),
+    )
     .await;
+    out.value("p50_to_allocated_low_ms", ms(&floor.latency, 0.5), "ms");
+    out.value("p99_to_allocated_low_ms", ms(&floor.latency, 0.99), "ms");
     stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
     let (backlog, lag) = sampler.await.unwrap_or_default();
     out.value("p50_to_allocated_ms", ms(&half.latency, 0.5), "ms");
@@ -543,6 +566,13 @@ async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     out.latencies.push((
         "request → ALLOCATED in viewer at ½ max".into(),
         half.latency,
+    ));
+    out.latencies.push((
+        format!(
+            "request → ALLOCATED in viewer at {:.0}/s",
+            FLOOR_RATE.min(max_rate / 4.0)
+        ),
+        floor.latency,
     ));
     out.target(
         "saga ≥ 3000 allocations/s end to end",

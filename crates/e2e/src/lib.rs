@@ -65,6 +65,8 @@ pub struct Tuning {
     pub notify_config: Option<std::path::PathBuf>,
     /// Allocation: the CheckQuota circuit breaker.
     pub breaker: gpualloc_allocation::breaker::BreakerConfig,
+    /// Resource pool: how long CheckQuota may answer from memory.
+    pub quota_cache_ttl: Duration,
 }
 
 impl Default for Tuning {
@@ -76,6 +78,7 @@ impl Default for Tuning {
             rate_card: None,
             notify_config: None,
             breaker: gpualloc_allocation::breaker::BreakerConfig::default(),
+            quota_cache_ttl: Duration::from_millis(100),
         }
     }
 }
@@ -132,6 +135,7 @@ impl Service {
             Svc::ResourcePool => {
                 let mut c = gpualloc_resource_pool::Config::new(common.clone());
                 c.sweep_interval = tuning.sweep_interval;
+                c.quota_cache_ttl = tuning.quota_cache_ttl;
                 tokio::spawn(gpualloc_resource_pool::run(c, listener, shutdown))
             }
             Svc::Viewer => {

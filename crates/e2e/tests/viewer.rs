@@ -292,6 +292,54 @@ async fn a_watcher_gets_a_snapshot_then_every_change_once_in_order() {
     assert_eq!(err, Some(Code::PermissionDenied));
 }
 
+/// A transaction stamped seconds before it committed (another replica, or
+/// contention on PostgreSQL) still reaches a watcher: ordinary polls read
+/// only from just before the previous one, and the periodic catch-up poll
+/// reads the last few seconds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_that_commits_late_still_reaches_the_watcher() {
+    let mesh = Mesh::start(Backend::Sqlite).await;
+    let t = "team";
+    let mut client = mesh.viewer();
+    let mut stream = watch(&mut client, t).await;
+    let mut seen = snapshot(&mut stream).await;
+    assert!(seen.versions.is_empty());
+
+    // Committed now, stamped 3 s ago: older than any ordinary poll reads.
+    let now = time::now_micros();
+    let late = apb::Allocation {
+        allocation_id: "late-1".into(),
+        tenant: t.into(),
+        state: State::Pending as i32,
+        version: 1,
+        ..Default::default()
+    };
+    let snapshot_blob = prost::Message::encode_to_vec(&late);
+    let blob = snapshot_blob
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    let sql = format!(
+        "INSERT INTO allocation_history (allocation_id, version, event_id, tenant, \
+         previous_state, state, reason, change_time, snapshot, project_time) \
+         VALUES ('late-1', 1, 'ev-late-1', '{t}', 'UNSPECIFIED', 'PENDING', '', {now}, \
+         X'{blob}', {})",
+        now - 3_000_000
+    );
+    open_db(&mesh.viewer_db)
+        .await
+        .write(move |c| sql_query(&sql).execute(c).map_err(DbError::from))
+        .await
+        .unwrap();
+    follow_until(
+        &mut stream,
+        &mut seen,
+        &BTreeMap::from([("late-1".to_owned(), 1)]),
+    )
+    .await;
+    assert_eq!(seen.versions["late-1"], vec![1]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watchers_on_two_replicas_see_everything_and_a_slow_one_is_cut_off() {
     let tuning = Tuning {

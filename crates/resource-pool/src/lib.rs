@@ -19,6 +19,7 @@ pub mod engine;
 mod error;
 mod handler;
 pub mod ops;
+mod quota_cache;
 mod schema;
 mod service;
 pub mod store;
@@ -60,6 +61,13 @@ pub struct Config {
     #[arg(long, env = "GPUALLOC_SWEEP_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
 
+    /// How long `CheckQuota` may answer from counters it read earlier. Its
+    /// own replica's writes show at once; other replicas' writes show
+    /// within this time. `0s` reads the database on every check. The
+    /// placement in the saga always decides on current counters.
+    #[arg(long, env = "GPUALLOC_QUOTA_CACHE_TTL", default_value = "100ms", value_parser = parse_duration)]
+    pub quota_cache_ttl: Duration,
+
     /// Log format.
     #[arg(long, env = "GPUALLOC_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -71,6 +79,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
             common,
             sweep_interval: Duration::from_secs(1),
+            quota_cache_ttl: Duration::from_millis(100),
             log_format: LogFormat::Text,
         }
     }
@@ -87,6 +96,7 @@ pub async fn run(
         platform.db(),
         platform.relay(),
         platform.origin().to_owned(),
+        config.quota_cache_ttl,
     );
     let sweep_interval = config.sweep_interval;
     platform.start(MIGRATIONS, move |ready| {

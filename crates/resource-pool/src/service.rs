@@ -1,7 +1,7 @@
 //! The gRPC face of the resource pool: parses requests into domain types
 //! once, checks the caller, and runs the operations in [`crate::ops`].
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use gpualloc_domain::{Capacity, Class, PoolId, Resources, TenantId, Violations, time};
 use gpualloc_platform::{Caller, DbHandle, propagation};
@@ -16,6 +16,7 @@ use crate::{
     Error,
     engine::{self, TenantState, Verdict},
     ops::{self, PoolSpec, QuotaSpec},
+    quota_cache::QuotaCache,
     store,
 };
 
@@ -25,11 +26,19 @@ pub struct PoolService {
     db: DbHandle,
     relay: Relay,
     origin: String,
+    quota: Arc<QuotaCache>,
 }
 
 impl PoolService {
-    pub fn new(db: DbHandle, relay: Relay, origin: String) -> Self {
-        Self { db, relay, origin }
+    /// `quota_cache_ttl` bounds how long `CheckQuota` may answer from
+    /// counters read before another replica's write (zero: never).
+    pub fn new(db: DbHandle, relay: Relay, origin: String, quota_cache_ttl: Duration) -> Self {
+        Self {
+            db,
+            relay,
+            origin,
+            quota: Arc::new(QuotaCache::new(quota_cache_ttl)),
+        }
     }
 
     /// Runs a state-changing operation in one transaction with its events.
@@ -132,14 +141,8 @@ impl ResourcePoolService for PoolService {
                 "a tenant may only check its own quota, not {tenant}'s"
             )));
         }
-        let t = tenant.clone();
-        let (pools, state) = self
-            .read(move |conn| {
-                let pools = store::pool_states(conn)?;
-                let state = store::load_tenant(conn, t.as_str())?.map(|(_, s)| s);
-                Ok((pools, state))
-            })
-            .await?;
+        let snapshot = self.quota.snapshot(self.db.get()?, tenant.as_str()).await?;
+        let (pools, state) = (snapshot.pools, snapshot.tenant);
         let requires_approval = state
             .as_ref()
             .is_some_and(|s| !demand.above_threshold(&s.approval_above).is_empty());
@@ -157,7 +160,7 @@ impl ResourcePoolService for PoolService {
             }),
             ..Default::default()
         };
-        match engine::decide(&demand, state.as_ref(), &pools) {
+        match engine::decide(&demand, state.as_deref(), &pools) {
             Verdict::Allowed(p) => {
                 resp.verdict = pb::Verdict::Allowed as i32;
                 resp.reason = format!("fits the quota and pool {} now", p.pool);

@@ -303,11 +303,15 @@ async fn process<H: Handler>(
         .map(|i| (i.event.clone(), i.headers.clone()))
         .collect();
     match apply(db, spec, handler, events).await {
-        Ok(applied) => {
+        Ok((applied, emitted)) => {
             for item in &items {
                 let _ = item.message.ack().await;
             }
-            relay.nudge();
+            // A relay round is a read transaction: only when there is
+            // something to publish (the viewer, for one, emits nothing).
+            if emitted {
+                relay.nudge();
+            }
             count_applied(spec, &applied);
             handler.committed(&applied);
         }
@@ -316,9 +320,11 @@ async fn process<H: Handler>(
             for item in items {
                 let one = vec![(item.event.clone(), item.headers.clone())];
                 match apply(db, spec, handler, one).await {
-                    Ok(applied) => {
+                    Ok((applied, emitted)) => {
                         let _ = item.message.ack().await;
-                        relay.nudge();
+                        if emitted {
+                            relay.nudge();
+                        }
                         count_applied(spec, &applied);
                         handler.committed(&applied);
                     }
@@ -359,23 +365,25 @@ async fn apply<H: Handler>(
     spec: &ConsumerSpec,
     handler: &Arc<H>,
     events: Vec<(Event, BTreeMap<String, String>)>,
-) -> Result<Vec<Event>, H::Error> {
+) -> Result<(Vec<Event>, bool), H::Error> {
     let handler = handler.clone();
     let durable = spec.durable.clone();
     let origin = spec.origin.clone();
     db.write(move |conn| {
         let now = now_micros();
         let mut applied = Vec::new();
+        let mut emitted = false;
         for (event, headers) in &events {
             if !inbox::claim(conn, &durable, &event.event_id, now)? {
                 continue;
             }
             let mut emit = Emitter::new(&origin, now, headers.clone());
             handler.handle(conn, &mut emit, event)?;
+            emitted |= !emit.is_empty();
             emit.flush(conn)?;
             applied.push(event.clone());
         }
-        Ok(applied)
+        Ok((applied, emitted))
     })
     .await
 }

@@ -1,4 +1,11 @@
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use deadpool::{
     Runtime,
@@ -118,6 +125,9 @@ struct Inner {
     read: Pool,
     /// SQLite: writes go through group commit (see [`crate::group`]).
     group: Option<crate::group::Queue>,
+    /// Bumped after every write transaction of this `Db` ends, committed or
+    /// not (see [`Db::write_generation`]).
+    writes: Arc<AtomicU64>,
 }
 
 /// A service's database: a pool for write transactions and one for reads.
@@ -182,7 +192,9 @@ impl Db {
             Backend::Postgres => write.clone(),
             Backend::Sqlite => build(options.pool_size)?,
         };
-        let group = (backend == Backend::Sqlite).then(|| crate::group::start(write.clone()));
+        let writes = Arc::new(AtomicU64::new(0));
+        let group = (backend == Backend::Sqlite)
+            .then(|| crate::group::start(write.clone(), writes.clone()));
         let db = Db {
             inner: Arc::new(Inner {
                 backend,
@@ -190,6 +202,7 @@ impl Db {
                 write,
                 read,
                 group,
+                writes,
             }),
         };
         // Fail fast with the real error rather than at the first query.
@@ -243,7 +256,17 @@ impl Db {
                 .await
                 .map_err(|_| E::from(DbError::Panic("a write in its group panicked".into())))?;
         }
-        self.transaction(&self.inner.write, f).await
+        let writes = self.inner.writes.clone();
+        self.transaction(&self.inner.write, f, Some(writes)).await
+    }
+
+    /// A counter that moves after every write transaction through this `Db`
+    /// has ended, before its caller hears of it (even when the caller has
+    /// gone away). Caches of what this process writes compare it: a value
+    /// read before a query and unchanged after means no local write
+    /// committed in between. Other processes' writes do not move it.
+    pub fn write_generation(&self) -> u64 {
+        self.inner.writes.load(Ordering::Acquire)
     }
 
     /// Runs `f` in a read transaction (one consistent snapshot on SQLite;
@@ -254,10 +277,15 @@ impl Db {
         E: TxError,
         F: FnMut(&mut DbConnection) -> Result<T, E> + Send + 'static,
     {
-        self.transaction(&self.inner.read, f).await
+        self.transaction(&self.inner.read, f, None).await
     }
 
-    async fn transaction<T, E, F>(&self, pool: &Pool, mut f: F) -> Result<T, E>
+    async fn transaction<T, E, F>(
+        &self,
+        pool: &Pool,
+        mut f: F,
+        writes: Option<Arc<AtomicU64>>,
+    ) -> Result<T, E>
     where
         T: Send + 'static,
         E: TxError,
@@ -265,7 +293,7 @@ impl Db {
     {
         self.with_conn(pool, move |conn| {
             let mut attempt = 0u32;
-            loop {
+            let result = loop {
                 match conn.transaction(&mut f) {
                     Err(e) if e.is_retryable() && attempt < 8 => {
                         attempt += 1;
@@ -273,9 +301,13 @@ impl Db {
                         // does not stall the async runtime.
                         std::thread::sleep(Duration::from_millis(2u64 << attempt.min(6)));
                     }
-                    other => return other,
+                    other => break other,
                 }
+            };
+            if let Some(w) = writes {
+                w.fetch_add(1, Ordering::AcqRel);
             }
+            result
         })
         .await
         .map_err(E::from)?

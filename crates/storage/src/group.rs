@@ -7,7 +7,13 @@
 //! group's commit; if the commit fails, every write in it fails. Nothing
 //! waits to fill a group: a write on an idle database commits at once.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use diesel::Connection;
 use tokio::sync::{mpsc, oneshot};
@@ -77,8 +83,9 @@ where
 pub(crate) type Queue = mpsc::UnboundedSender<Box<dyn Work>>;
 
 /// Runs groups on connections from `pool` (SQLite's single write
-/// connection) until every [`Queue`] is dropped.
-pub(crate) fn start(pool: crate::db::WritePool) -> Queue {
+/// connection) until every [`Queue`] is dropped. `writes` is bumped after
+/// each group's commit, before anyone is answered.
+pub(crate) fn start(pool: crate::db::WritePool, writes: Arc<AtomicU64>) -> Queue {
     let (tx, mut rx) = mpsc::unbounded_channel::<Box<dyn Work>>();
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
@@ -100,13 +107,14 @@ pub(crate) fn start(pool: crate::db::WritePool) -> Queue {
             };
             // A panic inside a write drops the group; its callers see the
             // writer's reply channel closed.
-            let _ = conn.interact(move |c| commit(c, group)).await;
+            let writes = writes.clone();
+            let _ = conn.interact(move |c| commit(c, group, &writes)).await;
         }
     });
     tx
 }
 
-fn commit(conn: &mut DbConnection, mut group: Vec<Box<dyn Work>>) {
+fn commit(conn: &mut DbConnection, mut group: Vec<Box<dyn Work>>, writes: &AtomicU64) {
     let mut attempt = 0u32;
     let committed = loop {
         let result = conn.transaction::<_, diesel::result::Error, _>(|c| {
@@ -126,6 +134,7 @@ fn commit(conn: &mut DbConnection, mut group: Vec<Box<dyn Work>>) {
             other => break other.map_err(DbError::from),
         }
     };
+    writes.fetch_add(1, Ordering::AcqRel);
     for w in group {
         let c = match &committed {
             Ok(()) => Ok(()),

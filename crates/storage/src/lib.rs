@@ -14,6 +14,7 @@ mod db;
 mod error;
 mod group;
 pub mod inbox;
+mod limit;
 pub mod lock;
 mod migrate;
 pub mod outbox;
@@ -21,6 +22,7 @@ pub mod outbox;
 pub use conn::{DbConnection, MultiBackend};
 pub use db::{Backend, Db, DbOptions};
 pub use error::{DbError, TxError, is_retryable};
+pub use limit::{LimitLiteral, LiteralLimit};
 pub use migrate::Migration;
 
 /// Migrations of the tables defined here (outbox, inbox, locks). Every

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use diesel::prelude::*;
 
-use crate::DbConnection;
+use crate::{DbConnection, LimitLiteral};
 
 diesel::table! {
     outbox (id) {
@@ -103,8 +103,8 @@ pub fn pending(
                 .or(outbox::created_at.lt(foreign_before)),
         )
         .order(outbox::id)
-        .limit(limit)
         .select(PendingRow::as_select())
+        .limit_literal(u32::try_from(limit).unwrap_or(u32::MAX))
         .load(conn)
 }
 

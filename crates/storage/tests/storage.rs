@@ -59,6 +59,16 @@ async fn outbox_keeps_order_and_bytes(url: String) {
         .unwrap();
     let ids: Vec<_> = all.iter().map(|r| r.event_id.as_str()).collect();
     assert_eq!(ids, ["ev-1", "ev-2", "ev-3", "ev-4"]);
+    // A batch is the oldest rows first, as many as asked for (the limit is
+    // written into the SQL; each size is its own prepared statement).
+    for n in [1, 3, 1] {
+        let batch = db
+            .read(move |c| Ok::<_, DbError>(outbox::pending(c, "replica-a", 150, n)?))
+            .await
+            .unwrap();
+        let ids: Vec<_> = batch.iter().map(|r| r.event_id.as_str()).collect();
+        assert_eq!(ids, ["ev-1", "ev-2", "ev-3", "ev-4"][..n as usize]);
+    }
 
     let (count, oldest) = db
         .read(|c| Ok::<_, DbError>(outbox::backlog(c)?))
@@ -191,7 +201,32 @@ async fn locks_serialise_concurrent_writers(url: String) {
     );
 }
 
+/// Caches of what a process wrote compare the write generation: it moves
+/// once a write has ended, committed or not, and reads leave it alone.
+async fn the_write_generation_moves_after_each_write(url: String) {
+    let db = open(&url).await;
+    let g0 = db.write_generation();
+    db.read(|c| Ok::<_, DbError>(outbox::backlog(c)?))
+        .await
+        .unwrap();
+    assert_eq!(db.write_generation(), g0, "a read is not a write");
+    db.write(|c| {
+        outbox::append(c, "a", 1, &[message(1, "x")])?;
+        Ok::<_, DbError>(())
+    })
+    .await
+    .unwrap();
+    let g1 = db.write_generation();
+    assert!(g1 > g0, "visible before the writer hears back");
+    let failed = db
+        .write(|_| Err::<(), _>(DbError::Pool("refused".into())))
+        .await;
+    assert!(failed.is_err());
+    assert!(db.write_generation() > g1);
+}
+
 gpualloc_testkit::backend_tests!(
+    the_write_generation_moves_after_each_write,
     migrations_are_idempotent,
     outbox_keeps_order_and_bytes,
     duplicate_event_ids_are_refused,

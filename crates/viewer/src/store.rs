@@ -2,7 +2,7 @@ use base64::Engine;
 use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, TenantId, time};
 use gpualloc_proto::{allocation::v1 as apb, viewer::v1 as pb};
-use gpualloc_storage::DbConnection;
+use gpualloc_storage::{DbConnection, LimitLiteral};
 use prost::Message;
 
 use crate::{
@@ -278,7 +278,7 @@ pub fn changes_since(
         allocation_history::allocation_id,
         allocation_history::version,
     ))
-    .limit(limit)
+    .limit_literal(u32::try_from(limit).unwrap_or(u32::MAX))
     .load(conn)?)
 }
 
