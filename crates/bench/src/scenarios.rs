@@ -723,9 +723,12 @@ async fn scale(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     let d = args.duration();
     // A modest fixed rate: the question is cost per request, not capacity.
     let rate = if args.smoke { 50.0 } else { 200.0 };
-    let mut p50s: BTreeMap<(&str, u64), f64> = BTreeMap::new();
-    let mut usage = Vec::new();
-    for n in [1_000, large] {
+    // Both meshes stay up and are measured in turns, so that both sizes see
+    // the same machine (a single pass each put all the noise of the moment
+    // into the ratio).
+    let sizes = [1_000u64, large];
+    let mut meshes = Vec::new();
+    for n in sizes {
         let mesh = Mesh::start(&exe).await?;
         setup(&mesh, i32::MAX).await?;
         let seeding = Instant::now();
@@ -734,28 +737,48 @@ async fn scale(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
             "bench: scale: seeded {n} allocations in {:?}",
             seeding.elapsed()
         );
-        let pools = ResourcePoolServiceClient::new(mesh.channel("resource-pool"));
-        let check = load::open(rate, d, check_quota_op(pools)).await;
-        let client = AllocationServiceClient::new(mesh.channel("allocation"));
-        let create = load::open(rate, d, create_op(client, format!("scale{n}"))).await;
-        p50s.insert(("CheckQuota", n), ms(&check.latency, 0.5));
-        p50s.insert(("CreateAllocation", n), ms(&create.latency, 0.5));
-        out.value(
-            format!("check_quota_p50_ms_at_{n}"),
-            ms(&check.latency, 0.5),
-            "ms",
-        );
-        out.value(
-            format!("create_p50_ms_at_{n}"),
-            ms(&create.latency, 0.5),
-            "ms",
-        );
-        out.latencies
-            .push((format!("CheckQuota, {n} stored"), check.latency));
-        out.latencies
-            .push((format!("CreateAllocation, {n} stored"), create.latency));
-        usage = mesh.usage();
+        meshes.push((n, mesh));
     }
+    let mut p50s: BTreeMap<(&str, u64), Vec<f64>> = BTreeMap::new();
+    // Every round's samples, for the distribution table and plot.
+    let mut all: BTreeMap<(&str, u64), Histogram<u64>> = BTreeMap::new();
+    for run in 0..args.runs() {
+        for (n, mesh) in &meshes {
+            let pools = ResourcePoolServiceClient::new(mesh.channel("resource-pool"));
+            let check = load::open(rate, d, check_quota_op(pools)).await;
+            let client = AllocationServiceClient::new(mesh.channel("allocation"));
+            let create = load::open(rate, d, create_op(client, format!("scale{n}-{run}"))).await;
+            for (what, o) in [("CheckQuota", check), ("CreateAllocation", create)] {
+                p50s.entry((what, *n))
+                    .or_default()
+                    .push(ms(&o.latency, 0.5));
+                match all.entry((what, *n)) {
+                    std::collections::btree_map::Entry::Vacant(e) => {
+                        e.insert(o.latency);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut e) => {
+                        if let Err(e) = e.get_mut().add(&o.latency) {
+                            eprintln!("bench: scale: merging histograms: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for n in sizes {
+        for (what, key) in [
+            ("CheckQuota", "check_quota"),
+            ("CreateAllocation", "create"),
+        ] {
+            let p50 = median(p50s.get(&(what, n)).cloned().unwrap_or_default());
+            out.value(format!("{key}_p50_ms_at_{n}"), p50, "ms");
+            if let Some(h) = all.remove(&(what, n)) {
+                out.latencies.push((format!("{what}, {n} stored"), h));
+            }
+        }
+    }
+    let usage = meshes.last().map(|(_, m)| m.usage()).unwrap_or_default();
+    let p50s: BTreeMap<(&str, u64), f64> = p50s.into_iter().map(|(k, v)| (k, median(v))).collect();
     for what in ["CheckQuota", "CreateAllocation"] {
         let small = p50s.get(&(what, 1_000)).copied().unwrap_or(0.0);
         let big = p50s.get(&(what, large)).copied().unwrap_or(0.0);
