@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, time};
 use gpualloc_proto::{allocation::v1 as pb, resourcepool::v1 as rp};
-use gpualloc_storage::DbConnection;
+use gpualloc_storage::{DbConnection, Native};
 
 use crate::{
     Error,
@@ -71,11 +71,11 @@ impl AllocRow {
 }
 
 pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<AllocRow>, Error> {
-    Ok(allocations::table
+    Ok(gpualloc_storage::native!(conn, |c| allocations::table
         .find(id)
         .select(AllocRow::as_select())
-        .get_result(conn)
-        .optional()?)
+        .get_result(c))
+    .optional()?)
 }
 
 // Lookups by a unique key use `get_result`, not `first`: `first` adds a
@@ -87,18 +87,18 @@ pub fn by_request_id(
     tenant: &str,
     request_id: &str,
 ) -> Result<Option<AllocRow>, Error> {
-    Ok(allocations::table
+    Ok(gpualloc_storage::native!(conn, |c| allocations::table
         .filter(allocations::tenant.eq(tenant))
         .filter(allocations::request_id.eq(request_id))
         .select(AllocRow::as_select())
-        .get_result(conn)
-        .optional()?)
+        .get_result(c))
+    .optional()?)
 }
 
 pub fn insert(conn: &mut DbConnection, row: &AllocRow) -> Result<(), Error> {
     diesel::insert_into(allocations::table)
         .values(row)
-        .execute(conn)?;
+        .execute_native(conn)?;
     Ok(())
 }
 
@@ -111,7 +111,7 @@ pub fn update(conn: &mut DbConnection, row: &AllocRow, expected_version: i64) ->
             .filter(allocations::version.eq(expected_version)),
     )
     .set(row)
-    .execute(conn)?;
+    .execute_native(conn)?;
     if n == 1 {
         Ok(())
     } else {
@@ -127,7 +127,7 @@ pub fn waiting_since(
     now: i64,
     limit: i64,
 ) -> Result<Vec<AllocRow>, Error> {
-    Ok(allocations::table
+    Ok(gpualloc_storage::native!(conn, |c| allocations::table
         .filter(allocations::state.eq_any([State::Pending.as_str(), State::Cancelling.as_str()]))
         .filter(allocations::update_time.lt(before))
         .filter(
@@ -138,7 +138,7 @@ pub fn waiting_since(
         .order(allocations::update_time)
         .limit(limit)
         .select(AllocRow::as_select())
-        .load(conn)?)
+        .load(c))?)
 }
 
 pub fn record_decision(
@@ -157,7 +157,7 @@ pub fn record_decision(
             approvals::decided_by.eq(decided_by),
             approvals::decide_time.eq(now),
         ))
-        .execute(conn)?;
+        .execute_native(conn)?;
     Ok(())
 }
 
@@ -165,7 +165,7 @@ pub fn decision(conn: &mut DbConnection, id: &str) -> Result<Option<String>, Err
     Ok(approvals::table
         .find(id)
         .select(approvals::decision)
-        .get_result(conn)
+        .get_result_native(conn)
         .optional()?)
 }
 
@@ -182,6 +182,6 @@ pub fn claim_redrive(conn: &mut DbConnection, row: &AllocRow, next: i64) -> Resu
         allocations::redrives.eq(row.redrives + 1),
         allocations::redrive_time.eq(next),
     ))
-    .execute(conn)?;
+    .execute_native(conn)?;
     Ok(n == 1)
 }

@@ -129,7 +129,15 @@ async fn trace_of(r: &Receiver, trace_id: &str) -> Vec<Got> {
                     .filter(|s| s.service == service && s.kind == SpanKind::Consumer as i32)
                     .count()
             };
-            (SERVICES.iter().all(|s| consumed(s) >= 1) && consumed("gpualloc-viewer") >= 4)
+            // And the producer span each consumer hangs off, which the
+            // publishing process may export after the consumer's.
+            let parents_in = spans
+                .iter()
+                .filter(|s| s.kind == SpanKind::Consumer as i32)
+                .all(|c| spans.iter().any(|p| p.span_id == c.parent));
+            (SERVICES.iter().all(|s| consumed(s) >= 1)
+                && consumed("gpualloc-viewer") >= 4
+                && parents_in)
                 .then_some(spans)
         },
     )

@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use gpualloc_domain::{Capacity, Class, PoolId, Resources, TenantId, time};
 use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as pb};
 use gpualloc_saga::{Emitter, Event, Payload};
-use gpualloc_storage::{DbConnection, lock};
+use gpualloc_storage::{DbConnection, Native, lock};
 
 use crate::{
     Error,
@@ -512,7 +512,7 @@ pub fn put_pool(
                     pools::version.eq(pools::version + 1),
                     pools::update_time.eq(now),
                 ))
-                .execute(conn)?;
+                .execute_native(conn)?;
             let classes: BTreeSet<&Class> = p.state.capacity.keys().chain(new.keys()).collect();
             for class in classes {
                 let name = class.to_string();
@@ -523,10 +523,10 @@ pub fn put_pool(
                     (true, Some(cap)) => {
                         diesel::update(row)
                             .set(pool_resources::capacity.eq(cap))
-                            .execute(conn)?;
+                            .execute_native(conn)?;
                     }
                     (true, None) => {
-                        diesel::delete(row).execute(conn)?;
+                        diesel::delete(row).execute_native(conn)?;
                     }
                     (false, Some(cap)) => insert_pool_resource(conn, id, &name, *cap)?,
                     (false, None) => {}
@@ -542,7 +542,7 @@ pub fn put_pool(
                     pools::create_time.eq(now),
                     pools::update_time.eq(now),
                 ))
-                .execute(conn)?;
+                .execute_native(conn)?;
             for (class, cap) in &new {
                 insert_pool_resource(conn, id, &class.to_string(), *cap)?;
             }
@@ -578,7 +578,7 @@ fn insert_pool_resource(
             pool_resources::capacity.eq(capacity),
             pool_resources::used.eq(0),
         ))
-        .execute(conn)?;
+        .execute_native(conn)?;
     Ok(())
 }
 
@@ -610,8 +610,8 @@ pub fn delete_pool(
         });
     }
     diesel::delete(pool_resources::table.filter(pool_resources::pool_id.eq(id.as_str())))
-        .execute(conn)?;
-    diesel::delete(pools::table.find(id.as_str())).execute(conn)?;
+        .execute_native(conn)?;
+    diesel::delete(pools::table.find(id.as_str())).execute_native(conn)?;
     emit.emit(
         "",
         "",
@@ -677,7 +677,7 @@ pub fn set_quota(
                     tenant_quotas::version.eq(row.version + 1),
                     tenant_quotas::update_time.eq(now),
                 ))
-                .execute(conn)?;
+                .execute_native(conn)?;
             let classes: BTreeSet<&Class> = state.limits.keys().chain(new.keys()).collect();
             for class in classes {
                 let name = class.to_string();
@@ -688,10 +688,10 @@ pub fn set_quota(
                     (true, Some(limit)) => {
                         diesel::update(q)
                             .set(tenant_usage::quota_limit.eq(limit))
-                            .execute(conn)?;
+                            .execute_native(conn)?;
                     }
                     (true, None) => {
-                        diesel::delete(q).execute(conn)?;
+                        diesel::delete(q).execute_native(conn)?;
                     }
                     (false, Some(limit)) => insert_usage(conn, tenant, &name, *limit)?,
                     (false, None) => {}
@@ -708,7 +708,7 @@ pub fn set_quota(
                     tenant_quotas::version.eq(1),
                     tenant_quotas::update_time.eq(now),
                 ))
-                .execute(conn)?;
+                .execute_native(conn)?;
             for (class, limit) in &new {
                 insert_usage(conn, tenant, &class.to_string(), *limit)?;
             }
@@ -741,7 +741,7 @@ fn insert_usage(
             tenant_usage::charged.eq(0),
             tenant_usage::granted.eq(0),
         ))
-        .execute(conn)?;
+        .execute_native(conn)?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use diesel::prelude::*;
 use gpualloc_domain::{Class, GpuModel, PoolId, Resources};
-use gpualloc_storage::DbConnection;
+use gpualloc_storage::{DbConnection, Native};
 
 use crate::{
     Error,
@@ -45,10 +45,10 @@ pub struct PoolRecord {
 }
 
 pub fn load_pools(conn: &mut DbConnection) -> Result<Vec<PoolRecord>, Error> {
-    let rows: Vec<PoolRow> = pools::table
+    let rows: Vec<PoolRow> = gpualloc_storage::native!(conn, |c| pools::table
         .order(pools::pool_id)
         .select(PoolRow::as_select())
-        .load(conn)?;
+        .load(c))?;
     let resources: Vec<(String, String, i64, i64)> = pool_resources::table
         .select((
             pool_resources::pool_id,
@@ -56,7 +56,7 @@ pub fn load_pools(conn: &mut DbConnection) -> Result<Vec<PoolRecord>, Error> {
             pool_resources::capacity,
             pool_resources::used,
         ))
-        .load(conn)?;
+        .load_native(conn)?;
     type Counters = BTreeMap<Class, i64>;
     let mut by_pool: BTreeMap<String, (Counters, Counters)> = BTreeMap::new();
     for (pool, class, capacity, used) in resources {
@@ -100,7 +100,7 @@ pub fn take_pool(
                 .filter((pool_resources::used + *v).le(pool_resources::capacity)),
         )
         .set(pool_resources::used.eq(pool_resources::used + *v))
-        .execute(conn)?;
+        .execute_native(conn)?;
         if n != 1 {
             return Err(Error::Invariant(format!(
                 "{class} of {v} does not fit pool {pool}"
@@ -124,7 +124,7 @@ pub fn release_pool(
                 .filter(pool_resources::used.ge(*v)),
         )
         .set(pool_resources::used.eq(pool_resources::used - *v))
-        .execute(conn)?;
+        .execute_native(conn)?;
         if n != 1 {
             return Err(Error::Invariant(format!(
                 "releasing {class} of {v} from pool {pool}"
@@ -148,11 +148,11 @@ pub fn load_tenant(
     conn: &mut DbConnection,
     tenant: &str,
 ) -> Result<Option<(QuotaRow, TenantState)>, Error> {
-    let Some(row) = tenant_quotas::table
+    let Some(row) = gpualloc_storage::native!(conn, |c| tenant_quotas::table
         .find(tenant)
         .select(QuotaRow::as_select())
-        .get_result(conn)
-        .optional()?
+        .get_result(c))
+    .optional()?
     else {
         return Ok(None);
     };
@@ -164,7 +164,7 @@ pub fn load_tenant(
             tenant_usage::charged,
             tenant_usage::granted,
         ))
-        .load(conn)?;
+        .load_native(conn)?;
     let mut state = TenantState {
         approval_above: serde_json::from_str(&row.approval_above)
             .map_err(|e| Error::Invariant(format!("stored approval_above: {e}")))?,
@@ -206,7 +206,7 @@ pub fn charge_tenant(
             tenant_usage::charged.eq(tenant_usage::charged + dc),
             tenant_usage::granted.eq(tenant_usage::granted + dg),
         ))
-        .execute(conn)?;
+        .execute_native(conn)?;
         if n != 1 {
             return Err(Error::Invariant(format!(
                 "tenant {tenant}: changing {class} by {d} breaks its quota counters"
@@ -281,7 +281,7 @@ pub struct NewReservation<'a> {
 pub fn insert_reservation(conn: &mut DbConnection, r: &NewReservation<'_>) -> Result<(), Error> {
     diesel::insert_into(reservations::table)
         .values(r)
-        .execute(conn)?;
+        .execute_native(conn)?;
     Ok(())
 }
 
@@ -289,11 +289,11 @@ pub fn get_reservation(
     conn: &mut DbConnection,
     allocation_id: &str,
 ) -> Result<Option<ReservationRow>, Error> {
-    Ok(reservations::table
+    Ok(gpualloc_storage::native!(conn, |c| reservations::table
         .find(allocation_id)
         .select(ReservationRow::as_select())
-        .get_result(conn)
-        .optional()?)
+        .get_result(c))
+    .optional()?)
 }
 
 /// Moves a reservation from `from` to `to` (guarded on `from`, so a
@@ -326,7 +326,7 @@ pub fn move_reservation(
                 reservations::version.eq(version),
                 reservations::update_time.eq(now),
             ))
-            .execute(conn)?,
+            .execute_native(conn)?,
         None => q
             .set((
                 reservations::state.eq(to),
@@ -335,7 +335,7 @@ pub fn move_reservation(
                 reservations::version.eq(version),
                 reservations::update_time.eq(now),
             ))
-            .execute(conn)?,
+            .execute_native(conn)?,
     };
     if n != 1 {
         return Err(Error::Invariant(format!(
@@ -347,7 +347,7 @@ pub fn move_reservation(
 }
 
 pub fn held(conn: &mut DbConnection) -> Result<Vec<ReservationRow>, Error> {
-    Ok(reservations::table
+    Ok(gpualloc_storage::native!(conn, |c| reservations::table
         .filter(reservations::state.eq(HELD))
         .order((
             reservations::priority.desc(),
@@ -355,7 +355,7 @@ pub fn held(conn: &mut DbConnection) -> Result<Vec<ReservationRow>, Error> {
             reservations::allocation_id,
         ))
         .select(ReservationRow::as_select())
-        .load(conn)?)
+        .load(c))?)
 }
 
 pub fn held_queue(rows: &[ReservationRow]) -> Result<Vec<Held>, Error> {
@@ -387,7 +387,7 @@ pub fn position(conn: &mut DbConnection, r: &ReservationRow) -> Result<i64, Erro
                 )),
         )
         .count()
-        .get_result(conn)?;
+        .get_result_native(conn)?;
     Ok(ahead + 1)
 }
 
@@ -396,13 +396,13 @@ pub fn expired_leases(
     now: i64,
     limit: i64,
 ) -> Result<Vec<ReservationRow>, Error> {
-    Ok(reservations::table
+    Ok(gpualloc_storage::native!(conn, |c| reservations::table
         .filter(reservations::state.eq(GRANTED))
         .filter(reservations::expire_time.le(now))
         .order(reservations::expire_time)
         .limit(limit)
         .select(ReservationRow::as_select())
-        .load(conn)?)
+        .load(c))?)
 }
 
 pub fn overdue_holds(
@@ -410,13 +410,13 @@ pub fn overdue_holds(
     now: i64,
     limit: i64,
 ) -> Result<Vec<ReservationRow>, Error> {
-    Ok(reservations::table
+    Ok(gpualloc_storage::native!(conn, |c| reservations::table
         .filter(reservations::state.eq(HELD))
         .filter(reservations::hold_deadline.le(now))
         .order(reservations::hold_deadline)
         .limit(limit)
         .select(ReservationRow::as_select())
-        .load(conn)?)
+        .load(c))?)
 }
 
 /// Earliest lease end or hold deadline still ahead, for the sweeper's timer.
@@ -424,11 +424,11 @@ pub fn next_deadline(conn: &mut DbConnection) -> Result<Option<i64>, Error> {
     let lease: Option<i64> = reservations::table
         .filter(reservations::state.eq(GRANTED))
         .select(diesel::dsl::min(reservations::expire_time))
-        .get_result(conn)?;
+        .get_result_native(conn)?;
     let hold: Option<i64> = reservations::table
         .filter(reservations::state.eq(HELD))
         .select(diesel::dsl::min(reservations::hold_deadline))
-        .get_result(conn)?;
+        .get_result_native(conn)?;
     Ok(match (lease, hold) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -440,5 +440,5 @@ pub fn granted_on_pool(conn: &mut DbConnection, pool: &str) -> Result<i64, Error
         .filter(reservations::state.eq(GRANTED))
         .filter(reservations::pool_id.eq(pool))
         .count()
-        .get_result(conn)?)
+        .get_result_native(conn)?)
 }

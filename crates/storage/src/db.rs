@@ -92,10 +92,14 @@ fn establish(backend: Backend, url: &str) -> Result<DbConnection, DbError> {
         // commit durable (an acknowledged allocation must survive power loss);
         // busy_timeout covers other processes on the same file, and comes
         // first: switching to WAL needs a lock that a process closing the
-        // file (checkpointing its WAL) may hold for a moment.
+        // file (checkpointing its WAL) may hold for a moment. temp_store
+        // keeps the statement journal of each group-commit savepoint in
+        // memory: it spilled to a temporary file and was 7% of a busy
+        // writer's CPU in file writes.
         conn.batch_execute(
             "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
-             PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+             PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+             PRAGMA temp_store = MEMORY;",
         )?;
     }
     Ok(conn)

@@ -3,7 +3,7 @@
 
 use diesel::prelude::*;
 
-use crate::DbConnection;
+use crate::{DbConnection, Native};
 
 diesel::table! {
     inbox (consumer, event_id) {
@@ -27,7 +27,7 @@ pub fn claim(
         .filter(inbox::consumer.eq(consumer))
         .filter(inbox::event_id.eq(event_id))
         .count()
-        .get_result(conn)?;
+        .get_result_native(conn)?;
     if seen > 0 {
         return Ok(false);
     }
@@ -37,12 +37,12 @@ pub fn claim(
             inbox::event_id.eq(event_id),
             inbox::processed_at.eq(now),
         ))
-        .execute(conn)?;
+        .execute_native(conn)?;
     Ok(true)
 }
 
 /// Deletes entries older than `before`; only safe beyond the stream's
 /// retention, when the event can no longer be redelivered.
 pub fn prune(conn: &mut DbConnection, before: i64) -> QueryResult<usize> {
-    diesel::delete(inbox::table.filter(inbox::processed_at.lt(before))).execute(conn)
+    diesel::delete(inbox::table.filter(inbox::processed_at.lt(before))).execute_native(conn)
 }

@@ -17,6 +17,7 @@ pub mod inbox;
 mod limit;
 pub mod lock;
 mod migrate;
+mod native;
 pub mod outbox;
 
 pub use conn::{DbConnection, MultiBackend};
@@ -24,6 +25,7 @@ pub use db::{Backend, Db, DbOptions};
 pub use error::{DbError, TxError, is_retryable};
 pub use limit::{LimitLiteral, LiteralLimit};
 pub use migrate::Migration;
+pub use native::Native;
 
 /// Migrations of the tables defined here (outbox, inbox, locks). Every
 /// service applies them before its own.

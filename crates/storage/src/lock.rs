@@ -6,7 +6,7 @@
 
 use diesel::prelude::*;
 
-use crate::DbConnection;
+use crate::{DbConnection, Native};
 
 diesel::table! {
     saga_locks (name) {
@@ -19,13 +19,13 @@ diesel::table! {
 pub fn acquire(conn: &mut DbConnection, name: &str) -> QueryResult<()> {
     let n = diesel::update(saga_locks::table.find(name))
         .set(saga_locks::counter.eq(saga_locks::counter + 1))
-        .execute(conn)?;
+        .execute_native(conn)?;
     if n == 0 {
         // First use: create the row; a concurrent creator makes this fail on
         // the primary key and the caller's transaction is retried.
         diesel::insert_into(saga_locks::table)
             .values((saga_locks::name.eq(name), saga_locks::counter.eq(1)))
-            .execute(conn)?;
+            .execute_native(conn)?;
     }
     Ok(())
 }

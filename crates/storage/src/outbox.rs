@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use diesel::prelude::*;
 
-use crate::{DbConnection, LimitLiteral};
+use crate::{DbConnection, LimitLiteral, Native};
 
 diesel::table! {
     outbox (id) {
@@ -82,7 +82,7 @@ pub fn append(
                 origin,
                 created_at: now,
             })
-            .execute(conn)?;
+            .execute_native(conn)?;
     }
     Ok(())
 }
@@ -95,7 +95,8 @@ pub fn pending(
     foreign_before: i64,
     limit: i64,
 ) -> QueryResult<Vec<PendingRow>> {
-    outbox::table
+    let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+    crate::native!(conn, |c| outbox::table
         .filter(outbox::published_at.is_null())
         .filter(
             outbox::origin
@@ -104,8 +105,8 @@ pub fn pending(
         )
         .order(outbox::id)
         .select(PendingRow::as_select())
-        .limit_literal(u32::try_from(limit).unwrap_or(u32::MAX))
-        .load(conn)
+        .limit_literal(limit)
+        .load(c))
 }
 
 /// Marks rows published (after JetStream acknowledged them).
@@ -116,7 +117,7 @@ pub fn mark_published(conn: &mut DbConnection, ids: &[i64], now: i64) -> QueryRe
     diesel::update(outbox::table.filter(outbox::id.eq_any(ids)))
         .filter(outbox::published_at.is_null())
         .set(outbox::published_at.eq(now))
-        .execute(conn)
+        .execute_native(conn)
 }
 
 /// Unpublished rows and the creation time of the oldest, for metrics.
@@ -124,17 +125,17 @@ pub fn backlog(conn: &mut DbConnection) -> QueryResult<(i64, Option<i64>)> {
     let count = outbox::table
         .filter(outbox::published_at.is_null())
         .count()
-        .get_result(conn)?;
+        .get_result_native(conn)?;
     let oldest = outbox::table
         .filter(outbox::published_at.is_null())
         .select(diesel::dsl::min(outbox::created_at))
-        .get_result(conn)?;
+        .get_result_native(conn)?;
     Ok((count, oldest))
 }
 
 /// Deletes rows published before `before`; they only served replays.
 pub fn prune(conn: &mut DbConnection, before: i64) -> QueryResult<usize> {
-    diesel::delete(outbox::table.filter(outbox::published_at.lt(before))).execute(conn)
+    diesel::delete(outbox::table.filter(outbox::published_at.lt(before))).execute_native(conn)
 }
 
 /// Marks every row unpublished again: an operator's replay after the
@@ -142,5 +143,5 @@ pub fn prune(conn: &mut DbConnection, before: i64) -> QueryResult<usize> {
 pub fn mark_all_unpublished(conn: &mut DbConnection) -> QueryResult<usize> {
     diesel::update(outbox::table.filter(outbox::published_at.is_not_null()))
         .set(outbox::published_at.eq(None::<i64>))
-        .execute(conn)
+        .execute_native(conn)
 }

@@ -44,6 +44,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: "viewer_0002_watch_notify",
         up: include_str!("../migrations/0002_watch_notify.sql"),
     },
+    Migration {
+        version: "viewer_0003_watch_keys",
+        up: include_str!("../migrations/0003_watch_keys.sql"),
+    },
 ];
 
 /// Settings of the viewer service.

@@ -16,7 +16,7 @@ use std::{collections::BTreeSet, path::Path, time::Duration};
 use diesel::prelude::*;
 use gpualloc_domain::time;
 use gpualloc_proto::{allocation::v1 as apb, resourcepool::v1 as rp};
-use gpualloc_storage::DbConnection;
+use gpualloc_storage::{DbConnection, Native};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, schema::notifications};
@@ -480,7 +480,7 @@ pub fn enqueue(
             .filter(notifications::dedupe_key.eq(&n.id))
             .filter(notifications::channel.eq(&channel.name))
             .count()
-            .get_result(conn)?;
+            .get_result_native(conn)?;
         if exists > 0 {
             continue;
         }
@@ -501,7 +501,7 @@ pub fn enqueue(
                 notifications::last_error.eq(""),
                 notifications::create_time.eq(now),
             ))
-            .execute(conn)?;
+            .execute_native(conn)?;
         stored += 1;
     }
     Ok(stored)

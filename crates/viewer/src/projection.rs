@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, time};
 use gpualloc_proto::{allocation::v1 as apb, events::v1 as ev};
 use gpualloc_saga::{Emitter, Event, Handler, Payload};
-use gpualloc_storage::DbConnection;
+use gpualloc_storage::{DbConnection, Native};
 use prost::Message;
 
 use crate::{
@@ -70,11 +70,11 @@ pub fn project(
             let view: Option<(String, i64)> = allocation_views::table
                 .find(&event.allocation_id)
                 .select((allocation_views::state, allocation_views::version))
-                .get_result(conn)
+                .get_result_native(conn)
                 .optional()?;
             diesel::update(allocation_views::table.find(&event.allocation_id))
                 .set(allocation_views::hold_position.eq(h.position))
-                .execute(conn)?;
+                .execute_native(conn)?;
             // Announce the hold unless the allocation has already moved on
             // (the hold arrived late, or after a cancel).
             let waiting = view
@@ -107,7 +107,7 @@ pub fn project(
             let current: Option<i64> = tenant_quota_views::table
                 .find(&event.tenant)
                 .select(tenant_quota_views::version)
-                .get_result(conn)
+                .get_result_native(conn)
                 .optional()?;
             match current {
                 None => {
@@ -117,7 +117,7 @@ pub fn project(
                             tenant_quota_views::limits.eq(&limits),
                             tenant_quota_views::version.eq(event.aggregate_version),
                         ))
-                        .execute(conn)?;
+                        .execute_native(conn)?;
                 }
                 Some(v) if v < event.aggregate_version => {
                     diesel::update(
@@ -129,7 +129,7 @@ pub fn project(
                         tenant_quota_views::limits.eq(&limits),
                         tenant_quota_views::version.eq(event.aggregate_version),
                     ))
-                    .execute(conn)?;
+                    .execute_native(conn)?;
                 }
                 Some(_) => {}
             }
@@ -166,7 +166,7 @@ fn apply_change(
         .filter(allocation_history::allocation_id.eq(&a.allocation_id))
         .filter(allocation_history::version.eq(a.version))
         .count()
-        .get_result(conn)?;
+        .get_result_native(conn)?;
     if seen == 0 {
         diesel::insert_into(allocation_history::table)
             .values((
@@ -181,12 +181,12 @@ fn apply_change(
                 allocation_history::snapshot.eq(&snapshot),
                 allocation_history::project_time.eq(now),
             ))
-            .execute(conn)?;
+            .execute_native(conn)?;
     }
     let current: Option<i64> = allocation_views::table
         .find(&a.allocation_id)
         .select(allocation_views::version)
-        .get_result(conn)
+        .get_result_native(conn)
         .optional()?;
     let expire_time = a.expire_time.as_ref().map(time::from_timestamp);
     let create_time = a
@@ -209,7 +209,7 @@ fn apply_change(
                     allocation_views::project_time.eq(now),
                     allocation_views::expire_time.eq(expire_time),
                 ))
-                .execute(conn)?;
+                .execute_native(conn)?;
         }
         Some(v) if v < a.version => {
             // The guard is repeated in the UPDATE: on PostgreSQL another
@@ -228,7 +228,7 @@ fn apply_change(
                 allocation_views::project_time.eq(now),
                 allocation_views::expire_time.eq(expire_time),
             ))
-            .execute(conn)?;
+            .execute_native(conn)?;
         }
         // A stale version: in the history, but announced only if it were
         // news — telling a tenant "allocated" after "cancelled" misleads.

@@ -2,7 +2,7 @@ use base64::Engine;
 use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, TenantId, time};
 use gpualloc_proto::{allocation::v1 as apb, viewer::v1 as pb};
-use gpualloc_storage::{DbConnection, LimitLiteral};
+use gpualloc_storage::{DbConnection, LimitLiteral, Native};
 use prost::Message;
 
 use crate::{
@@ -42,11 +42,11 @@ impl ViewRow {
 }
 
 pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<ViewRow>, Error> {
-    Ok(allocation_views::table
+    Ok(gpualloc_storage::native!(conn, |c| allocation_views::table
         .find(id)
         .select(ViewRow::as_select())
-        .get_result(conn)
-        .optional()?)
+        .get_result(c))
+    .optional()?)
 }
 
 /// Position in a newest-first listing.
@@ -124,7 +124,7 @@ pub fn history(conn: &mut DbConnection, id: &str) -> Result<Vec<pb::HistoryEntry
             allocation_history::reason,
             allocation_history::change_time,
         ))
-        .load(conn)?;
+        .load_native(conn)?;
     Ok(rows
         .into_iter()
         .map(
@@ -157,7 +157,7 @@ pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantS
         .filter(allocation_views::tenant.eq(tenant.as_str()))
         .group_by(allocation_views::state)
         .select((allocation_views::state, diesel::dsl::count_star()))
-        .load(conn)?;
+        .load_native(conn)?;
     let mut counts: Vec<pb::StateCount> = counts
         .into_iter()
         .filter_map(|(s, n)| {
@@ -172,7 +172,7 @@ pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantS
         .filter(allocation_views::tenant.eq(tenant.as_str()))
         .filter(allocation_views::state.eq(State::Allocated.as_str()))
         .select(allocation_views::snapshot)
-        .load(conn)?;
+        .load_native(conn)?;
     let mut in_use = Resources::default();
     for snapshot in allocated {
         let a = apb::Allocation::decode(snapshot.as_slice())
@@ -190,7 +190,7 @@ pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantS
     let quota: Option<String> = tenant_quota_views::table
         .find(tenant.as_str())
         .select(tenant_quota_views::limits)
-        .get_result(conn)
+        .get_result_native(conn)
         .optional()?;
     let quota = quota
         .map(|q| serde_json::from_str::<Resources>(&q))
@@ -263,23 +263,64 @@ pub fn changes_since(
     since: i64,
     limit: i64,
 ) -> Result<Vec<HistoryRow>, Error> {
-    let mut q = allocation_history::table
-        .filter(allocation_history::project_time.ge(since))
-        .select(HistoryRow::as_select())
-        .into_boxed();
-    if let Some(t) = tenant {
-        q = q.filter(allocation_history::tenant.eq(t.to_owned()));
-    }
-    if let Some(id) = allocation_id {
-        q = q.filter(allocation_history::allocation_id.eq(id.to_owned()));
-    }
-    Ok(q.order((
-        allocation_history::project_time,
-        allocation_history::allocation_id,
-        allocation_history::version,
-    ))
-    .limit_literal(u32::try_from(limit).unwrap_or(u32::MAX))
-    .load(conn)?)
+    // The watchers' poll: built per backend so that it runs on the inner
+    // connection (see `gpualloc_storage::native`).
+    let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+    Ok(gpualloc_storage::native!(conn, |c| {
+        let mut q = allocation_history::table
+            .filter(allocation_history::project_time.ge(since))
+            .select(HistoryRow::as_select())
+            .into_boxed();
+        if let Some(t) = tenant {
+            q = q.filter(allocation_history::tenant.eq(t.to_owned()));
+        }
+        if let Some(id) = allocation_id {
+            q = q.filter(allocation_history::allocation_id.eq(id.to_owned()));
+        }
+        q.order((
+            allocation_history::project_time,
+            allocation_history::allocation_id,
+            allocation_history::version,
+        ))
+        .limit_literal(limit)
+        .load(c)
+    })?)
+}
+
+/// Which versions [`changes_since`] would return, and when each was
+/// projected: `(allocation_id, version, project_time)`, read from the
+/// covering index alone.
+pub fn change_keys_since(
+    conn: &mut DbConnection,
+    tenant: Option<&str>,
+    allocation_id: Option<&str>,
+    since: i64,
+    limit: i64,
+) -> Result<Vec<(String, i64, i64)>, Error> {
+    let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+    Ok(gpualloc_storage::native!(conn, |c| {
+        let mut q = allocation_history::table
+            .filter(allocation_history::project_time.ge(since))
+            .select((
+                allocation_history::allocation_id,
+                allocation_history::version,
+                allocation_history::project_time,
+            ))
+            .into_boxed();
+        if let Some(t) = tenant {
+            q = q.filter(allocation_history::tenant.eq(t.to_owned()));
+        }
+        if let Some(id) = allocation_id {
+            q = q.filter(allocation_history::allocation_id.eq(id.to_owned()));
+        }
+        q.order((
+            allocation_history::project_time,
+            allocation_history::allocation_id,
+            allocation_history::version,
+        ))
+        .limit_literal(limit)
+        .load(c)
+    })?)
 }
 
 /// A tenant's history rows that can matter for `[from, to)`: every version
@@ -296,20 +337,20 @@ pub fn usage_history(
         .filter(allocation_history::change_time.ge(from))
         .select(allocation_history::allocation_id)
         .distinct()
-        .load(conn)?;
+        .load_native(conn)?;
     ids.extend(
         allocation_views::table
             .filter(allocation_views::tenant.eq(tenant))
             .filter(allocation_views::state.eq(State::Allocated.as_str()))
             .select(allocation_views::allocation_id)
-            .load::<String>(conn)?,
+            .load_native::<String>(conn)?,
     );
     ids.sort();
     ids.dedup();
     let mut rows = Vec::new();
     // Bounded lists of bind parameters (SQLite allows 32,766 per query).
     for chunk in ids.chunks(5_000) {
-        rows.extend(
+        rows.extend(gpualloc_storage::native!(conn, |c| {
             allocation_history::table
                 .filter(allocation_history::allocation_id.eq_any(chunk))
                 .filter(allocation_history::change_time.lt(to))
@@ -318,8 +359,8 @@ pub fn usage_history(
                     allocation_history::allocation_id,
                     allocation_history::version,
                 ))
-                .load::<HistoryRow>(conn)?,
-        );
+                .load::<HistoryRow>(c)
+        })?);
     }
     Ok(rows)
 }
