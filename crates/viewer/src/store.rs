@@ -255,6 +255,31 @@ pub fn watch_snapshot(
     .load(conn)?)
 }
 
+/// The watchers' window: rows of `allocation_history` projected at or after
+/// `$since`, in projection order, selecting `$select`. A macro so that the
+/// query is built per backend inside `native!` (its type depends on it).
+macro_rules! watch_window {
+    ($c:ident, $select:expr, $tenant:expr, $allocation_id:expr, $since:expr, $limit:expr) => {{
+        let mut q = allocation_history::table
+            .filter(allocation_history::project_time.ge($since))
+            .select($select)
+            .into_boxed();
+        if let Some(t) = $tenant {
+            q = q.filter(allocation_history::tenant.eq(t.to_owned()));
+        }
+        if let Some(id) = $allocation_id {
+            q = q.filter(allocation_history::allocation_id.eq(id.to_owned()));
+        }
+        q.order((
+            allocation_history::project_time,
+            allocation_history::allocation_id,
+            allocation_history::version,
+        ))
+        .limit_literal($limit)
+        .load($c)
+    }};
+}
+
 /// History rows projected at or after `since`, in projection order.
 pub fn changes_since(
     conn: &mut DbConnection,
@@ -263,28 +288,15 @@ pub fn changes_since(
     since: i64,
     limit: i64,
 ) -> Result<Vec<HistoryRow>, Error> {
-    // The watchers' poll: built per backend so that it runs on the inner
-    // connection (see `gpualloc_storage::native`).
     let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-    Ok(gpualloc_storage::native!(conn, |c| {
-        let mut q = allocation_history::table
-            .filter(allocation_history::project_time.ge(since))
-            .select(HistoryRow::as_select())
-            .into_boxed();
-        if let Some(t) = tenant {
-            q = q.filter(allocation_history::tenant.eq(t.to_owned()));
-        }
-        if let Some(id) = allocation_id {
-            q = q.filter(allocation_history::allocation_id.eq(id.to_owned()));
-        }
-        q.order((
-            allocation_history::project_time,
-            allocation_history::allocation_id,
-            allocation_history::version,
-        ))
-        .limit_literal(limit)
-        .load(c)
-    })?)
+    Ok(gpualloc_storage::native!(conn, |c| watch_window!(
+        c,
+        HistoryRow::as_select(),
+        tenant,
+        allocation_id,
+        since,
+        limit
+    ))?)
 }
 
 /// Which versions [`changes_since`] would return, and when each was
@@ -298,29 +310,19 @@ pub fn change_keys_since(
     limit: i64,
 ) -> Result<Vec<(String, i64, i64)>, Error> {
     let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-    Ok(gpualloc_storage::native!(conn, |c| {
-        let mut q = allocation_history::table
-            .filter(allocation_history::project_time.ge(since))
-            .select((
-                allocation_history::allocation_id,
-                allocation_history::version,
-                allocation_history::project_time,
-            ))
-            .into_boxed();
-        if let Some(t) = tenant {
-            q = q.filter(allocation_history::tenant.eq(t.to_owned()));
-        }
-        if let Some(id) = allocation_id {
-            q = q.filter(allocation_history::allocation_id.eq(id.to_owned()));
-        }
-        q.order((
-            allocation_history::project_time,
-            allocation_history::allocation_id,
-            allocation_history::version,
-        ))
-        .limit_literal(limit)
-        .load(c)
-    })?)
+    let keys = (
+        allocation_history::allocation_id,
+        allocation_history::version,
+        allocation_history::project_time,
+    );
+    Ok(gpualloc_storage::native!(conn, |c| watch_window!(
+        c,
+        keys,
+        tenant,
+        allocation_id,
+        since,
+        limit
+    ))?)
 }
 
 /// A tenant's history rows that can matter for `[from, to)`: every version
