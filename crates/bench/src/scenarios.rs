@@ -752,25 +752,23 @@ async fn scale(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
                 p50s.entry((what, *n))
                     .or_default()
                     .push(ms(&o.latency, 0.5));
-                match all.entry((what, *n)) {
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(o.latency);
+                if let Some(h) = all.get_mut(&(what, *n)) {
+                    if let Err(e) = h.add(&o.latency) {
+                        eprintln!("bench: scale: merging histograms: {e}");
                     }
-                    std::collections::btree_map::Entry::Occupied(mut e) => {
-                        if let Err(e) = e.get_mut().add(&o.latency) {
-                            eprintln!("bench: scale: merging histograms: {e}");
-                        }
-                    }
+                } else {
+                    all.insert((what, *n), o.latency);
                 }
             }
         }
     }
+    let p50s: BTreeMap<(&str, u64), f64> = p50s.into_iter().map(|(k, v)| (k, median(v))).collect();
     for n in sizes {
         for (what, key) in [
             ("CheckQuota", "check_quota"),
             ("CreateAllocation", "create"),
         ] {
-            let p50 = median(p50s.get(&(what, n)).cloned().unwrap_or_default());
+            let p50 = p50s.get(&(what, n)).copied().unwrap_or(0.0);
             out.value(format!("{key}_p50_ms_at_{n}"), p50, "ms");
             if let Some(h) = all.remove(&(what, n)) {
                 out.latencies.push((format!("{what}, {n} stored"), h));
@@ -778,7 +776,6 @@ async fn scale(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
         }
     }
     let usage = meshes.last().map(|(_, m)| m.usage()).unwrap_or_default();
-    let p50s: BTreeMap<(&str, u64), f64> = p50s.into_iter().map(|(k, v)| (k, median(v))).collect();
     for what in ["CheckQuota", "CreateAllocation"] {
         let small = p50s.get(&(what, 1_000)).copied().unwrap_or(0.0);
         let big = p50s.get(&(what, large)).copied().unwrap_or(0.0);

@@ -61,9 +61,6 @@ impl managed::Manager for Manager {
 
     async fn recycle(&self, obj: &mut Self::Type, _: &Metrics) -> RecycleResult<DbError> {
         use diesel::connection::TransactionManager;
-        if obj.is_mutex_poisoned() {
-            return Err(RecycleError::message("connection mutex poisoned"));
-        }
         fn is_broken(c: &mut DbConnection) -> bool {
             <DbConnection as Connection>::TransactionManager::is_broken_transaction_manager(c)
         }

@@ -26,10 +26,7 @@ pub trait Native: Sized {
     where
         Self: ExecuteDsl<PgConnection> + ExecuteDsl<SqliteConnection>,
     {
-        match conn {
-            DbConnection::Postgresql(c) => ExecuteDsl::execute(self, c),
-            DbConnection::Sqlite(c) => ExecuteDsl::execute(self, c),
-        }
+        crate::native!(conn, |c| ExecuteDsl::execute(self, c))
     }
 
     fn load_native<'query, U>(self, conn: &mut DbConnection) -> QueryResult<Vec<U>>
@@ -39,10 +36,7 @@ pub trait Native: Sized {
             + LoadQuery<'query, PgConnection, U>
             + LoadQuery<'query, SqliteConnection, U>,
     {
-        match conn {
-            DbConnection::Postgresql(c) => RunQueryDsl::<PgConnection>::load(self, c),
-            DbConnection::Sqlite(c) => RunQueryDsl::<SqliteConnection>::load(self, c),
-        }
+        crate::native!(conn, |c| RunQueryDsl::load(self, c))
     }
 
     fn get_result_native<'query, U>(self, conn: &mut DbConnection) -> QueryResult<U>
@@ -52,10 +46,7 @@ pub trait Native: Sized {
             + LoadQuery<'query, PgConnection, U>
             + LoadQuery<'query, SqliteConnection, U>,
     {
-        match conn {
-            DbConnection::Postgresql(c) => RunQueryDsl::<PgConnection>::get_result(self, c),
-            DbConnection::Sqlite(c) => RunQueryDsl::<SqliteConnection>::get_result(self, c),
-        }
+        crate::native!(conn, |c| RunQueryDsl::get_result(self, c))
     }
 }
 

@@ -186,19 +186,7 @@ async fn follow(
         let notified = changes.0.notified();
         let poll_start = time::now_micros();
         // Keys first: most of an ordinary poll's window was sent already.
-        let f = filter.clone();
-        let keys = db
-            .read(move |c| {
-                store::change_keys_since(
-                    c,
-                    f.tenant.as_deref(),
-                    f.allocation_id.as_deref(),
-                    since,
-                    BATCH,
-                )
-            })
-            .await
-            .map_err(Status::from)?;
+        let keys = read_window(db, filter, since, store::change_keys_since).await?;
         let mut full = keys.len() as i64 == BATCH;
         let mut newest = since;
         let mut unsent_from: Option<i64> = None;
@@ -211,19 +199,7 @@ async fn follow(
             }
         }
         if let Some(from) = unsent_from {
-            let f = filter.clone();
-            let rows = db
-                .read(move |c| {
-                    store::changes_since(
-                        c,
-                        f.tenant.as_deref(),
-                        f.allocation_id.as_deref(),
-                        from,
-                        BATCH,
-                    )
-                })
-                .await
-                .map_err(Status::from)?;
+            let rows = read_window(db, filter, from, store::changes_since).await?;
             if rows.len() as i64 == BATCH {
                 // Not every unsent key was reached: go on from the last
                 // row read rather than from the newest key.
@@ -303,6 +279,39 @@ async fn follow(
             _ = tokio::time::sleep(POLL) => {}
         }
     }
+}
+
+/// `store::changes_since` and `store::change_keys_since`: (connection,
+/// tenant, allocation, since, limit).
+type WindowQuery<T> = fn(
+    &mut gpualloc_storage::DbConnection,
+    Option<&str>,
+    Option<&str>,
+    i64,
+    i64,
+) -> Result<Vec<T>, Error>;
+
+/// One read of the watched window from `since`, at most [`BATCH`] rows:
+/// its keys ([`store::change_keys_since`]) or whole rows
+/// ([`store::changes_since`]).
+async fn read_window<T: Send + 'static>(
+    db: &Db,
+    filter: &Filter,
+    since: i64,
+    query: WindowQuery<T>,
+) -> Result<Vec<T>, Status> {
+    let f = filter.clone();
+    db.read(move |c| {
+        query(
+            c,
+            f.tenant.as_deref(),
+            f.allocation_id.as_deref(),
+            since,
+            BATCH,
+        )
+    })
+    .await
+    .map_err(Status::from)
 }
 
 /// The last version sent of one allocation, and the latest projection
