@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, time};
 use gpualloc_proto::{allocation::v1 as pb, resourcepool::v1 as rp};
-use gpualloc_storage::{DbConnection, Native};
+use gpualloc_storage::{DbConnection, Native, update_cached};
 
 use crate::{
     Error,
@@ -105,12 +105,12 @@ pub fn insert(conn: &mut DbConnection, row: &AllocRow) -> Result<(), Error> {
 /// Writes `row` if the stored version is still `expected_version`
 /// (optimistic concurrency: a lost race is retried by the caller).
 pub fn update(conn: &mut DbConnection, row: &AllocRow, expected_version: i64) -> Result<(), Error> {
-    let n = diesel::update(
+    let n = update_cached(
         allocations::table
             .filter(allocations::allocation_id.eq(&row.allocation_id))
             .filter(allocations::version.eq(expected_version)),
+        row,
     )
-    .set(row)
     .execute_native(conn)?;
     if n == 1 {
         Ok(())
@@ -172,16 +172,16 @@ pub fn decision(conn: &mut DbConnection, id: &str) -> Result<Option<String>, Err
 /// Claims a re-drive of `row`: true for exactly one of several replicas
 /// racing on it (and false if the saga moved meanwhile).
 pub fn claim_redrive(conn: &mut DbConnection, row: &AllocRow, next: i64) -> Result<bool, Error> {
-    let n = diesel::update(
+    let n = update_cached(
         allocations::table
             .filter(allocations::allocation_id.eq(&row.allocation_id))
             .filter(allocations::version.eq(row.version))
             .filter(allocations::redrives.eq(row.redrives)),
+        (
+            allocations::redrives.eq(row.redrives + 1),
+            allocations::redrive_time.eq(next),
+        ),
     )
-    .set((
-        allocations::redrives.eq(row.redrives + 1),
-        allocations::redrive_time.eq(next),
-    ))
     .execute_native(conn)?;
     Ok(n == 1)
 }

@@ -53,6 +53,11 @@ pub struct RunArgs {
     /// Stored allocations for the large half of `scale`.
     #[arg(long, default_value_t = 1_000_000)]
     pub scale_large: u64,
+    /// Run the saga's open-loop phases at half of this rate instead of half
+    /// of its measured maximum (the closed loop is skipped): comparing two
+    /// builds at the same offered load, where their maxima differ by noise.
+    #[arg(long)]
+    pub saga_rate: Option<f64>,
 }
 
 impl RunArgs {

@@ -26,7 +26,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use crate::{
     RunArgs,
     load::{self, Outcome},
-    mesh::{Mesh, Usage},
+    mesh::{Mesh, Usage, usage},
 };
 
 /// One scenario's numbers.
@@ -505,6 +505,12 @@ fn to_allocated_op(
     }
 }
 
+/// CPU seconds the mesh's processes (services and NATS) used so far.
+fn mesh_cpu_seconds(mesh: &Mesh) -> f64 {
+    let services: f64 = mesh.usage().iter().map(|(_, u)| u.cpu_seconds).sum();
+    services + mesh.nats.pid().map_or(0.0, |pid| usage(pid).cpu_seconds)
+}
+
 async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     let mesh = Mesh::start(&exe).await?;
     setup(&mesh, i32::MAX).await?;
@@ -518,6 +524,10 @@ async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     let (sampler, stop_sampling) = sample_backlog(&mesh);
     let mut rates = vec![];
     for run in 0..args.runs() {
+        if let Some(rate) = args.saga_rate {
+            rates.push(rate);
+            break;
+        }
         arrivals.clear();
         let client = AllocationServiceClient::new(mesh.channel("allocation"));
         let start = Instant::now();
@@ -540,7 +550,16 @@ async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     out.value("allocated_per_s", max_rate, "/s");
 
     // At half the maximum: request → ALLOCATED in the viewer.
+    let cpu_before = mesh_cpu_seconds(&mesh);
     let half = load::open(max_rate / 2.0, d, to_allocated_op(&mesh, &arrivals, "half")).await;
+    // What one allocation costs the mesh's processes at that rate: far
+    // steadier between runs than the maximum, so changes show in it first.
+    let cpu = mesh_cpu_seconds(&mesh) - cpu_before;
+    out.value(
+        "cpu_ms_per_allocation_at_half",
+        cpu * 1000.0 / (half.latency.len() as f64).max(1.0),
+        "ms",
+    );
     // And at a low rate, where nothing queues: what the hops themselves
     // cost (commits, relays, fetches, the watcher's poll).
     let floor = load::open(

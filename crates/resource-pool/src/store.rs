@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use diesel::prelude::*;
 use gpualloc_domain::{Class, GpuModel, PoolId, Resources};
-use gpualloc_storage::{DbConnection, Native};
+use gpualloc_storage::{DbConnection, Native, update_cached};
 
 use crate::{
     Error,
@@ -93,13 +93,13 @@ pub fn take_pool(
     lines: &[(Class, i64)],
 ) -> Result<(), Error> {
     for (class, v) in lines {
-        let n = diesel::update(
+        let n = update_cached(
             pool_resources::table
                 .filter(pool_resources::pool_id.eq(pool.as_str()))
                 .filter(pool_resources::class.eq(class.to_string()))
                 .filter((pool_resources::used + *v).le(pool_resources::capacity)),
+            pool_resources::used.eq(pool_resources::used + *v),
         )
-        .set(pool_resources::used.eq(pool_resources::used + *v))
         .execute_native(conn)?;
         if n != 1 {
             return Err(Error::Invariant(format!(
@@ -117,13 +117,13 @@ pub fn release_pool(
     lines: &[(Class, i64)],
 ) -> Result<(), Error> {
     for (class, v) in lines {
-        let n = diesel::update(
+        let n = update_cached(
             pool_resources::table
                 .filter(pool_resources::pool_id.eq(pool))
                 .filter(pool_resources::class.eq(class.to_string()))
                 .filter(pool_resources::used.ge(*v)),
+            pool_resources::used.eq(pool_resources::used - *v),
         )
-        .set(pool_resources::used.eq(pool_resources::used - *v))
         .execute_native(conn)?;
         if n != 1 {
             return Err(Error::Invariant(format!(
@@ -194,18 +194,18 @@ pub fn charge_tenant(
         let d = sign * v;
         let dc = if charged { d } else { 0 };
         let dg = if granted { d } else { 0 };
-        let n = diesel::update(
+        let n = update_cached(
             tenant_usage::table
                 .filter(tenant_usage::tenant.eq(tenant))
                 .filter(tenant_usage::class.eq(class.to_string()))
                 .filter((tenant_usage::charged + dc).le(tenant_usage::quota_limit))
                 .filter((tenant_usage::charged + dc).ge(tenant_usage::granted + dg))
                 .filter((tenant_usage::granted + dg).ge(0)),
+            (
+                tenant_usage::charged.eq(tenant_usage::charged + dc),
+                tenant_usage::granted.eq(tenant_usage::granted + dg),
+            ),
         )
-        .set((
-            tenant_usage::charged.eq(tenant_usage::charged + dc),
-            tenant_usage::granted.eq(tenant_usage::granted + dg),
-        ))
         .execute_native(conn)?;
         if n != 1 {
             return Err(Error::Invariant(format!(
@@ -308,15 +308,14 @@ pub fn move_reservation(
     now: i64,
 ) -> Result<i64, Error> {
     let version = r.version + 1;
-    let q = diesel::update(
-        reservations::table
-            .filter(reservations::allocation_id.eq(&r.allocation_id))
-            .filter(reservations::state.eq(&r.state))
-            .filter(reservations::version.eq(r.version)),
-    );
+    let q = reservations::table
+        .filter(reservations::allocation_id.eq(&r.allocation_id))
+        .filter(reservations::state.eq(&r.state))
+        .filter(reservations::version.eq(r.version));
     let n = match placed {
-        Some((pool, model, expire)) => q
-            .set((
+        Some((pool, model, expire)) => update_cached(
+            q,
+            (
                 reservations::state.eq(to),
                 reservations::reason.eq(reason),
                 reservations::outcome.eq(outcome),
@@ -325,17 +324,20 @@ pub fn move_reservation(
                 reservations::expire_time.eq(expire),
                 reservations::version.eq(version),
                 reservations::update_time.eq(now),
-            ))
-            .execute_native(conn)?,
-        None => q
-            .set((
+            ),
+        )
+        .execute_native(conn)?,
+        None => update_cached(
+            q,
+            (
                 reservations::state.eq(to),
                 reservations::reason.eq(reason),
                 reservations::outcome.eq(outcome),
                 reservations::version.eq(version),
                 reservations::update_time.eq(now),
-            ))
-            .execute_native(conn)?,
+            ),
+        )
+        .execute_native(conn)?,
     };
     if n != 1 {
         return Err(Error::Invariant(format!(

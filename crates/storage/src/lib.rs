@@ -19,6 +19,7 @@ pub mod lock;
 mod migrate;
 mod native;
 pub mod outbox;
+mod update;
 
 pub use conn::{DbConnection, MultiBackend};
 pub use db::{Backend, Db, DbOptions};
@@ -26,6 +27,7 @@ pub use error::{DbError, TxError, is_retryable};
 pub use limit::{LimitLiteral, LiteralLimit};
 pub use migrate::Migration;
 pub use native::Native;
+pub use update::{CachedUpdate, update_cached};
 
 /// Migrations of the tables defined here (outbox, inbox, locks). Every
 /// service applies them before its own.

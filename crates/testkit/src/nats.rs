@@ -52,6 +52,15 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The server's process id (the watchdog writes it at start).
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.store.path().join("nats.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     pub fn store_dir(&self) -> PathBuf {
         self.store.path().to_owned()
     }

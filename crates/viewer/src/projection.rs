@@ -7,7 +7,7 @@ use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, time};
 use gpualloc_proto::{allocation::v1 as apb, events::v1 as ev};
 use gpualloc_saga::{Emitter, Event, Handler, Payload};
-use gpualloc_storage::{DbConnection, Native};
+use gpualloc_storage::{DbConnection, Native, update_cached};
 use prost::Message;
 
 use crate::{
@@ -72,9 +72,11 @@ pub fn project(
                 .select((allocation_views::state, allocation_views::version))
                 .get_result_native(conn)
                 .optional()?;
-            diesel::update(allocation_views::table.find(&event.allocation_id))
-                .set(allocation_views::hold_position.eq(h.position))
-                .execute_native(conn)?;
+            update_cached(
+                allocation_views::table.find(&event.allocation_id),
+                allocation_views::hold_position.eq(h.position),
+            )
+            .execute_native(conn)?;
             // Announce the hold unless the allocation has already moved on
             // (the hold arrived late, or after a cancel).
             let waiting = view
@@ -120,15 +122,15 @@ pub fn project(
                         .execute_native(conn)?;
                 }
                 Some(v) if v < event.aggregate_version => {
-                    diesel::update(
+                    update_cached(
                         tenant_quota_views::table
                             .find(&event.tenant)
                             .filter(tenant_quota_views::version.lt(event.aggregate_version)),
+                        (
+                            tenant_quota_views::limits.eq(&limits),
+                            tenant_quota_views::version.eq(event.aggregate_version),
+                        ),
                     )
-                    .set((
-                        tenant_quota_views::limits.eq(&limits),
-                        tenant_quota_views::version.eq(event.aggregate_version),
-                    ))
                     .execute_native(conn)?;
                 }
                 Some(_) => {}
@@ -215,19 +217,19 @@ fn apply_change(
             // The guard is repeated in the UPDATE: on PostgreSQL another
             // replica may have moved the view between the read above and
             // this write, and its newer version must win.
-            diesel::update(
+            update_cached(
                 allocation_views::table
                     .find(&a.allocation_id)
                     .filter(allocation_views::version.lt(a.version)),
+                (
+                    allocation_views::state.eq(state),
+                    allocation_views::version.eq(a.version),
+                    allocation_views::update_time.eq(change_time),
+                    allocation_views::snapshot.eq(&snapshot),
+                    allocation_views::project_time.eq(now),
+                    allocation_views::expire_time.eq(expire_time),
+                ),
             )
-            .set((
-                allocation_views::state.eq(state),
-                allocation_views::version.eq(a.version),
-                allocation_views::update_time.eq(change_time),
-                allocation_views::snapshot.eq(&snapshot),
-                allocation_views::project_time.eq(now),
-                allocation_views::expire_time.eq(expire_time),
-            ))
             .execute_native(conn)?;
         }
         // A stale version: in the history, but announced only if it were
