@@ -55,6 +55,13 @@ where
     W: QueryFragment<DB>,
 {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        // As diesel's own UPDATE: a changeset with nothing to set is an
+        // error of its own, not invalid SQL.
+        if self.values.is_noop(out.backend())? {
+            return Err(diesel::result::Error::QueryBuilderError(Box::new(
+                diesel::result::EmptyChangeset,
+            )));
+        }
         out.push_sql("UPDATE ");
         self.from.walk_ast(out.reborrow())?;
         out.push_sql(" SET ");
@@ -130,6 +137,14 @@ mod tests {
         update_cached(items::table.find(2), items::name.eq("y"))
             .execute(c)
             .unwrap();
+        let nothing = Patch {
+            name: None,
+            size: None,
+        };
+        let e = update_cached(items::table.find(2), nothing)
+            .execute(c)
+            .unwrap_err();
+        assert!(e.to_string().contains("no changes to save"), "{e}");
         assert_eq!(rows(c), [(1, "x".into(), 7), (2, "y".into(), 21)]);
     }
 }
