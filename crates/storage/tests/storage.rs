@@ -225,7 +225,33 @@ async fn the_write_generation_moves_after_each_write(url: String) {
     assert!(db.write_generation() > g1);
 }
 
+/// A write that panics fails its caller; the writer goes on, and the next
+/// write does not find the panicked one's transaction open.
+async fn a_panicking_write_fails_alone(url: String) {
+    let db = open(&url).await;
+    let panicked = db
+        .write(|c| {
+            outbox::append(c, "a", 1, &[message(1, "x")])?;
+            if std::hint::black_box(true) {
+                panic!("a bug in a write");
+            }
+            Ok::<_, DbError>(())
+        })
+        .await;
+    assert!(panicked.is_err());
+    db.write(|c| Ok::<_, DbError>(outbox::append(c, "a", 2, &[message(2, "x")])?))
+        .await
+        .unwrap();
+    let rows = db
+        .read(|c| Ok::<_, DbError>(outbox::pending(c, "a", 0, 100)?))
+        .await
+        .unwrap();
+    let ids: Vec<_> = rows.iter().map(|r| r.event_id.as_str()).collect();
+    assert_eq!(ids, ["ev-2"], "the panicked write was committed");
+}
+
 gpualloc_testkit::backend_tests!(
+    a_panicking_write_fails_alone,
     the_write_generation_moves_after_each_write,
     migrations_are_idempotent,
     outbox_keeps_order_and_bytes,
