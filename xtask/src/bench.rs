@@ -18,12 +18,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let nats = install::nats_server()?;
     procs::run(
         "cargo build --release -p gpualloc-bench",
-        Command::new("cargo").current_dir(&root).args([
-            "build",
-            "--release",
-            "-p",
-            "gpualloc-bench",
-        ]),
+        crate::cargo()
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "gpualloc-bench"]),
     )?;
     // The harness starts nats-server from PATH.
     let path = match (nats.parent(), std::env::var_os("PATH")) {

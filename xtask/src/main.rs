@@ -39,6 +39,31 @@ pub fn root() -> PathBuf {
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
+/// `cargo`, without the variables cargo set for running xtask itself.
+/// Build scripts that watch one of them (ring watches
+/// `CARGO_MANIFEST_DIR`) would otherwise see it change between a build
+/// from xtask and one from the shell, and rebuild with their dependants —
+/// minutes of release build each time one follows the other.
+pub fn cargo() -> std::process::Command {
+    let mut cmd = std::process::Command::new("cargo");
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+            || key == "CARGO_PRIMARY_PACKAGE"
+        {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Up(args) => up::run(args),

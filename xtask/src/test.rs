@@ -39,13 +39,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_lint {
         procs::run(
             "cargo fmt --check",
-            Command::new("cargo")
+            crate::cargo()
                 .current_dir(&root)
                 .args(["fmt", "--all", "--check"]),
         )?;
         procs::run(
             "cargo clippy -D warnings",
-            Command::new("cargo").current_dir(&root).args([
+            crate::cargo().current_dir(&root).args([
                 "clippy",
                 "--workspace",
                 "--all-targets",
@@ -83,7 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let (pg_url, _pg) = postgres(&scratch, args.own_postgres)?;
         eprintln!("xtask: NATS {nats_url}, PostgreSQL {pg_url}");
 
-        let mut test = Command::new("cargo");
+        let mut test = crate::cargo();
         test.current_dir(&root)
             .args(["test", "--workspace"])
             .args(&args.cargo_test_args)

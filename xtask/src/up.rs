@@ -130,7 +130,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     install::libpq()?;
     let profile = if args.release { "release" } else { "debug" };
-    let mut build = Command::new("cargo");
+    let mut build = crate::cargo();
     build
         .current_dir(&root)
         .args(["build", "--workspace", "--bins"]);
