@@ -37,21 +37,11 @@ pub struct QuotaClient {
 
 /// Whether a failed call says the pool is not there (a breaker failure)
 /// rather than that it refused the request: `UNAVAILABLE`,
-/// `DEADLINE_EXCEEDED`, or any error of the transport (a connection that
-/// broke mid-call surfaces as `CANCELLED` or `UNKNOWN` with a transport
-/// error as its source).
+/// `DEADLINE_EXCEEDED`, or any error of the transport, whatever its code
+/// ([`gpualloc_platform::status::from_transport`]).
 pub fn is_unreachable(status: &tonic::Status) -> bool {
-    if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) {
-        return true;
-    }
-    let mut source = std::error::Error::source(status);
-    while let Some(e) = source {
-        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
+        || gpualloc_platform::status::from_transport(status)
 }
 
 impl QuotaClient {

@@ -54,26 +54,14 @@ fn never_processed(s: &tonic::Status) -> bool {
         .any(|m| text.contains(m))
 }
 
-/// An error of the connection rather than an answer of the server. Most
-/// arrive as CANCELLED, UNAVAILABLE or UNKNOWN, but tonic maps an HTTP/2
-/// error by its reason code: a stream the client opened just as the
-/// server's GOAWAY (NO_ERROR) arrived fails as INTERNAL, with the
-/// transport error as its source.
+/// An error of the connection rather than an answer of the server: most
+/// arrive as CANCELLED, UNAVAILABLE or UNKNOWN, but a stream refused by the
+/// server's GOAWAY arrives as INTERNAL (see `status::from_transport`).
 fn transport_failure(s: &tonic::Status) -> bool {
-    if matches!(
+    matches!(
         s.code(),
         Code::Cancelled | Code::Unavailable | Code::Unknown
-    ) {
-        return true;
-    }
-    let mut source = std::error::Error::source(s);
-    while let Some(e) = source {
-        if e.is::<tonic::transport::Error>() {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+    ) || gpualloc_platform::status::from_transport(s)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

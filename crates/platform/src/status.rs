@@ -11,6 +11,22 @@ use tonic_types::{ErrorDetails, FieldViolation, QuotaViolation, StatusExt};
 /// The ErrorInfo domain of every gpualloc error.
 pub const DOMAIN: &str = "gpualloc.dev";
 
+/// Whether `status` was made by the client's own transport (its source
+/// chain holds a transport or I/O error) rather than sent by a server.
+/// Such a status can carry any code: a broken connection surfaces as
+/// CANCELLED or UNKNOWN, and tonic maps an HTTP/2 error by its reason, so a
+/// stream refused by the server's GOAWAY (NO_ERROR) arrives as INTERNAL.
+pub fn from_transport(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() || e.is::<std::io::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// INVALID_ARGUMENT listing every field violation.
 pub fn invalid_argument(v: &Violations) -> Status {
     let violations: Vec<FieldViolation> =

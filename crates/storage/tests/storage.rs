@@ -22,6 +22,21 @@ fn message(i: u32, aggregate: &str) -> outbox::OutboxMessage {
     }
 }
 
+async fn pending(
+    db: &Db,
+    origin: &'static str,
+    foreign_before: i64,
+    limit: i64,
+) -> Vec<outbox::PendingRow> {
+    db.read(move |c| Ok::<_, DbError>(outbox::pending(c, origin, foreign_before, limit)?))
+        .await
+        .unwrap()
+}
+
+fn event_ids(rows: &[outbox::PendingRow]) -> Vec<&str> {
+    rows.iter().map(|r| r.event_id.as_str()).collect()
+}
+
 async fn migrations_are_idempotent(url: String) {
     let db = open(&url).await;
     // A second run (another replica starting) applies nothing and fails on
@@ -44,30 +59,21 @@ async fn outbox_keeps_order_and_bytes(url: String) {
 
     // Replica A sees its own rows at once, B's only once they are old
     // enough for the reconciler.
-    let mine = db
-        .read(|c| Ok::<_, DbError>(outbox::pending(c, "replica-a", 50, 100)?))
-        .await
-        .unwrap();
-    let ids: Vec<_> = mine.iter().map(|r| r.event_id.as_str()).collect();
-    assert_eq!(ids, ["ev-1", "ev-2", "ev-4"]);
+    let mine = pending(&db, "replica-a", 50, 100).await;
+    assert_eq!(event_ids(&mine), ["ev-1", "ev-2", "ev-4"]);
     assert_eq!(mine[0].payload, vec![0, 1, 2, 255, 1]);
     assert_eq!(mine[1].header_map()["traceparent"], "00-2");
 
-    let all = db
-        .read(|c| Ok::<_, DbError>(outbox::pending(c, "replica-a", 150, 100)?))
-        .await
-        .unwrap();
-    let ids: Vec<_> = all.iter().map(|r| r.event_id.as_str()).collect();
-    assert_eq!(ids, ["ev-1", "ev-2", "ev-3", "ev-4"]);
+    let all = pending(&db, "replica-a", 150, 100).await;
+    assert_eq!(event_ids(&all), ["ev-1", "ev-2", "ev-3", "ev-4"]);
     // A batch is the oldest rows first, as many as asked for (the limit is
     // written into the SQL; each size is its own prepared statement).
     for n in [1, 3, 1] {
-        let batch = db
-            .read(move |c| Ok::<_, DbError>(outbox::pending(c, "replica-a", 150, n)?))
-            .await
-            .unwrap();
-        let ids: Vec<_> = batch.iter().map(|r| r.event_id.as_str()).collect();
-        assert_eq!(ids, ["ev-1", "ev-2", "ev-3", "ev-4"][..n as usize]);
+        let batch = pending(&db, "replica-a", 150, n).await;
+        assert_eq!(
+            event_ids(&batch),
+            ["ev-1", "ev-2", "ev-3", "ev-4"][..n as usize]
+        );
     }
 
     let (count, oldest) = db
@@ -82,10 +88,7 @@ async fn outbox_keeps_order_and_bytes(url: String) {
         .await
         .unwrap();
     assert_eq!(marked, 2);
-    let left = db
-        .read(|c| Ok::<_, DbError>(outbox::pending(c, "replica-a", 150, 100)?))
-        .await
-        .unwrap();
+    let left = pending(&db, "replica-a", 150, 100).await;
     assert_eq!(left.len(), 2);
 
     // Replay after data loss at the broker: everything is pending again.
@@ -188,10 +191,7 @@ async fn locks_serialise_concurrent_writers(url: String) {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    let rows = db
-        .read(|c| Ok::<_, DbError>(outbox::pending(c, "a", 0, 1000)?))
-        .await
-        .unwrap();
+    let rows = pending(&db, "a", 0, 1000).await;
     let mut seen: Vec<i64> = rows.iter().map(|r| r.created_at).collect();
     seen.sort();
     assert_eq!(
@@ -242,12 +242,12 @@ async fn a_panicking_write_fails_alone(url: String) {
     db.write(|c| Ok::<_, DbError>(outbox::append(c, "a", 2, &[message(2, "x")])?))
         .await
         .unwrap();
-    let rows = db
-        .read(|c| Ok::<_, DbError>(outbox::pending(c, "a", 0, 100)?))
-        .await
-        .unwrap();
-    let ids: Vec<_> = rows.iter().map(|r| r.event_id.as_str()).collect();
-    assert_eq!(ids, ["ev-2"], "the panicked write was committed");
+    let rows = pending(&db, "a", 0, 100).await;
+    assert_eq!(
+        event_ids(&rows),
+        ["ev-2"],
+        "the panicked write was committed"
+    );
 }
 
 gpualloc_testkit::backend_tests!(
