@@ -25,6 +25,9 @@ use crate::breaker::{Breaker, BreakerConfig, Outcome};
 #[derive(Debug)]
 pub enum Advice {
     Verdict(Box<rp::CheckQuotaResponse>),
+    /// The pool answered with an error (the caller's token refused, a bad
+    /// request, ...): the create fails with it. Only absence fails open.
+    Refused(Box<tonic::Status>),
     Unreachable(String),
 }
 
@@ -109,18 +112,18 @@ impl QuotaClient {
             }
             Ok(Err(status)) => {
                 span.record("rpc.grpc.status_code", status.code() as i32);
-                let outcome = if is_unreachable(&status) {
-                    Outcome::Unreachable
+                if is_unreachable(&status) {
+                    (
+                        Advice::Unreachable(format!("{:?}: {}", status.code(), status.message())),
+                        Outcome::Unreachable,
+                        "error",
+                    )
                 } else {
                     // The pool answered, if with an error (a bad request,
-                    // a permission problem): not a reason to stop calling.
-                    Outcome::Answered
-                };
-                (
-                    Advice::Unreachable(format!("{:?}: {}", status.code(), status.message())),
-                    outcome,
-                    "error",
-                )
+                    // a refused token): not a reason to stop calling, and
+                    // not a reason to accept the request either.
+                    (Advice::Refused(Box::new(status)), Outcome::Answered, "refused")
+                }
             }
             Err(_) => (
                 Advice::Unreachable(format!("no answer within {:?}", self.timeout)),

@@ -162,6 +162,18 @@ fn quota_refusal(r: rp::CheckQuotaResponse) -> Option<Error> {
     }
 }
 
+/// The pool's refusal, as the caller's own status: same code, details
+/// kept, message saying where it came from.
+fn refused_check(status: Status) -> Status {
+    let mut out = Status::with_details(
+        status.code(),
+        format!("the resource pool refused the quota check: {}", status.message()),
+        status.details().to_vec().into(),
+    );
+    *out.metadata_mut() = status.metadata().clone();
+    out
+}
+
 fn is_unique_violation(e: &Error) -> bool {
     matches!(
         e,
@@ -206,6 +218,10 @@ impl AllocationService for AllocationApi {
                     return Err(refusal.into());
                 }
                 approval
+            }
+            Advice::Refused(status) => {
+                tracing::info!(code = ?status.code(), message = status.message(), "CheckQuota refused the request");
+                return Err(refused_check(*status));
             }
             Advice::Unreachable(why) => {
                 tracing::warn!(reason = %why, "CheckQuota unavailable; accepting as PENDING, the saga decides");

@@ -116,6 +116,10 @@ impl Mesh {
                     format!("sqlite://{}", db.display()),
                 )
                 .env("GPUALLOC_NATS_URL", nats.url())
+                .env(
+                    "GPUALLOC_JWKS",
+                    gpualloc_testkit::auth::jwks_path().display().to_string(),
+                )
                 .env("GPUALLOC_RESOURCE_POOL_URL", &pool_url)
                 .env(
                     "GPUALLOC_METRICS_LISTEN",

@@ -11,7 +11,6 @@ use std::{
     time::Duration,
 };
 
-use gpualloc_platform::identity::{ROLE_HEADER, TENANT_HEADER};
 use gpualloc_proto::{
     allocation::v1::{self as apb, allocation_service_client::AllocationServiceClient},
     resourcepool::v1::{self as rp, resource_pool_service_client::ResourcePoolServiceClient},
@@ -101,17 +100,36 @@ const TENANT: &str = "bench";
 /// network and fsync waits.
 const CONCURRENCY: usize = 64;
 
+/// A bearer token of the test issuer, minted once per run: clients send
+/// the same token many times, as real ones do (and the services' cache of
+/// verified tokens is then part of what is measured).
+fn token(tenant: Option<&str>) -> MetadataValue<tonic::metadata::Ascii> {
+    static TOKENS: std::sync::OnceLock<[MetadataValue<tonic::metadata::Ascii>; 2]> =
+        std::sync::OnceLock::new();
+    let [t, a] = TOKENS.get_or_init(|| {
+        let day = std::time::Duration::from_secs(86_400);
+        let issuer = gpualloc_testkit::auth::issuer();
+        let mint = |tenant: Option<&str>, roles: &[&str]| {
+            let jwt = issuer
+                .token("bench", tenant, roles, day)
+                .unwrap_or_default();
+            MetadataValue::try_from(format!("Bearer {jwt}"))
+                .unwrap_or_else(|_| MetadataValue::from_static(""))
+        };
+        [mint(Some(TENANT), &[]), mint(None, &["admin"])]
+    });
+    if tenant.is_some() { t.clone() } else { a.clone() }
+}
+
 fn as_tenant<T>(m: T) -> Request<T> {
     let mut r = Request::new(m);
-    r.metadata_mut()
-        .insert(TENANT_HEADER, MetadataValue::from_static(TENANT));
+    r.metadata_mut().insert("authorization", token(Some(TENANT)));
     r
 }
 
 fn as_admin<T>(m: T) -> Request<T> {
     let mut r = Request::new(m);
-    r.metadata_mut()
-        .insert(ROLE_HEADER, MetadataValue::from_static("admin"));
+    r.metadata_mut().insert("authorization", token(None));
     r
 }
 

@@ -189,6 +189,10 @@ impl Cluster {
                         format!("127.0.0.1:{}", free_port()),
                     ),
                     ("GPUALLOC_TEST_PARENT_PID", std::process::id().to_string()),
+                    (
+                        "GPUALLOC_JWKS",
+                        gpualloc_testkit::auth::jwks_path().display().to_string(),
+                    ),
                     ("RUST_LOG", "info".into()),
                 ];
                 let mut node = Node {

@@ -9,7 +9,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use gpualloc_platform::{CommonConfig, identity};
+use gpualloc_platform::CommonConfig;
 use gpualloc_proto::{
     allocation::v1::allocation_service_client::AllocationServiceClient,
     resourcepool::v1::resource_pool_service_client::ResourcePoolServiceClient,
@@ -260,8 +260,7 @@ impl Mesh {
         let prefix = unique_name("t");
         let (allocation_db, pool_db, viewer_db) = (backend.db(), backend.db(), backend.db());
         let common = |db: &TestDb| {
-            let mut c =
-                CommonConfig::new(db.url.clone(), nats_url.clone()).with_stream(&stream, &prefix);
+            let mut c = common_config(&db.url, &nats_url).with_stream(&stream, &prefix);
             configure(&mut c);
             c
         };
@@ -320,20 +319,32 @@ impl Mesh {
     }
 }
 
-/// A request from an administrator.
+/// A request from an administrator (a bearer token of the test issuer).
 pub fn admin<T>(message: T) -> Request<T> {
+    bearer(&gpualloc_testkit::auth::admin_token(), message)
+}
+
+/// A request from `tenant` (a bearer token of the test issuer).
+pub fn tenant<T>(tenant: &str, message: T) -> Request<T> {
+    bearer(&gpualloc_testkit::auth::tenant_token(tenant), message)
+}
+
+/// A request carrying `token`.
+pub fn bearer<T>(token: &str, message: T) -> Request<T> {
     let mut r = Request::new(message);
-    r.metadata_mut()
-        .insert(identity::ROLE_HEADER, MetadataValue::from_static("admin"));
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).unwrap(),
+    );
     r
 }
 
-/// A request from `tenant`.
-pub fn tenant<T>(tenant: &str, message: T) -> Request<T> {
-    let mut r = Request::new(message);
-    r.metadata_mut()
-        .insert(identity::TENANT_HEADER, tenant.parse().unwrap());
-    r
+/// Settings for a service under test: its database, NATS, and the test
+/// issuer's keys.
+pub fn common_config(database_url: &str, nats_url: &str) -> CommonConfig {
+    let mut c = CommonConfig::new(database_url, nats_url);
+    c.auth.jwks = Some(gpualloc_testkit::auth::jwks_path().display().to_string());
+    c
 }
 
 pub mod cluster;

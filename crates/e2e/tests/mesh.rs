@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use gpualloc_e2e::{Backend, Mesh, Service, Svc, admin, fixtures::*, tenant};
-use gpualloc_platform::CommonConfig;
 use gpualloc_proto::{
     allocation::v1::{self as apb, State},
     events::v1 as ev,
@@ -530,7 +529,7 @@ async fn health_waits_for_database_and_nats() {
     // NATS is not running yet on this port.
     let port = free_port();
     let db = TestDb::sqlite();
-    let common = CommonConfig::new(db.url.clone(), format!("nats://127.0.0.1:{port}"))
+    let common = gpualloc_e2e::common_config(&db.url, &format!("nats://127.0.0.1:{port}"))
         .with_stream("HEALTHT", "healtht");
     let mut svc = Service::spawn(Svc::ResourcePool, common, String::new(), None).await;
     let status = eventually(Duration::from_secs(10), "a health answer", || async {

@@ -91,6 +91,10 @@ pub struct CommonConfig {
     /// 127.0.0.1:9091 (allocation), 9092 (resource-pool), 9093 (viewer).
     #[arg(long, env = "GPUALLOC_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+
+    /// Who the callers are (see `crate::auth`).
+    #[command(flatten)]
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl CommonConfig {
@@ -116,6 +120,7 @@ impl CommonConfig {
             max_message_bytes: 4 * 1024 * 1024,
             // Several services share a process in tests: no fixed ports.
             metrics_listen: Some("off".into()),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 

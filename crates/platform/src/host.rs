@@ -350,11 +350,14 @@ impl Platform {
             ));
         }
 
-        tracing::info!(service = self.name, %addr, replica = %self.origin, "serving gRPC");
+        let auth = crate::auth::Authenticator::new(&self.config.auth).await?;
+        auth.spawn_refresh(self.background.clone());
+
+        tracing::info!(service = self.name, %addr, replica = %self.origin, auth = ?auth.mode(), "serving gRPC");
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(crate::layers::stack(self.config.protection()))
+            .layer(crate::layers::stack(self.config.protection(), auth))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),

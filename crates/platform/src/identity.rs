@@ -1,76 +1,61 @@
-//! Who is calling. Inside the mesh, Istio's RequestAuthentication verifies
-//! the caller's JWT and copies its claims into `x-gpualloc-tenant` and
-//! `x-gpualloc-role` (see `istio/`); the services trust those headers and
-//! nothing else. The AuthorizationPolicy refuses requests without a valid
-//! token, so a client cannot set the headers itself.
+//! Who is calling: the [`Caller`] that the auth layer
+//! ([`crate::layers::auth`]) verified and put into the request's
+//! extensions. Handlers read it from there and nowhere else; a request
+//! that did not pass the layer has no caller and is refused.
+
+use std::sync::Arc;
 
 use gpualloc_domain::TenantId;
 use tonic::{Status, metadata::MetadataMap};
 
+/// Identity headers that Istio sets in `mesh` mode (and that `jwt` mode
+/// strips from every request, with every other `x-gpualloc-*` header).
 pub const TENANT_HEADER: &str = "x-gpualloc-tenant";
-pub const ROLE_HEADER: &str = "x-gpualloc-role";
+pub const ROLES_HEADER: &str = "x-gpualloc-roles";
+pub const SUBJECT_HEADER: &str = "x-gpualloc-subject";
+/// The prefix of headers only the mesh may set.
+pub const IDENTITY_PREFIX: &str = "x-gpualloc-";
 
 /// The authenticated caller of one RPC.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
+    /// The token's `sub` (who, for audit trails).
+    pub subject: String,
     pub tenant: Option<TenantId>,
     pub admin: bool,
+    /// The bearer token as received, forwarded on calls made for this
+    /// caller (CheckQuota) so the next service verifies it again.
+    pub token: Option<Arc<str>>,
 }
 
 impl Caller {
+    /// An administrator with no token (tests of handlers, internal work).
     pub fn admin() -> Caller {
         Caller {
+            subject: "admin".into(),
             tenant: None,
             admin: true,
+            token: None,
         }
     }
 
+    /// A tenant with no token (tests of handlers).
     pub fn tenant(t: TenantId) -> Caller {
         Caller {
+            subject: t.to_string(),
             tenant: Some(t),
             admin: false,
+            token: None,
         }
     }
 
-    /// Reads the identity headers; a request with neither is
-    /// UNAUTHENTICATED.
-    pub fn from_metadata(md: &MetadataMap) -> Result<Caller, Status> {
-        let text = |name: &str| -> Result<Option<String>, Status> {
-            match md.get(name) {
-                None => Ok(None),
-                Some(v) => v
-                    .to_str()
-                    .map(|s| Some(s.trim().to_owned()))
-                    .map_err(|_| Status::unauthenticated(format!("{name} is not valid text"))),
-            }
-        };
-        let admin = match text(ROLE_HEADER)?.as_deref() {
-            None | Some("") | Some("tenant") => false,
-            Some("admin") => true,
-            Some(other) => {
-                return Err(Status::unauthenticated(format!(
-                    "{ROLE_HEADER} {other:?} is not a role (use \"admin\" or \"tenant\")"
-                )));
-            }
-        };
-        let tenant = match text(TENANT_HEADER)? {
-            None => None,
-            Some(t) if t.is_empty() => None,
-            Some(t) => Some(
-                TenantId::parse(t)
-                    .map_err(|e| Status::unauthenticated(format!("{TENANT_HEADER}: {e}")))?,
-            ),
-        };
-        if tenant.is_none() && !admin {
-            return Err(Status::unauthenticated(format!(
-                "no caller identity: send {TENANT_HEADER} (or {ROLE_HEADER}: admin)"
-            )));
-        }
-        Ok(Caller { tenant, admin })
-    }
-
+    /// The verified caller of `req`; UNAUTHENTICATED if it has none
+    /// (which only a service built without the auth layer would see).
     pub fn from_request<T>(req: &tonic::Request<T>) -> Result<Caller, Status> {
-        Self::from_metadata(req.metadata())
+        req.extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("no verified caller"))
     }
 
     /// Administrators act for everyone, tenants for themselves.
@@ -82,63 +67,51 @@ impl Caller {
         if self.admin {
             Ok(())
         } else {
-            Err(Status::permission_denied(format!(
-                "this method needs the admin role ({ROLE_HEADER}: admin)"
-            )))
+            Err(Status::permission_denied(
+                "this method needs the admin role",
+            ))
         }
     }
 
-    /// Headers to forward this identity to another service.
+    /// Forwards this caller's token to another service.
     pub fn to_metadata(&self, md: &mut MetadataMap) {
-        if self.admin {
-            md.insert(
-                ROLE_HEADER,
-                tonic::metadata::MetadataValue::from_static("admin"),
-            );
-        }
-        if let Some(t) = &self.tenant
-            && let Ok(v) = t.as_str().parse()
+        if let Some(token) = &self.token
+            && let Ok(v) = format!("Bearer {token}").parse()
         {
-            md.insert(TENANT_HEADER, v);
+            md.insert("authorization", v);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
-
-    fn md(pairs: &[(&'static str, &'static str)]) -> MetadataMap {
-        let mut m = MetadataMap::new();
-        for (k, v) in pairs {
-            m.insert(*k, v.parse().unwrap());
-        }
-        m
-    }
-
-    #[test]
-    fn identity_is_required() {
-        let e = Caller::from_metadata(&md(&[])).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unauthenticated);
-        let e = Caller::from_metadata(&md(&[(ROLE_HEADER, "root")])).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unauthenticated);
-        let e = Caller::from_metadata(&md(&[(TENANT_HEADER, "Bad Name")])).unwrap_err();
-        assert_eq!(e.code(), tonic::Code::Unauthenticated);
-    }
 
     #[test]
     fn tenants_access_only_themselves() {
-        let c = Caller::from_metadata(&md(&[(TENANT_HEADER, "team-a")])).unwrap();
+        let c = Caller::tenant(TenantId::parse("team-a").unwrap());
         assert!(c.may_access(&TenantId::parse("team-a").unwrap()));
         assert!(!c.may_access(&TenantId::parse("team-b").unwrap()));
         assert_eq!(
             c.require_admin().unwrap_err().code(),
             tonic::Code::PermissionDenied
         );
-        let a = Caller::from_metadata(&md(&[(ROLE_HEADER, "admin")])).unwrap();
-        assert!(a.may_access(&TenantId::parse("team-b").unwrap()));
-        let mut out = MetadataMap::new();
-        c.to_metadata(&mut out);
-        assert_eq!(Caller::from_metadata(&out).unwrap(), c);
+        assert!(Caller::admin().may_access(&TenantId::parse("team-b").unwrap()));
+    }
+
+    #[test]
+    fn a_request_without_a_verified_caller_is_refused() {
+        let e = Caller::from_request(&tonic::Request::new(())).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    }
+
+    #[test]
+    fn the_token_is_forwarded() {
+        let mut c = Caller::admin();
+        c.token = Some(Arc::from("abc.def.ghi"));
+        let mut md = MetadataMap::new();
+        c.to_metadata(&mut md);
+        assert_eq!(md.get("authorization").unwrap(), "Bearer abc.def.ghi");
     }
 }

@@ -6,6 +6,7 @@
 //! consumers, serves reflection, and on shutdown drains RPCs before it stops
 //! consumers and flushes the outbox.
 
+pub mod auth;
 pub mod config;
 pub mod host;
 pub mod identity;
@@ -15,6 +16,7 @@ pub mod shutdown;
 pub mod status;
 pub mod telemetry;
 
+pub use auth::{AuthConfig, AuthMode, Authenticator};
 pub use config::CommonConfig;
 pub use host::{BusReady, DbHandle, Platform};
 pub use identity::Caller;

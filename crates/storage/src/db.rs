@@ -117,18 +117,32 @@ fn establish(backend: Backend, url: &str) -> Result<DbConnection, DbError> {
     Ok(conn)
 }
 
-/// Hides the password of a PostgreSQL URL for logs.
-fn redact(url: &str) -> String {
+/// Hides the credentials of a URL (or comma-separated URLs) for logs and
+/// errors: a password becomes `***`, and so does a bare token before `@`
+/// where the scheme uses one (NATS).
+pub fn redact_url(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];
+            let head = &url[..scheme + 3];
             match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                Some((user, _)) => format!("{head}{user}:***{}", &url[at..]),
+                None if head.trim().starts_with("nats") || head.trim().starts_with("tls") => {
+                    format!("{head}***{}", &url[at..])
+                }
                 None => url.to_owned(),
             }
         }
         _ => url.to_owned(),
     }
+}
+
+fn redact(url: &str) -> String {
+    redact_url(url)
 }
 
 type Pool = managed::Pool<Manager>;
@@ -408,5 +422,9 @@ mod tests {
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("/tmp/x.db"), "/tmp/x.db");
+        assert_eq!(
+            super::redact_url("nats://svc:pw@a:4222,nats://tok@b:4222"),
+            "nats://svc:***@a:4222,nats://***@b:4222"
+        );
     }
 }

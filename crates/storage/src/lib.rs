@@ -22,7 +22,7 @@ pub mod outbox;
 mod update;
 
 pub use conn::{DbConnection, MultiBackend};
-pub use db::{Backend, Db, DbOptions};
+pub use db::{Backend, Db, DbOptions, redact_url};
 pub use error::{DbError, TxError, is_retryable};
 pub use limit::{LimitLiteral, LiteralLimit};
 pub use migrate::Migration;

@@ -1,8 +1,9 @@
 //! Test support shared by every crate's integration tests: a NATS JetStream
 //! server per test process (or the one `cargo xtask test` started), a fresh
 //! database per test on SQLite or PostgreSQL, unique stream names, and
-//! polling with a deadline instead of sleeps, and an HTTP receiver that
-//! records what is sent to it.
+//! polling with a deadline instead of sleeps, an HTTP receiver that
+//! records what is sent to it, and bearer tokens the services under test
+//! accept ([`auth`]).
 //!
 //! Environment (set by `cargo xtask test`):
 //! - `GPUALLOC_TEST_NATS_URL`: a JetStream-enabled server to share; without
@@ -12,6 +13,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+pub mod auth;
 mod db;
 mod http;
 mod nats;

@@ -10,23 +10,30 @@
 //!    metrics and the guards so that refused requests are traced too.
 //! 3. [`metrics`] — counts and times every request by method and code,
 //!    including those the guards below refuse (they are what an operator
-//!    alerts on).
-//! 4. [`rate_limit`] — optional per-tenant token bucket. Before the
+//!    alerts on). Methods that are not served are counted as `unknown`,
+//!    so a scan of random paths cannot grow the label set.
+//! 4. [`auth`] — verifies the caller (bearer JWT, or the mesh's identity
+//!    headers) and puts it into the request's extensions; refuses with
+//!    `UNAUTHENTICATED`. Before the rate limit, so that limits key on the
+//!    verified tenant and not on whatever a header claims.
+//! 5. [`rate_limit`] — optional per-tenant token bucket. Before the
 //!    concurrency limit: a tenant over its rate must not take a slot from
 //!    the others.
-//! 5. [`shed`] — the concurrency limit: beyond it a request is refused at
+//! 6. [`shed`] — the concurrency limit: beyond it a request is refused at
 //!    once with `RESOURCE_EXHAUSTED` and a retry pushback rather than
 //!    queued (queueing only moves the collapse to the clients' deadlines).
-//! 6. [`timeout`] — innermost, so it bounds the handler's time only; the
+//! 7. [`timeout`] — innermost, so it bounds the handler's time only; the
 //!    caller's `grpc-timeout` shortens it.
 //!
-//! Health checks and reflection bypass the rate limit and the concurrency
-//! limit: an overloaded service must still answer its probes.
+//! Health checks and reflection bypass authentication, the rate limit and
+//! the concurrency limit: probes carry no token, and an overloaded service
+//! must still answer them.
 
 use std::{future::Future, pin::Pin, time::Duration};
 
 use tonic::body::Body;
 
+pub mod auth;
 pub mod errors;
 pub mod metrics;
 pub mod rate_limit;
@@ -60,10 +67,13 @@ type Stack = tower::layer::util::Stack<
         tower::layer::util::Stack<
             rate_limit::Layer,
             tower::layer::util::Stack<
-                metrics::Layer,
+                auth::Layer,
                 tower::layer::util::Stack<
-                    trace::Layer,
-                    tower::layer::util::Stack<errors::Layer, tower::layer::util::Identity>,
+                    metrics::Layer,
+                    tower::layer::util::Stack<
+                        trace::Layer,
+                        tower::layer::util::Stack<errors::Layer, tower::layer::util::Identity>,
+                    >,
                 >,
             >,
         >,
@@ -71,11 +81,12 @@ type Stack = tower::layer::util::Stack<
 >;
 
 /// The whole stack, outermost first (see the module docs for the order).
-pub fn stack(p: Protection) -> tower::ServiceBuilder<Stack> {
+pub fn stack(p: Protection, auth: crate::auth::Authenticator) -> tower::ServiceBuilder<Stack> {
     tower::ServiceBuilder::new()
         .layer(errors::Layer)
         .layer(trace::Layer)
-        .layer(metrics::Layer)
+        .layer(metrics::Layer::new())
+        .layer(auth::Layer::new(auth))
         .layer(rate_limit::Layer::new(p.tenant_rate))
         .layer(shed::Layer::new(p.max_concurrent))
         .layer(timeout::Layer::new(p.request_timeout))

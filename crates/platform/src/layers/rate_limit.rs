@@ -1,5 +1,6 @@
-//! Optional per-tenant rate limit: a token bucket per `x-gpualloc-tenant`
-//! (administrators and anonymous calls share one bucket each). Over its
+//! Optional per-tenant rate limit: a token bucket per verified tenant (the
+//! [`crate::Caller`] the auth layer put into the request; administrators
+//! share one bucket). Over its
 //! rate a tenant gets `RESOURCE_EXHAUSTED` with a pushback telling when
 //! its next token is due, and the other tenants are not affected.
 
@@ -11,7 +12,7 @@ use std::{
 };
 
 use super::{BoxError, BoxFuture, Req, Res, exempt, shed::exhausted};
-use crate::identity::TENANT_HEADER;
+use crate::Caller;
 
 /// Buckets kept before idle ones are dropped.
 const MAX_BUCKETS: usize = 100_000;
@@ -108,11 +109,13 @@ where
         if let Some(limiter) = &self.limiter
             && !exempt(req.uri().path())
         {
-            let tenant = req
-                .headers()
-                .get(TENANT_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
+            let tenant = match req.extensions().get::<Caller>() {
+                Some(Caller {
+                    tenant: Some(t), ..
+                }) => t.as_str(),
+                Some(_) => "(admin)",
+                None => "",
+            };
             if let Err(wait) = limiter.take(tenant, Instant::now()) {
                 let ms = wait.as_millis().max(1) as u64;
                 let status = exhausted(
