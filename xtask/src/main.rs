@@ -1,12 +1,13 @@
 //! Project automation (the xtask pattern): `cargo xtask up` starts NATS and
-//! the three services locally and seeds a demo; `cargo xtask test` installs
-//! what is missing and runs every check CI runs; `cargo xtask bench` runs
-//! the benchmark.
+//! the three services locally and seeds a demo; `cargo xtask token` prints
+//! a development bearer token; `cargo xtask test` installs what is missing
+//! and runs every check CI runs; `cargo xtask bench` runs the benchmark.
 
 mod bench;
 mod install;
 mod procs;
 mod test;
+mod token;
 mod up;
 
 use std::path::PathBuf;
@@ -31,6 +32,10 @@ enum Command {
     /// Build in release and run the full benchmark; writes
     /// docs/benchmarks/latest.{json,md,svg}.
     Bench(bench::Args),
+    /// Print a bearer token signed by the local development key (the one
+    /// `cargo xtask up` trusts), and nothing else:
+    /// `grpcurl -H "authorization: Bearer $(cargo xtask token --tenant demo)" …`
+    Token(token::Args),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -69,5 +74,6 @@ fn main() -> anyhow::Result<()> {
         Command::Up(args) => up::run(args),
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Token(args) => token::run(args),
     }
 }

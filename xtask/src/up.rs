@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
+use gpualloc_auth::DevIssuer;
 use gpualloc_proto::resourcepool::v1::{
     self as rp, resource_pool_service_client::ResourcePoolServiceClient,
 };
@@ -106,18 +107,31 @@ fn database_url(args: &Args, state: &Path, svc: &Svc) -> anyhow::Result<String> 
     }
 }
 
+/// The state folder, relative paths taken from the workspace root (so that
+/// `up` and `token` agree wherever they are run from).
+pub fn state_dir(arg: &Path) -> PathBuf {
+    if arg.is_absolute() {
+        arg.to_owned()
+    } else {
+        crate::root().join(arg)
+    }
+}
+
+/// The development issuer kept under the state folder: its key signs the
+/// tokens of `cargo xtask token`, its JWKS is what the services trust.
+pub fn dev_issuer(state: &Path) -> anyhow::Result<DevIssuer> {
+    DevIssuer::load_or_create(&state.join("auth")).map_err(anyhow::Error::msg)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let root = crate::root();
-    let state = if args.state_dir.is_absolute() {
-        args.state_dir.clone()
-    } else {
-        root.join(&args.state_dir)
-    };
+    let state = state_dir(&args.state_dir);
     if args.fresh && state.exists() {
         eprintln!("xtask: wiping {}", state.display());
         fs::remove_dir_all(&state)?;
     }
     fs::create_dir_all(state.join("logs"))?;
+    let issuer = dev_issuer(&state)?;
     for svc in &SERVICES {
         if !procs::port_free(svc.port) {
             bail!(
@@ -169,6 +183,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ("GPUALLOC_CREATE_DATABASE", "true".into()),
             ("GPUALLOC_NATS_URL", nats_url.clone()),
             ("GPUALLOC_RESOURCE_POOL_URL", pool_url.into()),
+            (
+                "GPUALLOC_JWKS",
+                DevIssuer::jwks_path(&state.join("auth")).display().to_string(),
+            ),
         ];
         if let Some(otlp) = &args.otlp {
             env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()));
@@ -203,8 +221,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for svc in &SERVICES {
             wait_serving(svc).await?;
         }
-        seed().await?;
-        print_banner(&state, &nats_url, &children);
+        let admin_token = issuer
+            .token("xtask", None, &["admin"], BANNER_TTL)
+            .map_err(anyhow::Error::msg)?;
+        seed(&admin_token).await?;
+        let tenant_token = issuer
+            .token("demo-user", Some("demo"), &[], BANNER_TTL)
+            .map_err(anyhow::Error::msg)?;
+        print_banner(&state, &nats_url, &children, &tenant_token, &admin_token);
         supervise(&mut children).await;
         Ok::<_, anyhow::Error>(())
     });
@@ -242,16 +266,21 @@ async fn wait_serving(svc: &Svc) -> anyhow::Result<()> {
     }
 }
 
-fn admin<T>(message: T) -> Request<T> {
+/// How long the tokens printed in the banner stay valid.
+const BANNER_TTL: Duration = Duration::from_secs(12 * 3600);
+
+fn admin<T>(token: &str, message: T) -> anyhow::Result<Request<T>> {
     let mut r = Request::new(message);
-    r.metadata_mut()
-        .insert("x-gpualloc-role", MetadataValue::from_static("admin"));
-    r
+    r.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}"))?,
+    );
+    Ok(r)
 }
 
 /// Demo pools and a demo tenant. Idempotent: PutPool and SetTenantQuota
 /// replace what is there.
-async fn seed() -> anyhow::Result<()> {
+async fn seed(token: &str) -> anyhow::Result<()> {
     let channel = Channel::from_static("http://127.0.0.1:50052")
         .connect()
         .await?;
@@ -275,7 +304,10 @@ async fn seed() -> anyhow::Result<()> {
         pool("gpu-h100", 96_000, 786_432, 20_000, &[("H100", 4)]),
         pool("cpu-only", 256_000, 1_048_576, 100_000, &[]),
     ] {
-        pools.put_pool(admin(p)).await.context("seeding pools")?;
+        pools
+            .put_pool(admin(token, p)?)
+            .await
+            .context("seeding pools")?;
     }
     let quota = rp::SetTenantQuotaRequest {
         tenant: "demo".into(),
@@ -292,7 +324,7 @@ async fn seed() -> anyhow::Result<()> {
         }),
         max_hold: None,
     };
-    if let Err(e) = pools.set_tenant_quota(admin(quota)).await {
+    if let Err(e) = pools.set_tenant_quota(admin(token, quota)?).await {
         // After a restart the demo tenant may hold more than a lowered
         // default would allow; keep what is there.
         eprintln!("xtask: demo quota left as it was: {}", e.message());
@@ -300,13 +332,24 @@ async fn seed() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(state: &Path, nats_url: &str, children: &[Guard]) {
+fn print_banner(
+    state: &Path,
+    nats_url: &str,
+    children: &[Guard],
+    tenant_token: &str,
+    admin_token: &str,
+) {
     let pids: Vec<String> = children
         .iter()
         .map(|c| format!("{} {}", c.name, c.pid()))
         .collect();
-    let tenant = "-H 'x-gpualloc-tenant: demo'";
-    let admin = "-H 'x-gpualloc-role: admin'";
+    let tenant = r#"-H "authorization: Bearer $TOKEN""#;
+    let admin = r#"-H "authorization: Bearer $ADMIN""#;
+    let state_arg = if state == crate::root().join(".gpualloc") {
+        String::new()
+    } else {
+        format!(" --state-dir {}", state.display())
+    };
     println!(
         r#"
 gpualloc is up.
@@ -320,6 +363,13 @@ gpualloc is up.
 Stop one with `kill <pid>` and start it again with `sh {state}/run-<service>.sh`.
 Demo: pools gpu-a100 (8x A100), gpu-h100 (4x H100), cpu-only; tenant "demo"
 (8 GPUs, 64 cores; more than 4 GPUs needs an administrator's approval).
+
+Every call needs a bearer token (health and reflection excepted). These are
+signed by the development key in {state}/auth/ and valid for 12 hours;
+`cargo xtask token --tenant demo{state_arg}` and `cargo xtask token --admin{state_arg}` print fresh ones:
+
+  export TOKEN={tenant_token}
+  export ADMIN={admin_token}
 
 Try (grpcurl, or `npx @bufbuild/buf curl --protocol grpc --http2-prior-knowledge`):
 

@@ -44,6 +44,7 @@ pub struct HttpReceiver {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
+    body: Arc<Mutex<String>>,
     tasks: Option<JoinSet<()>>,
 }
 
@@ -54,6 +55,7 @@ impl HttpReceiver {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             received: Arc::default(),
             status: Arc::new(AtomicU16::new(200)),
+            body: Arc::new(Mutex::new("ok".into())),
             tasks: None,
         };
         r.up().await;
@@ -67,6 +69,12 @@ impl HttpReceiver {
     /// Answer every request with `status` from now on.
     pub fn respond_with(&self, status: u16) {
         self.status.store(status, Ordering::SeqCst);
+    }
+
+    /// Answer successful requests with this body (JSON documents such as
+    /// a JWKS) from now on.
+    pub fn respond_body(&self, body: impl Into<String>) {
+        *self.body.lock().unwrap() = body.into();
     }
 
     /// Requests received so far (also those answered with an error).
@@ -88,11 +96,20 @@ impl HttpReceiver {
         let listener = TcpListener::bind(self.addr).await.unwrap();
         self.addr = listener.local_addr().unwrap();
         let mut tasks = JoinSet::new();
-        let (received, status) = (self.received.clone(), self.status.clone());
+        let (received, status, body) = (
+            self.received.clone(),
+            self.status.clone(),
+            self.body.clone(),
+        );
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
             while let Ok((socket, _)) = listener.accept().await {
-                connections.spawn(serve(socket, received.clone(), status.clone()));
+                connections.spawn(serve(
+                    socket,
+                    received.clone(),
+                    status.clone(),
+                    body.clone(),
+                ));
             }
         });
         self.tasks = Some(tasks);
@@ -107,7 +124,12 @@ impl Drop for HttpReceiver {
     }
 }
 
-async fn serve(socket: TcpStream, received: Arc<Mutex<Vec<Received>>>, status: Arc<AtomicU16>) {
+async fn serve(
+    socket: TcpStream,
+    received: Arc<Mutex<Vec<Received>>>,
+    status: Arc<AtomicU16>,
+    answer_body: Arc<Mutex<String>>,
+) {
     let mut reader = BufReader::new(socket);
     loop {
         let mut line = String::new();
@@ -149,7 +171,11 @@ async fn serve(socket: TcpStream, received: Arc<Mutex<Vec<Received>>>, status: A
             body,
             status: code,
         });
-        let answer = if code == 200 { "ok" } else { "no" };
+        let answer = if code == 200 {
+            answer_body.lock().unwrap().clone()
+        } else {
+            "no".to_owned()
+        };
         let response = format!(
             "HTTP/1.1 {code} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{answer}",
             answer.len()
