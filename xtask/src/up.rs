@@ -185,7 +185,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ("GPUALLOC_RESOURCE_POOL_URL", pool_url.into()),
             (
                 "GPUALLOC_JWKS",
-                DevIssuer::jwks_path(&state.join("auth")).display().to_string(),
+                DevIssuer::jwks_path(&state.join("auth"))
+                    .display()
+                    .to_string(),
             ),
         ];
         if let Some(otlp) = &args.otlp {

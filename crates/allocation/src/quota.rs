@@ -122,7 +122,11 @@ impl QuotaClient {
                     // The pool answered, if with an error (a bad request,
                     // a refused token): not a reason to stop calling, and
                     // not a reason to accept the request either.
-                    (Advice::Refused(Box::new(status)), Outcome::Answered, "refused")
+                    (
+                        Advice::Refused(Box::new(status)),
+                        Outcome::Answered,
+                        "refused",
+                    )
                 }
             }
             Err(_) => (

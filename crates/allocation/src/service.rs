@@ -167,7 +167,10 @@ fn quota_refusal(r: rp::CheckQuotaResponse) -> Option<Error> {
 fn refused_check(status: Status) -> Status {
     let mut out = Status::with_details(
         status.code(),
-        format!("the resource pool refused the quota check: {}", status.message()),
+        format!(
+            "the resource pool refused the quota check: {}",
+            status.message()
+        ),
         status.details().to_vec().into(),
     );
     *out.metadata_mut() = status.metadata().clone();

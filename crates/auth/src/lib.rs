@@ -660,7 +660,9 @@ mod tests {
         let a = DevIssuer::load_or_create(&dir).unwrap();
         let b = DevIssuer::load_or_create(&dir).unwrap();
         assert_eq!(a.kid(), b.kid());
-        let t = a.token("s", Some("t"), &[], Duration::from_secs(60)).unwrap();
+        let t = a
+            .token("s", Some("t"), &[], Duration::from_secs(60))
+            .unwrap();
         let jwks = std::fs::read_to_string(DevIssuer::jwks_path(&dir)).unwrap();
         verify(&t, &KeySet::from_jwks(&jwks).unwrap(), &settings()).unwrap();
         #[cfg(unix)]

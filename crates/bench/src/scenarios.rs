@@ -118,12 +118,17 @@ fn token(tenant: Option<&str>) -> MetadataValue<tonic::metadata::Ascii> {
         };
         [mint(Some(TENANT), &[]), mint(None, &["admin"])]
     });
-    if tenant.is_some() { t.clone() } else { a.clone() }
+    if tenant.is_some() {
+        t.clone()
+    } else {
+        a.clone()
+    }
 }
 
 fn as_tenant<T>(m: T) -> Request<T> {
     let mut r = Request::new(m);
-    r.metadata_mut().insert("authorization", token(Some(TENANT)));
+    r.metadata_mut()
+        .insert("authorization", token(Some(TENANT)));
     r
 }
 

@@ -62,7 +62,11 @@ async fn every_refusal_is_unauthenticated_and_says_why() {
         ("no token", None, "no bearer token"),
         (
             "a forged signature",
-            Some(forged.sign_with_header(&same_kid, &claims("team-a")).unwrap()),
+            Some(
+                forged
+                    .sign_with_header(&same_kid, &claims("team-a"))
+                    .unwrap(),
+            ),
             "signature does not verify",
         ),
         (
@@ -225,7 +229,10 @@ async fn health_and_reflection_need_no_token() {
 }
 
 /// A resource pool alone, trusting the keys at `jwks`.
-async fn pool_trusting(jwks: &str, configure: impl Fn(&mut gpualloc_platform::CommonConfig)) -> (Service, TestDb) {
+async fn pool_trusting(
+    jwks: &str,
+    configure: impl Fn(&mut gpualloc_platform::CommonConfig),
+) -> (Service, TestDb) {
     let db = TestDb::sqlite();
     let mut c = common_config(&db.url, &gpualloc_testkit::nats_url())
         .with_stream(&unique_name("A").to_uppercase(), &unique_name("a"));
@@ -252,7 +259,10 @@ fn jwks_of(issuers: &[&DevIssuer]) -> String {
 async fn keys_rotate_without_a_restart_and_a_broken_key_set_keeps_the_last_good_one() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("jwks.json");
-    let (old, new) = (DevIssuer::generate().unwrap(), DevIssuer::generate().unwrap());
+    let (old, new) = (
+        DevIssuer::generate().unwrap(),
+        DevIssuer::generate().unwrap(),
+    );
     std::fs::write(&file, jwks_of(&[&old])).unwrap();
     let (svc, _db) = pool_trusting(file.to_str().unwrap(), |_| {}).await;
     let hour = Duration::from_secs(3600);
@@ -286,12 +296,20 @@ async fn keys_come_from_a_url_and_survive_its_outage() {
     let i = DevIssuer::generate().unwrap();
     receiver.respond_body(i.jwks_json());
     let (svc, _db) = pool_trusting(&receiver.url("/.well-known/jwks.json"), |_| {}).await;
-    let token = i.token("a", None, &["admin"], Duration::from_secs(3600)).unwrap();
+    let token = i
+        .token("a", None, &["admin"], Duration::from_secs(3600))
+        .unwrap();
     list_pools(&svc, &token).await.unwrap();
     // The IdP fails: the keys in hand keep working.
     receiver.respond_with(503);
     let other = DevIssuer::generate().unwrap();
-    let _ = list_pools(&svc, &other.token("b", None, &["admin"], Duration::from_secs(60)).unwrap()).await;
+    let _ = list_pools(
+        &svc,
+        &other
+            .token("b", None, &["admin"], Duration::from_secs(60))
+            .unwrap(),
+    )
+    .await;
     assert!(
         receiver.received().iter().any(|r| r.status == 503),
         "the unknown kid made the service ask again"
@@ -353,7 +371,8 @@ async fn the_callers_token_travels_on_check_quota_and_its_refusal_fails_the_crea
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("resource pool refused"), "{e:?}");
-    let stored = gpualloc_e2e::fixtures::count(&alloc_db, "SELECT COUNT(*) AS n FROM allocations").await;
+    let stored =
+        gpualloc_e2e::fixtures::count(&alloc_db, "SELECT COUNT(*) AS n FROM allocations").await;
     assert_eq!(stored, 1, "the refused create stored nothing");
 }
 
@@ -382,9 +401,13 @@ async fn mesh_mode_trusts_single_identity_headers_only() {
         limits: Some(gpus(1, "")),
         ..Default::default()
     };
-    let e = quota(with_header(Request::new(req()), "x-gpualloc-tenant", "team-a"))
-        .await
-        .unwrap_err();
+    let e = quota(with_header(
+        Request::new(req()),
+        "x-gpualloc-tenant",
+        "team-a",
+    ))
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     // A client's copy beside the proxy's: refused, whatever the order.
     let mut twice = Request::new(req());

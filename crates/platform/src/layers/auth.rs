@@ -90,7 +90,10 @@ where
                     inner.call(req).await.map_err(Into::into)
                 }
                 Err(status) => {
-                    tracing::debug!(message = status.message(), "request refused: unauthenticated");
+                    tracing::debug!(
+                        message = status.message(),
+                        "request refused: unauthenticated"
+                    );
                     Ok(status.into_http())
                 }
             }
