@@ -286,7 +286,7 @@ pub fn identity(claims: &Value, settings: &Settings) -> Result<Identity, AuthErr
         }
     };
     let roles = roles(lookup(claims, &settings.roles_claim), &settings.roles_claim)?;
-    let admin = roles.iter().any(|r| *r == settings.admin_role);
+    let admin = roles.contains(&settings.admin_role);
     if tenant.is_none() && !admin {
         return Err(AuthError::NoIdentity {
             tenant_claim: settings.tenant_claim.clone(),

@@ -364,12 +364,12 @@ impl Authenticator {
     /// The caller of a request with these headers.
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, Status> {
         match self.0.mode {
-            AuthMode::Jwt => self.from_token(headers).await,
+            AuthMode::Jwt => self.verify_token(headers).await,
             AuthMode::Mesh => from_mesh_headers(headers, &self.0.settings.admin_role),
         }
     }
 
-    async fn from_token(&self, headers: &HeaderMap) -> Result<Caller, Status> {
+    async fn verify_token(&self, headers: &HeaderMap) -> Result<Caller, Status> {
         let refuse = |e: AuthError| Status::unauthenticated(e.to_string());
         if headers.get_all(http::header::AUTHORIZATION).iter().count() > 1 {
             return Err(Status::unauthenticated(
