@@ -1,20 +1,18 @@
 //! `cargo xtask test`: what CI runs. Installs what is missing, runs the
-//! linters, starts a throwaway NATS JetStream (and PostgreSQL if none
-//! answers), runs every test, and stops what it started.
+//! linters, starts a throwaway PostgreSQL if none answers, runs every test
+//! (each test process starts its own NATS JetStream servers), and stops
+//! what it started.
 
 use std::{
     net::TcpStream,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context;
 
-use crate::{
-    install,
-    procs::{self, Guard},
-};
+use crate::{install, procs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -63,31 +61,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("gpualloc-xtask-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let result = (|| {
-        let nats_port = procs::free_port()?;
-        let mut nats = Command::new(&nats_bin);
-        nats.args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &nats_port.to_string(),
-            "-js",
-            "-sd",
-        ])
-        .arg(scratch.join("nats"))
-        .arg("-l")
-        .arg(scratch.join("nats.log"));
-        let _nats = Guard::spawn("nats-server", &mut nats)?;
-        procs::wait_port(nats_port, Duration::from_secs(20), "nats-server")?;
-        let nats_url = format!("nats://127.0.0.1:{nats_port}");
-
+        // Every test process starts nats-servers of its own (with the
+        // services' users and passwords it made up), so none is started
+        // here; the tests find this binary through GPUALLOC_NATS_SERVER.
         let (pg_url, _pg) = postgres(&scratch, args.own_postgres)?;
-        eprintln!("xtask: NATS {nats_url}, PostgreSQL {pg_url}");
+        eprintln!(
+            "xtask: PostgreSQL {pg_url}, nats-server {}",
+            nats_bin.display()
+        );
 
         let mut test = crate::cargo();
         test.current_dir(&root)
             .args(["test", "--workspace"])
             .args(&args.cargo_test_args)
-            .env("GPUALLOC_TEST_NATS_URL", &nats_url)
+            .env("GPUALLOC_NATS_SERVER", &nats_bin)
             .env("GPUALLOC_TEST_DATABASE_URL", &pg_url);
         procs::run("cargo test --workspace", &mut test)
     })();

@@ -116,6 +116,12 @@ impl Mesh {
                     format!("sqlite://{}", db.display()),
                 )
                 .env("GPUALLOC_NATS_URL", nats.url())
+                // The service names are their NATS users.
+                .env("GPUALLOC_NATS_USER", name)
+                .env(
+                    "GPUALLOC_NATS_PASSWORD",
+                    gpualloc_testkit::nats_password(name),
+                )
                 .env(
                     "GPUALLOC_JWKS",
                     gpualloc_testkit::auth::jwks_path().display().to_string(),

@@ -167,6 +167,11 @@ impl Cluster {
                     ("GPUALLOC_LISTEN", format!("127.0.0.1:{port}")),
                     ("GPUALLOC_DATABASE_URL", db.url.clone()),
                     ("GPUALLOC_NATS_URL", nats.url()),
+                    ("GPUALLOC_NATS_USER", kind.nats_user().to_owned()),
+                    (
+                        "GPUALLOC_NATS_PASSWORD",
+                        gpualloc_testkit::nats_password(kind.nats_user()),
+                    ),
                     ("GPUALLOC_STREAM", stream.clone()),
                     ("GPUALLOC_SUBJECT_PREFIX", prefix.clone()),
                     // Stable across restarts: a restarted replica publishes

@@ -50,6 +50,39 @@ pub enum Svc {
     Viewer,
 }
 
+impl Svc {
+    /// The service's NATS user (its name on the bus).
+    pub fn nats_user(self) -> &'static str {
+        match self {
+            Svc::Allocation => gpualloc_nats_acl::ALLOCATION,
+            Svc::ResourcePool => gpualloc_nats_acl::RESOURCE_POOL,
+            Svc::Viewer => gpualloc_nats_acl::VIEWER,
+        }
+    }
+
+    /// `common` with this service's NATS credentials on the test servers,
+    /// unless a test chose others.
+    pub fn with_nats_user(self, mut common: CommonConfig) -> CommonConfig {
+        if common.nats_user.is_none() && !common.nats_url.contains('@') {
+            common.nats_user = Some(self.nats_user().to_owned());
+            common.nats_password = Some(gpualloc_platform::config::Secret(
+                gpualloc_testkit::nats_password(self.nats_user()),
+            ));
+        }
+        common
+    }
+}
+
+/// `common` as the NATS operator (every right): what operator commands
+/// such as `gpualloc-viewer rebuild` run with.
+pub fn as_nats_operator(mut common: CommonConfig) -> CommonConfig {
+    common.nats_user = Some(gpualloc_nats_acl::OPERATOR.to_owned());
+    common.nats_password = Some(gpualloc_platform::config::Secret(
+        gpualloc_testkit::nats_password(gpualloc_nats_acl::OPERATOR),
+    ));
+    common
+}
+
 /// Settings tests change beyond [`CommonConfig`].
 #[derive(Clone, Debug)]
 pub struct Tuning {
@@ -112,6 +145,7 @@ impl Service {
         addr: Option<SocketAddr>,
         tuning: Tuning,
     ) -> Service {
+        let common = kind.with_nats_user(common);
         let listener =
             TcpListener::bind(addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))))
                 .await
@@ -313,8 +347,12 @@ impl Mesh {
         ViewerServiceClient::new(self.viewer.channel())
     }
 
+    /// JetStream as the NATS operator (tests read the stream and forge
+    /// events with it).
     pub async fn jetstream(&self) -> async_nats::jetstream::Context {
-        let client = async_nats::connect(self.nats_url.as_str()).await.unwrap();
+        let client = gpualloc_testkit::nats_connect_as(&self.nats_url, gpualloc_nats_acl::OPERATOR)
+            .await
+            .unwrap();
         async_nats::jetstream::new(client)
     }
 }

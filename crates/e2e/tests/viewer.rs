@@ -651,7 +651,10 @@ async fn a_rebuild_from_the_stream_equals_the_incremental_read_model() {
     assert!(before.len() > red.len() + blue.len());
 
     mesh.viewer.stop().await;
-    let done = gpualloc_viewer::rebuild(&mesh.viewer.common).await.unwrap();
+    // An operator's command: the viewer's own NATS user may use only its
+    // durable consumer, the rebuild reads the stream with an ordered one.
+    let operator = gpualloc_e2e::as_nats_operator(mesh.viewer.common.clone());
+    let done = gpualloc_viewer::rebuild(&operator).await.unwrap();
     let last = mesh
         .jetstream()
         .await

@@ -3,9 +3,26 @@ use std::time::Duration;
 use gpualloc_saga::BusConfig;
 use gpualloc_storage::DbOptions;
 
+/// A secret setting: never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
 /// Settings every service takes, from flags or `GPUALLOC_*` environment
 /// variables.
-#[derive(clap::Args, Clone, Debug)]
+#[derive(clap::Args, Clone)]
 pub struct CommonConfig {
     /// Database: `postgres://…` or a SQLite file (`sqlite://path`).
     #[arg(long, env = "GPUALLOC_DATABASE_URL")]
@@ -27,6 +44,37 @@ pub struct CommonConfig {
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: String,
+
+    /// The service's NATS user (the server refuses anonymous clients; see
+    /// docs/security.md for what each user may publish).
+    #[arg(long, env = "GPUALLOC_NATS_USER")]
+    pub nats_user: Option<String>,
+
+    #[arg(long, env = "GPUALLOC_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<Secret>,
+
+    /// A file with the user's nkey seed, instead of a password.
+    #[arg(long, env = "GPUALLOC_NATS_NKEY_SEED_FILE")]
+    pub nats_nkey_seed_file: Option<std::path::PathBuf>,
+
+    /// A NATS `.creds` file (operator/JWT mode), instead of a password.
+    #[arg(long, env = "GPUALLOC_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+
+    /// CA certificate(s) to verify the NATS server's certificate with (PEM).
+    #[arg(long, env = "GPUALLOC_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate and key for NATS servers that verify clients.
+    #[arg(long, env = "GPUALLOC_NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+
+    #[arg(long, env = "GPUALLOC_NATS_TLS_KEY")]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+
+    /// Refuse to talk to NATS without TLS.
+    #[arg(long, env = "GPUALLOC_NATS_TLS_REQUIRED")]
+    pub nats_tls_required: bool,
 
     /// JetStream stream holding the saga's events.
     #[arg(long, env = "GPUALLOC_STREAM", default_value = "GPUALLOC")]
@@ -97,6 +145,24 @@ pub struct CommonConfig {
     pub auth: crate::auth::AuthConfig,
 }
 
+impl std::fmt::Debug for CommonConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // URLs carry credentials: shown redacted.
+        f.debug_struct("CommonConfig")
+            .field(
+                "database_url",
+                &gpualloc_storage::redact_url(&self.database_url),
+            )
+            .field("nats_url", &gpualloc_storage::redact_url(&self.nats_url))
+            .field("nats_user", &self.nats_user)
+            .field("nats_password", &self.nats_password)
+            .field("stream", &self.stream)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
 impl CommonConfig {
     /// Defaults for everything but the two URLs (tests and embedding).
     pub fn new(database_url: impl Into<String>, nats_url: impl Into<String>) -> Self {
@@ -105,6 +171,14 @@ impl CommonConfig {
             create_database: false,
             db_pool_size: 8,
             nats_url: nats_url.into(),
+            nats_user: None,
+            nats_password: None,
+            nats_nkey_seed_file: None,
+            nats_creds: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            nats_tls_required: false,
             stream: "GPUALLOC".into(),
             subject_prefix: "gpualloc".into(),
             stream_replicas: 1,
@@ -167,6 +241,16 @@ impl CommonConfig {
         b.prefix = self.subject_prefix.clone();
         b.stream_replicas = self.stream_replicas;
         b.duplicate_window = self.duplicate_window;
+        b.auth = gpualloc_saga::NatsAuth {
+            user: self.nats_user.clone(),
+            password: self.nats_password.as_ref().map(|s| s.0.clone()),
+            nkey_seed_file: self.nats_nkey_seed_file.clone(),
+            creds_file: self.nats_creds.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            tls_required: self.nats_tls_required,
+        };
         b
     }
 

@@ -7,11 +7,50 @@ use async_nats::{
     jetstream::{self, stream},
 };
 
+/// How a service proves who it is to NATS, and the TLS it uses. The
+/// server refuses anonymous clients, and each service's user may publish
+/// only its own events (see `gpualloc-nats-acl`).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    /// The user; also named in the URL as `nats://user:password@host`.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// A file holding an nkey seed (`SU…`), instead of a password.
+    pub nkey_seed_file: Option<std::path::PathBuf>,
+    /// A `.creds` file (user JWT and nkey seed, operator mode).
+    pub creds_file: Option<std::path::PathBuf>,
+    /// CA certificates to trust for the server's certificate (PEM).
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// A client certificate and key (PEM), for servers that verify them.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Refuse to talk to the server without TLS.
+    pub tls_required: bool,
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a password or a seed.
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("nkey_seed_file", &self.nkey_seed_file)
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_required", &self.tls_required)
+            .finish()
+    }
+}
+
 /// Where the saga's events live.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct BusConfig {
-    /// NATS server URL(s), comma-separated.
+    /// NATS server URL(s), comma-separated. May carry `user:password@`;
+    /// logs and errors show it redacted.
     pub url: String,
+    /// Credentials and TLS.
+    pub auth: NatsAuth,
     /// JetStream stream holding every event.
     pub stream: String,
     /// Subject prefix; the stream holds `<prefix>.>`.
@@ -35,8 +74,85 @@ impl BusConfig {
             stream_replicas: 1,
             max_age: Duration::ZERO,
             duplicate_window: Duration::from_secs(120),
+            auth: NatsAuth::default(),
         }
     }
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusConfig")
+            .field("url", &gpualloc_storage::redact_url(&self.url))
+            .field("auth", &self.auth)
+            .field("stream", &self.stream)
+            .field("prefix", &self.prefix)
+            .field("stream_replicas", &self.stream_replicas)
+            .finish()
+    }
+}
+
+/// Takes `user:password@` (or a bare `token@`) out of the URLs: the client
+/// library does not read credentials from URLs, and URLs end up in logs.
+pub fn split_url_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let mut found = None;
+    let urls: Vec<String> = url
+        .split(',')
+        .map(|u| {
+            let u = u.trim();
+            match (u.find("://"), u.rfind('@')) {
+                (Some(scheme), Some(at)) if at > scheme => {
+                    let userinfo = &u[scheme + 3..at];
+                    if found.is_none() {
+                        found = Some(match userinfo.split_once(':') {
+                            Some((user, pass)) => (user.to_owned(), Some(pass.to_owned())),
+                            None => (userinfo.to_owned(), None),
+                        });
+                    }
+                    format!("{}{}", &u[..scheme + 3], &u[at + 1..])
+                }
+                _ => u.to_owned(),
+            }
+        })
+        .collect();
+    (urls.join(","), found)
+}
+
+/// Applies credentials and TLS to the connect options.
+async fn with_auth(mut options: ConnectOptions, auth: &NatsAuth) -> anyhow::Result<ConnectOptions> {
+    let secrets = [
+        auth.password.is_some(),
+        auth.nkey_seed_file.is_some(),
+        auth.creds_file.is_some(),
+    ];
+    if secrets.iter().filter(|s| **s).count() > 1 {
+        anyhow::bail!("give one of a NATS password, an nkey seed or a .creds file, not several");
+    }
+    if let Some(path) = &auth.creds_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .with_context(|| format!("reading the NATS credentials file {}", path.display()))?;
+    }
+    if let Some(path) = &auth.nkey_seed_file {
+        let seed = tokio::fs::read_to_string(path)
+            .await
+            .with_context(|| format!("reading the NATS nkey seed {}", path.display()))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    match (&auth.user, &auth.password) {
+        (Some(u), Some(p)) => options = options.user_and_password(u.clone(), p.clone()),
+        (None, Some(_)) => anyhow::bail!("a NATS password needs a user"),
+        _ => {}
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone());
+    }
+    match (&auth.tls_cert, &auth.tls_key) {
+        (Some(c), Some(k)) => options = options.add_client_certificate(c.clone(), k.clone()),
+        (None, None) => {}
+        _ => anyhow::bail!("a NATS client certificate needs both the certificate and its key"),
+    }
+    Ok(options.require_tls(auth.tls_required))
 }
 
 /// The NATS connection and JetStream context of one service.
@@ -62,8 +178,35 @@ impl Bus {
         on_state: impl Fn(bool) + Send + Sync + 'static,
     ) -> anyhow::Result<Bus> {
         let on_state = Arc::new(on_state);
-        let client = ConnectOptions::new()
+        let (urls, in_url) = split_url_credentials(&config.url);
+        let mut auth = config.auth.clone();
+        match in_url {
+            Some((user, Some(pass))) if auth.user.is_none() && auth.password.is_none() => {
+                auth.user = Some(user);
+                auth.password = Some(pass);
+            }
+            Some((token, None)) if auth.user.is_none() && auth.password.is_none() => {
+                // `nats://TOKEN@host`: token authentication.
+                auth.password = Some(token);
+            }
+            _ => {}
+        }
+        let token = match (&auth.user, &auth.password) {
+            (None, Some(t)) => Some(t.clone()),
+            _ => None,
+        };
+        if token.is_some() {
+            auth.password = None;
+        }
+        let mut options = with_auth(ConnectOptions::new(), &auth).await?;
+        if let Some(t) = token {
+            options = options.token(t);
+        }
+        let client = options
             .name(client_name)
+            // Replies (publish acks, fetched messages) come to an inbox of
+            // this service's own: its NATS user may subscribe to nothing else.
+            .custom_inbox_prefix(gpualloc_nats_acl::inbox_prefix(client_name))
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
@@ -82,13 +225,24 @@ impl Bus {
                             tracing::warn!("NATS disconnected");
                             on_state(false)
                         }
+                        async_nats::Event::ServerError(e) => {
+                            // Permission violations and authorization errors
+                            // come this way: a misconfigured user, or an
+                            // attempt to do what the user may not.
+                            tracing::error!(error = %e, "NATS server error")
+                        }
                         other => tracing::info!(event = %other, "NATS event"),
                     }
                 }
             })
-            .connect(config.url.as_str())
+            .connect(urls.as_str())
             .await
-            .with_context(|| format!("connecting to NATS at {}", config.url))?;
+            .with_context(|| {
+                format!(
+                    "connecting to NATS at {}",
+                    gpualloc_storage::redact_url(&config.url)
+                )
+            })?;
         let js = jetstream::new(client.clone());
         Ok(Bus {
             client,
@@ -145,5 +299,29 @@ impl Bus {
             }
             delay = (delay * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_url_credentials;
+
+    #[test]
+    fn credentials_come_out_of_urls() {
+        assert_eq!(
+            split_url_credentials("nats://svc:pw@a:4222, nats://b:4222"),
+            (
+                "nats://a:4222,nats://b:4222".to_owned(),
+                Some(("svc".to_owned(), Some("pw".to_owned())))
+            )
+        );
+        assert_eq!(
+            split_url_credentials("tls://tok@a:4222"),
+            ("tls://a:4222".to_owned(), Some(("tok".to_owned(), None)))
+        );
+        assert_eq!(
+            split_url_credentials("nats://a:4222"),
+            ("nats://a:4222".to_owned(), None)
+        );
     }
 }

@@ -18,7 +18,7 @@ mod emit;
 pub mod relay;
 pub mod subjects;
 
-pub use bus::{Bus, BusConfig};
+pub use bus::{Bus, BusConfig, NatsAuth};
 pub use consumer::{Consumer, ConsumerSpec, Handler};
 pub use emit::{Emitter, TRACE_HEADERS, decode};
 pub use gpualloc_proto::events::v1::{Event, event::Payload};

@@ -5,9 +5,10 @@
 //! records what is sent to it, and bearer tokens the services under test
 //! accept ([`auth`]).
 //!
+//! Every test process starts its own `nats-server`, with the services'
+//! users and permissions (`gpualloc-nats-acl`) and passwords of its own.
+//!
 //! Environment (set by `cargo xtask test`):
-//! - `GPUALLOC_TEST_NATS_URL`: a JetStream-enabled server to share; without
-//!   it a throwaway `nats-server` is started on a free port.
 //! - `GPUALLOC_TEST_DATABASE_URL`: a PostgreSQL server URL whose user may
 //!   create databases; defaults to `postgres://postgres@127.0.0.1:5432/postgres`.
 
@@ -22,7 +23,9 @@ use std::{future::Future, time::Duration};
 
 pub use db::{TestDb, postgres_admin_url};
 pub use http::{HttpReceiver, Received};
-pub use nats::{NatsServer, free_port, nats_url};
+pub use nats::{
+    NatsServer, free_port, nats_config, nats_connect_as, nats_password, nats_url, nats_url_as,
+};
 
 /// A short random name for streams, prefixes and databases.
 pub fn unique_name(prefix: &str) -> String {

@@ -16,6 +16,9 @@ pub fn free_port() -> u16 {
 }
 
 fn nats_binary() -> String {
+    if let Ok(bin) = std::env::var("GPUALLOC_NATS_SERVER") {
+        return bin;
+    }
     for candidate in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
         if std::path::Path::new(candidate).exists() {
             return candidate.into();
@@ -24,8 +27,80 @@ fn nats_binary() -> String {
     "nats-server".into()
 }
 
-/// A throwaway `nats-server` with JetStream, on a fixed port and store
-/// folder so that it can be killed and restarted with its data.
+/// The passwords of this test process's NATS users (one set for every
+/// server it starts), by user name.
+fn passwords() -> &'static std::collections::BTreeMap<&'static str, String> {
+    static P: OnceLock<std::collections::BTreeMap<&'static str, String>> = OnceLock::new();
+    P.get_or_init(|| {
+        [
+            gpualloc_nats_acl::ALLOCATION,
+            gpualloc_nats_acl::RESOURCE_POOL,
+            gpualloc_nats_acl::VIEWER,
+            gpualloc_nats_acl::OPERATOR,
+        ]
+        .into_iter()
+        .map(|u| (u, uuid::Uuid::new_v4().simple().to_string()))
+        .collect()
+    })
+}
+
+/// The password of `user` on the servers this process starts.
+pub fn nats_password(user: &str) -> String {
+    passwords().get(user).cloned().unwrap_or_default()
+}
+
+/// A client of `url` logged in as `user` (of this process's servers).
+pub async fn nats_connect_as(
+    url: &str,
+    user: &str,
+) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::with_user_and_password(user.to_owned(), nats_password(user))
+        .custom_inbox_prefix(gpualloc_nats_acl::inbox_prefix(user))
+        .connect(url)
+        .await
+}
+
+/// `url` (`nats://host:port`) with `user`'s credentials in it (the
+/// services read them from there; the client library does not).
+pub fn nats_url_as(url: &str, user: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) if !rest.contains('@') => {
+            format!("{scheme}://{user}:{}@{rest}", nats_password(user))
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The accounts configuration of a test server: each service's user with
+/// its permissions (any stream and prefix: every test has its own), the
+/// operator with every right, and no anonymous access.
+pub fn nats_config(
+    port: u16,
+    store: &std::path::Path,
+    tls: Option<gpualloc_nats_acl::ServerTls>,
+) -> String {
+    use gpualloc_nats_acl::{SERVICES, Secret, ServerSettings, User};
+    let mut users: Vec<User> = SERVICES
+        .iter()
+        .map(|acl| User::service(acl, Secret::Password(nats_password(acl.name)), "*", "*"))
+        .collect();
+    users.push(User::operator(Secret::Password(nats_password(
+        gpualloc_nats_acl::OPERATOR,
+    ))));
+    gpualloc_nats_acl::server_config(
+        &ServerSettings {
+            host: "127.0.0.1".into(),
+            port,
+            store_dir: store.join("js").display().to_string(),
+            tls,
+        },
+        &users,
+    )
+}
+
+/// A throwaway `nats-server` with JetStream and the services' users (see
+/// [`nats_config`]), on a fixed port and store folder so that it can be
+/// killed and restarted with its data.
 pub struct NatsServer {
     pub port: u16,
     store: tempfile::TempDir,
@@ -48,8 +123,15 @@ impl NatsServer {
         s
     }
 
+    /// The server's URL, without credentials (anonymous clients are
+    /// refused: see [`nats_url_as`]).
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The URL with `user`'s credentials.
+    pub fn url_as(&self, user: &str) -> String {
+        nats_url_as(&self.url(), user)
     }
 
     /// The server's process id (the watchdog writes it at start).
@@ -66,15 +148,17 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
+        let conf = self.store.path().join("nats.conf");
+        std::fs::write(&conf, nats_config(self.port, self.store.path(), None)).unwrap();
         // A watchdog shell kills the server when the test process is gone,
         // even after a panic or SIGKILL, so no server outlives its tests.
         let script = format!(
-            "{bin} -a 127.0.0.1 -p {port} -js -sd {dir} >/dev/null 2>&1 & n=$!; echo $n > {dir}/nats.pid; \
+            "{bin} -c {conf} >/dev/null 2>&1 & n=$!; echo $n > {dir}/nats.pid; \
              trap 'kill $n 2>/dev/null; exit 0' TERM INT; \
              while kill -0 {parent} 2>/dev/null && kill -0 $n 2>/dev/null; do sleep 0.5; done; \
              kill $n 2>/dev/null; wait $n",
             bin = nats_binary(),
-            port = self.port,
+            conf = conf.display(),
             dir = self.store.path().display(),
             parent = std::process::id(),
         );
@@ -143,15 +227,14 @@ impl Drop for NatsServer {
     }
 }
 
-/// The NATS server shared by this test process.
+/// The NATS server shared by this test process (without credentials: see
+/// [`nats_url_as`]). Each test process starts its own, with this
+/// process's passwords.
 pub fn nats_url() -> String {
     static SHARED: OnceLock<String> = OnceLock::new();
     static SERVER: OnceLock<std::sync::Mutex<Option<NatsServer>>> = OnceLock::new();
     SHARED
         .get_or_init(|| {
-            if let Ok(url) = std::env::var("GPUALLOC_TEST_NATS_URL") {
-                return url;
-            }
             let server = NatsServer::start();
             let url = server.url();
             // Kept for the life of the process; the watchdog cleans up.
