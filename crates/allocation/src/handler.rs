@@ -1,4 +1,4 @@
-use gpualloc_saga::{Emitter, Event, Handler};
+use gpualloc_saga::{Delivery, Emitter, Event, Handler, Outcome};
 use gpualloc_storage::DbConnection;
 
 use crate::{Error, ops};
@@ -15,7 +15,8 @@ impl Handler for PoolDecisions {
         conn: &mut DbConnection,
         emit: &mut Emitter,
         event: &Event,
-    ) -> Result<(), Error> {
-        ops::on_pool_event(conn, emit, event)
+        delivery: Delivery,
+    ) -> Result<Outcome, Error> {
+        ops::on_pool_event(conn, emit, event, delivery)
     }
 }

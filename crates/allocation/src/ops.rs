@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use gpualloc_domain::{AllocationId, GpuModel, Resources, State, TenantId, time};
 use gpualloc_platform::Caller;
 use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as rp};
-use gpualloc_saga::{Emitter, Event, Payload};
+use gpualloc_saga::{Delivery, Emitter, Event, Outcome, Payload, version_gate};
 use gpualloc_storage::DbConnection;
 use serde::Serialize;
 
@@ -324,17 +324,69 @@ pub fn reject(
     }
 }
 
+/// Checks a pool decision against the stored allocation before anything
+/// is written: the allocation must exist, belong to the event's tenant,
+/// and a granted pool must be a pool id. `None` when it may be applied.
+fn validate_decision(event: &Event, row: Option<&AllocRow>) -> Option<Outcome> {
+    if AllocationId::parse(&event.allocation_id).is_err() {
+        return Some(Outcome::poison(
+            "invalid",
+            format!(
+                "allocation id {:?}",
+                gpualloc_platform::truncate(&event.allocation_id, 64)
+            ),
+        ));
+    }
+    let Some(row) = row else {
+        return Some(Outcome::poison(
+            "unknown_aggregate",
+            format!("no allocation {}", event.allocation_id),
+        ));
+    };
+    if event.tenant != row.tenant {
+        return Some(Outcome::poison(
+            "mismatch",
+            format!(
+                "the event names tenant {:?}, allocation {} belongs to {}",
+                gpualloc_platform::truncate(&event.tenant, 64),
+                row.allocation_id,
+                row.tenant
+            ),
+        ));
+    }
+    if let Some(Payload::ReservationGranted(g)) = &event.payload {
+        if gpualloc_domain::PoolId::parse(g.pool_id.clone()).is_err() {
+            return Some(Outcome::poison(
+                "invalid",
+                "a grant without a valid pool id",
+            ));
+        }
+        if !g.gpu_model.is_empty() && GpuModel::parse(g.gpu_model.clone()).is_err() {
+            return Some(Outcome::poison(
+                "invalid",
+                "a grant of an invalid GPU model",
+            ));
+        }
+    }
+    None
+}
+
 /// Applies one decision of the resource pool. Stale decisions (a
 /// reservation version already applied) and decisions that do not fit the
-/// current state change nothing.
+/// current state change nothing; a decision that jumps past the next
+/// reservation version is parked until the versions between arrive.
 pub fn on_pool_event(
     conn: &mut DbConnection,
     emit: &mut Emitter,
     event: &Event,
-) -> Result<(), Error> {
-    let Some(row) = store::get(conn, &event.allocation_id)? else {
-        tracing::warn!(allocation_id = %event.allocation_id, "pool decision for an unknown allocation; ignored");
-        return Ok(());
+    delivery: Delivery,
+) -> Result<Outcome, Error> {
+    let row = store::get(conn, &event.allocation_id)?;
+    if let Some(refusal) = validate_decision(event, row.as_ref()) {
+        return Ok(refusal);
+    }
+    let Some(row) = row else {
+        return Ok(Outcome::poison("unknown_aggregate", "no allocation"));
     };
     let state = row.state()?;
     let v = event.aggregate_version;
@@ -342,10 +394,13 @@ pub fn on_pool_event(
         if state == State::Pending && row.approved_time.is_none() {
             transition(conn, emit, &row, State::AwaitingApproval, &p.reason, |_| {})?;
         }
-        return Ok(());
+        return Ok(Outcome::Applied);
     }
     if v <= row.pool_version {
-        return Ok(());
+        return Ok(Outcome::Applied);
+    }
+    if let Some(wait) = version_gate(v, row.pool_version, delivery) {
+        return Ok(wait);
     }
     if let Some(Payload::ReservationReleased(r)) = &event.payload
         && r.cause == ev::ReleaseCause::Expired as i32
@@ -375,7 +430,7 @@ pub fn on_pool_event(
             r.reason.clone()
         };
         transition(conn, emit, &granted, State::Expired, &reason, |_| {})?;
-        return Ok(());
+        return Ok(Outcome::Applied);
     }
     let target = match &event.payload {
         Some(Payload::ReservationGranted(g)) if matches!(state, State::Pending | State::Held) => {
@@ -424,7 +479,7 @@ pub fn on_pool_event(
             store::update(conn, &seen, row.version)?;
         }
     }
-    Ok(())
+    Ok(Outcome::Applied)
 }
 
 /// Records where and until when a grant holds; fills in the GPU model the

@@ -82,8 +82,13 @@ fn released(cause: ev::ReleaseCause) -> Payload {
     })
 }
 
+/// Applies a decision as it is once any parking is over (the order
+/// tests here are about the state machine's guards).
 async fn apply(db: &Db, e: Event) -> Vec<Event> {
-    op(db, move |c, emit| ops::on_pool_event(c, emit, &e))
+    let late = gpualloc_saga::Delivery {
+        delivered: gpualloc_saga::MAX_PARKED,
+    };
+    op(db, move |c, emit| ops::on_pool_event(c, emit, &e, late))
         .await
         .unwrap()
         .1

@@ -18,5 +18,6 @@ pub mod telemetry;
 
 pub use auth::{AuthConfig, AuthMode, Authenticator};
 pub use config::CommonConfig;
+pub use gpualloc_auth::truncate;
 pub use host::{BusReady, DbHandle, Platform};
 pub use identity::Caller;

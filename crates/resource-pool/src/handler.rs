@@ -1,4 +1,5 @@
-use gpualloc_saga::{Emitter, Event, Handler, Payload};
+use gpualloc_domain::{AllocationId, TenantId};
+use gpualloc_saga::{Delivery, Emitter, Event, Handler, Outcome, Payload};
 use gpualloc_storage::DbConnection;
 
 use crate::{Error, ops};
@@ -15,12 +16,55 @@ impl Handler for AllocationEvents {
         conn: &mut DbConnection,
         emit: &mut Emitter,
         event: &Event,
-    ) -> Result<(), Error> {
-        match &event.payload {
-            Some(Payload::AllocationRequested(req)) => ops::on_requested(conn, emit, event, req),
-            Some(Payload::AllocationCancelled(req)) => ops::on_cancelled(conn, emit, event, req),
-            // Not ours (the filter should keep them away); acknowledge.
-            _ => Ok(()),
+        _delivery: Delivery,
+    ) -> Result<Outcome, Error> {
+        if let Some(refusal) = validate(conn, event)? {
+            return Ok(refusal);
         }
+        match &event.payload {
+            Some(Payload::AllocationRequested(req)) => ops::on_requested(conn, emit, event, req)?,
+            Some(Payload::AllocationCancelled(req)) => ops::on_cancelled(conn, emit, event, req)?,
+            _ => {
+                return Ok(Outcome::poison(
+                    "subject",
+                    "not an allocation request or cancel",
+                ));
+            }
+        }
+        Ok(Outcome::Applied)
     }
+}
+
+/// Checks a request or cancel before anything is written: its ids must be
+/// ids, its priority in range, and it must name the tenant that the
+/// reservation (if there is one already) belongs to.
+fn validate(conn: &mut DbConnection, event: &Event) -> Result<Option<Outcome>, Error> {
+    if AllocationId::parse(&event.allocation_id).is_err() {
+        return Ok(Some(Outcome::poison("invalid", "not an allocation id")));
+    }
+    if TenantId::parse(event.tenant.clone()).is_err() {
+        return Ok(Some(Outcome::poison("invalid", "not a tenant id")));
+    }
+    if let Some(Payload::AllocationRequested(r)) = &event.payload
+        && !(0..=1000).contains(&r.priority)
+    {
+        return Ok(Some(Outcome::poison(
+            "invalid",
+            format!("priority {} is outside 0..=1000", r.priority),
+        )));
+    }
+    if let Some(r) = crate::store::get_reservation(conn, &event.allocation_id)?
+        && r.tenant != event.tenant
+    {
+        return Ok(Some(Outcome::poison(
+            "mismatch",
+            format!(
+                "the event names tenant {:?}, the reservation of {} belongs to {}",
+                gpualloc_platform::truncate(&event.tenant, 64),
+                event.allocation_id,
+                r.tenant
+            ),
+        )));
+    }
+    Ok(None)
 }

@@ -6,6 +6,16 @@
 //! at any point either redelivers (and the inbox skips what committed) or
 //! loses nothing. If a batch fails, its events are retried one by one so
 //! that one bad event cannot hold back the others.
+//!
+//! Consumers trust nothing they read: an event whose subject does not
+//! match its payload, that contradicts the stored aggregate (another
+//! tenant, an unknown allocation) or is otherwise invalid is **poison**:
+//! acknowledged so that it never comes back, never applied, counted in
+//! `gpualloc_events_poison_total` and logged once with its event id. An
+//! event that is too far ahead — a version jump past the next expected
+//! version — is **parked**: put back for a later delivery, so that the
+//! missing version can arrive first; a handler decides what a jump that
+//! outlasts the parking means ([`Delivery::parked_long_enough`]).
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -23,19 +33,94 @@ use tracing::field::Empty;
 
 use crate::{Bus, Emitter, Event, Relay, TRACE_HEADERS, decode};
 
+/// What a handler made of an event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Applied, or a no-op by the state machine's guards: acknowledged.
+    Applied,
+    /// Not applicable yet (an earlier version is missing). The handler
+    /// wrote nothing; the event is delivered again later.
+    Park(String),
+    /// Invalid. The handler wrote nothing; the event is acknowledged and
+    /// never applied. `reason` is a metric label: a fixed word.
+    Poison {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+impl Outcome {
+    pub fn poison(reason: &'static str, detail: impl Into<String>) -> Outcome {
+        Outcome::Poison {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// How many times JetStream has delivered an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Delivery {
+    pub delivered: u64,
+}
+
+/// Deliveries an event may be parked for (about three seconds in all,
+/// with the doubling delays of [`park_delay`]).
+pub const MAX_PARKED: u64 = 6;
+
+/// The largest version jump a handler applies after parking: a lost event
+/// or two is recovery; a jump of thousands is a forgery that would make
+/// every later real version look stale and freeze the aggregate.
+pub const MAX_VERSION_JUMP: i64 = 16;
+
+impl Delivery {
+    /// Whether the event has been parked as long as it may be: a missing
+    /// version that has not come by now was lost (a broker that lost
+    /// data), and waiting longer recovers nothing.
+    pub fn parked_long_enough(&self) -> bool {
+        self.delivered >= MAX_PARKED
+    }
+}
+
+/// What to do with an event of version `version` of an aggregate whose
+/// last applied version is `last`: apply it when it is the next (or a
+/// stale one, which the caller's guards ignore), park a jump, apply a
+/// small jump that outlasted the parking, refuse a large one.
+pub fn version_gate(version: i64, last: i64, delivery: Delivery) -> Option<Outcome> {
+    if version <= last + 1 {
+        return None;
+    }
+    if version - last > MAX_VERSION_JUMP {
+        return Some(Outcome::poison(
+            "version",
+            format!("version {version} jumps from {last}, more than {MAX_VERSION_JUMP}"),
+        ));
+    }
+    if delivery.parked_long_enough() {
+        return None;
+    }
+    Some(Outcome::Park(format!(
+        "version {version} arrived before {}",
+        last + 1
+    )))
+}
+
 /// Applies events of one durable consumer.
 pub trait Handler: Send + Sync + 'static {
     type Error: TxError + std::fmt::Display;
 
     /// Applies `event` inside the consumer's transaction; events to emit go
     /// to `emit` (they commit with the effect). Must be deterministic in the
-    /// database state: it may run again after a rolled-back attempt.
+    /// database state: it may run again after a rolled-back attempt. It
+    /// must validate before it writes: a [`Outcome::Park`] or
+    /// [`Outcome::Poison`] must leave nothing behind.
     fn handle(
         &self,
         conn: &mut DbConnection,
         emit: &mut Emitter,
         event: &Event,
-    ) -> Result<(), Self::Error>;
+        delivery: Delivery,
+    ) -> Result<Outcome, Self::Error>;
 
     /// Called once the events of a batch have committed (for example to
     /// wake watchers). Only events applied for the first time are passed.
@@ -151,7 +236,7 @@ impl Consumer {
             if messages.is_empty() {
                 continue;
             }
-            process(&db, &spec, &handler, &relay, messages).await;
+            process(&db, &spec, &bus.config.prefix, &handler, &relay, messages).await;
         }
         // Acks are fire-and-forget publishes: push them out before exiting.
         let _ = bus.client.flush().await;
@@ -237,6 +322,7 @@ pub fn trace_headers(message: &Message) -> BTreeMap<String, String> {
 struct Item {
     message: Message,
     event: Event,
+    delivery: Delivery,
     /// What the events it causes carry on: this span's context.
     headers: BTreeMap<String, String>,
     /// The consumer span (OpenTelemetry messaging conventions), a child of
@@ -244,89 +330,130 @@ struct Item {
     _span: tracing::Span,
 }
 
+/// Sets an invalid message aside: acknowledged (terminated: JetStream
+/// never delivers it again), never applied, counted and logged once.
+async fn poison(
+    spec: &ConsumerSpec,
+    message: &Message,
+    event_id: &str,
+    reason: &str,
+    detail: &str,
+) {
+    METRICS
+        .events_poison
+        .get_or_create(&labels([("consumer", &spec.durable), ("reason", reason)]))
+        .inc();
+    tracing::error!(
+        durable = %spec.durable,
+        subject = %message.subject,
+        event_id,
+        reason,
+        detail,
+        "poison event set aside: acknowledged, not applied"
+    );
+    let _ = message.ack_with(AckKind::Term).await;
+}
+
+/// How long a parked event waits before its next delivery: doubling from
+/// 100 ms.
+pub fn park_delay(delivered: u64) -> Duration {
+    Duration::from_millis(100u64 << (delivered.clamp(1, 8) - 1))
+}
+
+async fn park(spec: &ConsumerSpec, item: &Item, why: &str) {
+    METRICS
+        .events_parked
+        .get_or_create(&labels([("consumer", &spec.durable)]))
+        .inc();
+    tracing::debug!(durable = %spec.durable, event_id = %item.event.event_id, why, "event parked");
+    let delay = park_delay(item.delivery.delivered);
+    let _ = item.message.ack_with(AckKind::Nak(Some(delay))).await;
+}
+
 async fn process<H: Handler>(
     db: &Db,
     spec: &ConsumerSpec,
+    prefix: &str,
     handler: &Arc<H>,
     relay: &Relay,
     messages: Vec<Message>,
 ) {
     let mut items = Vec::with_capacity(messages.len());
     for message in messages {
-        match decode(&message.payload) {
-            Ok(event) => {
-                let inbound = trace_headers(&message);
-                let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
-                if delivered > 1 {
-                    METRICS
-                        .consumer_redeliveries
-                        .get_or_create(&labels([("consumer", &spec.durable)]))
-                        .inc();
-                }
-                let span = tracing::info_span!(
-                    "process",
-                    otel.name = %format!("{} process", message.subject),
-                    otel.kind = "consumer",
-                    messaging.system = "nats",
-                    messaging.operation.type = "process",
-                    messaging.operation.name = "process",
-                    messaging.destination.name = %message.subject,
-                    messaging.consumer.group.name = %spec.durable,
-                    messaging.message.id = %event.event_id,
-                    messaging.message.delivery_count = delivered,
-                    gpualloc.allocation_id = %event.allocation_id,
-                    request_id = inbound.get(trace::REQUEST_ID).map(String::as_str).unwrap_or(""),
-                    trace_id = Empty,
-                    span_id = Empty,
-                );
-                trace::adopt(&span, trace::extract(&inbound));
-                let headers = trace::outgoing(&span, &inbound);
-                items.push(Item {
-                    message,
-                    event,
-                    headers,
-                    _span: span,
-                });
-            }
+        let event = match decode(&message.payload) {
+            Ok(event) => event,
             Err(e) => {
                 // Retrying cannot make it decodable; keep the stream moving.
-                tracing::error!(durable = %spec.durable, subject = %message.subject, error = %e, "dropping poison message");
-                let _ = message.ack_with(AckKind::Term).await;
+                poison(spec, &message, "", "undecodable", &e).await;
+                continue;
             }
+        };
+        // The subject is what the bus permissions check: a payload must
+        // travel on its own subject, or a publisher allowed one kind of
+        // event could smuggle in another.
+        let expected = event
+            .payload
+            .as_ref()
+            .map(|p| format!("{prefix}.{}", crate::subjects::of(p)));
+        if expected.as_deref() != Some(message.subject.as_str()) {
+            let detail = format!(
+                "a {} payload on {}",
+                expected.as_deref().unwrap_or("missing"),
+                message.subject
+            );
+            poison(spec, &message, &event.event_id, "subject", &detail).await;
+            continue;
         }
+        let inbound = trace_headers(&message);
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1).max(1) as u64;
+        if delivered > 1 {
+            METRICS
+                .consumer_redeliveries
+                .get_or_create(&labels([("consumer", &spec.durable)]))
+                .inc();
+        }
+        let span = tracing::info_span!(
+            "process",
+            otel.name = %format!("{} process", message.subject),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.operation.name = "process",
+            messaging.destination.name = %message.subject,
+            messaging.consumer.group.name = %spec.durable,
+            messaging.message.id = %event.event_id,
+            messaging.message.delivery_count = delivered,
+            gpualloc.allocation_id = %event.allocation_id,
+            request_id = inbound.get(trace::REQUEST_ID).map(String::as_str).unwrap_or(""),
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        trace::adopt(&span, trace::extract(&inbound));
+        let headers = trace::outgoing(&span, &inbound);
+        items.push(Item {
+            message,
+            event,
+            delivery: Delivery { delivered },
+            headers,
+            _span: span,
+        });
     }
     if items.is_empty() {
         return;
     }
-    let events: Vec<(Event, BTreeMap<String, String>)> = items
+    let events: Vec<Input> = items
         .iter()
-        .map(|i| (i.event.clone(), i.headers.clone()))
+        .map(|i| (i.event.clone(), i.headers.clone(), i.delivery))
         .collect();
     match apply(db, spec, handler, events).await {
-        Ok((applied, emitted)) => {
-            for item in &items {
-                let _ = item.message.ack().await;
-            }
-            // A relay round is a read transaction: only when there is
-            // something to publish (the viewer, for one, emits nothing).
-            if emitted {
-                relay.nudge();
-            }
-            count_applied(spec, &applied);
-            handler.committed(&applied);
-        }
+        Ok(done) => settle(spec, handler, relay, &items, done).await,
         Err(e) if items.len() > 1 => {
             tracing::warn!(durable = %spec.durable, error = %e, events = items.len(), "batch failed; retrying its events one by one");
             for item in items {
-                let one = vec![(item.event.clone(), item.headers.clone())];
+                let one = vec![(item.event.clone(), item.headers.clone(), item.delivery)];
                 match apply(db, spec, handler, one).await {
-                    Ok((applied, emitted)) => {
-                        let _ = item.message.ack().await;
-                        if emitted {
-                            relay.nudge();
-                        }
-                        count_applied(spec, &applied);
-                        handler.committed(&applied);
+                    Ok(done) => {
+                        settle(spec, handler, relay, std::slice::from_ref(&item), done).await
                     }
                     Err(e) => nak(spec, &item, &e.to_string()).await,
                 }
@@ -340,6 +467,35 @@ async fn process<H: Handler>(
     }
 }
 
+/// After the commit: acknowledge what was applied, park and poison the
+/// rest, wake the relay if anything was emitted.
+async fn settle<H: Handler>(
+    spec: &ConsumerSpec,
+    handler: &Arc<H>,
+    relay: &Relay,
+    items: &[Item],
+    done: Applied,
+) {
+    for (item, outcome) in items.iter().zip(&done.outcomes) {
+        match outcome {
+            Outcome::Applied => {
+                let _ = item.message.ack().await;
+            }
+            Outcome::Park(why) => park(spec, item, why).await,
+            Outcome::Poison { reason, detail } => {
+                poison(spec, &item.message, &item.event.event_id, reason, detail).await
+            }
+        }
+    }
+    // A relay round is a read transaction: only when there is something
+    // to publish (the viewer, for one, emits nothing).
+    if done.emitted {
+        relay.nudge();
+    }
+    count_applied(spec, &done.applied);
+    handler.committed(&done.applied);
+}
+
 fn count_applied(spec: &ConsumerSpec, applied: &[Event]) {
     METRICS
         .consumer_events
@@ -348,7 +504,7 @@ fn count_applied(spec: &ConsumerSpec, applied: &[Event]) {
 }
 
 async fn nak(spec: &ConsumerSpec, item: &Item, error: &str) {
-    let delivered = item.message.info().map(|i| i.delivered).unwrap_or(1);
+    let delivered = item.delivery.delivered;
     let delay = Duration::from_millis((100u64 << (delivered.clamp(1, 8) - 1) as u32).min(10_000));
     tracing::warn!(
         durable = %spec.durable,
@@ -360,30 +516,81 @@ async fn nak(spec: &ConsumerSpec, item: &Item, error: &str) {
     let _ = item.message.ack_with(AckKind::Nak(Some(delay))).await;
 }
 
+type Input = (Event, BTreeMap<String, String>, Delivery);
+
+/// What one transaction did with a batch.
+struct Applied {
+    /// Events applied for the first time.
+    applied: Vec<Event>,
+    emitted: bool,
+    /// One per input event, in order (duplicates count as applied).
+    outcomes: Vec<Outcome>,
+}
+
 async fn apply<H: Handler>(
     db: &Db,
     spec: &ConsumerSpec,
     handler: &Arc<H>,
-    events: Vec<(Event, BTreeMap<String, String>)>,
-) -> Result<(Vec<Event>, bool), H::Error> {
+    events: Vec<Input>,
+) -> Result<Applied, H::Error> {
     let handler = handler.clone();
     let durable = spec.durable.clone();
     let origin = spec.origin.clone();
     db.write(move |conn| {
         let now = now_micros();
-        let mut applied = Vec::new();
-        let mut emitted = false;
-        for (event, headers) in &events {
-            if !inbox::claim(conn, &durable, &event.event_id, now)? {
+        let mut done = Applied {
+            applied: Vec::new(),
+            emitted: false,
+            outcomes: Vec::with_capacity(events.len()),
+        };
+        for (event, headers, delivery) in &events {
+            if inbox::seen(conn, &durable, &event.event_id)? {
+                done.outcomes.push(Outcome::Applied);
                 continue;
             }
             let mut emit = Emitter::new(&origin, now, headers.clone());
-            handler.handle(conn, &mut emit, event)?;
-            emitted |= !emit.is_empty();
-            emit.flush(conn)?;
-            applied.push(event.clone());
+            let outcome = handler.handle(conn, &mut emit, event, *delivery)?;
+            if outcome == Outcome::Applied {
+                // Parked and poisoned events leave no inbox row: a replay
+                // of the same event (after the missing version came, or
+                // an operator's outbox replay) is judged afresh.
+                inbox::record(conn, &durable, &event.event_id, now)?;
+                done.emitted |= !emit.is_empty();
+                emit.flush(conn)?;
+                done.applied.push(event.clone());
+            }
+            done.outcomes.push(outcome);
         }
-        Ok((applied, emitted))
+        Ok(done)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_apply_in_order_park_when_ahead_and_refuse_forged_jumps() {
+        let first = Delivery { delivered: 1 };
+        let late = Delivery {
+            delivered: MAX_PARKED,
+        };
+        assert_eq!(version_gate(3, 2, first), None);
+        assert_eq!(
+            version_gate(1, 2, first),
+            None,
+            "stale: the guards ignore it"
+        );
+        assert!(matches!(version_gate(4, 2, first), Some(Outcome::Park(_))));
+        assert_eq!(version_gate(4, 2, late), None, "a lost version is skipped");
+        assert!(matches!(
+            version_gate(i64::MAX, 2, late),
+            Some(Outcome::Poison {
+                reason: "version",
+                ..
+            })
+        ));
+        assert!(park_delay(1) < park_delay(5));
+    }
 }

@@ -19,7 +19,9 @@ pub mod relay;
 pub mod subjects;
 
 pub use bus::{Bus, BusConfig, NatsAuth};
-pub use consumer::{Consumer, ConsumerSpec, Handler};
+pub use consumer::{
+    Consumer, ConsumerSpec, Delivery, Handler, MAX_PARKED, MAX_VERSION_JUMP, Outcome, version_gate,
+};
 pub use emit::{Emitter, TRACE_HEADERS, decode};
 pub use gpualloc_proto::events::v1::{Event, event::Payload};
 pub use relay::{Relay, RelayConfig};

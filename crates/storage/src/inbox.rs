@@ -23,14 +23,32 @@ pub fn claim(
     event_id: &str,
     now: i64,
 ) -> QueryResult<bool> {
-    let seen: i64 = inbox::table
+    if seen(conn, consumer, event_id)? {
+        return Ok(false);
+    }
+    record(conn, consumer, event_id, now)?;
+    Ok(true)
+}
+
+/// Whether `consumer` already processed `event_id` (then it must skip it).
+pub fn seen(conn: &mut DbConnection, consumer: &str, event_id: &str) -> QueryResult<bool> {
+    let n: i64 = inbox::table
         .filter(inbox::consumer.eq(consumer))
         .filter(inbox::event_id.eq(event_id))
         .count()
         .get_result_native(conn)?;
-    if seen > 0 {
-        return Ok(false);
-    }
+    Ok(n > 0)
+}
+
+/// Records that `consumer` processed `event_id`, in the transaction of its
+/// effect. A concurrent record by another replica fails the transaction on
+/// the primary key; the redelivery then finds the row.
+pub fn record(
+    conn: &mut DbConnection,
+    consumer: &str,
+    event_id: &str,
+    now: i64,
+) -> QueryResult<()> {
     diesel::insert_into(inbox::table)
         .values((
             inbox::consumer.eq(consumer),
@@ -38,7 +56,7 @@ pub fn claim(
             inbox::processed_at.eq(now),
         ))
         .execute_native(conn)?;
-    Ok(true)
+    Ok(())
 }
 
 /// Deletes entries older than `before`; only safe beyond the stream's

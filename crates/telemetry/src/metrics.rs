@@ -58,6 +58,12 @@ pub struct Metrics {
     /// Events a consumer applied, and messages it got more than once.
     pub consumer_events: Family<Labels, Counter>,
     pub consumer_redeliveries: Family<Labels, Counter>,
+    /// Events set aside as invalid (acknowledged, never applied), by
+    /// consumer and reason; and events parked for a later delivery.
+    pub events_poison: Family<Labels, Counter>,
+    pub events_parked: Family<Labels, Counter>,
+    /// Outbox rows set aside after failing to publish, by service.
+    pub outbox_poison: Family<Labels, Gauge>,
     /// Circuit breaker state per target: 0 closed, 1 open, 2 half-open.
     pub breaker_state: Family<Labels, Gauge>,
     pub breaker_transitions: Family<Labels, Counter>,
@@ -84,6 +90,9 @@ impl Metrics {
             consumer_ack_pending: Family::default(),
             consumer_events: Family::default(),
             consumer_redeliveries: Family::default(),
+            events_poison: Family::default(),
+            events_parked: Family::default(),
+            outbox_poison: Family::default(),
             breaker_state: Family::default(),
             breaker_transitions: Family::default(),
             check_quota: Family::default(),
@@ -146,6 +155,21 @@ impl Metrics {
             "consumer_redeliveries",
             "Messages delivered to the consumer more than once",
             m.consumer_redeliveries.clone(),
+        );
+        r.register(
+            "events_poison",
+            "Events a consumer set aside as invalid (acknowledged, not applied), by reason",
+            m.events_poison.clone(),
+        );
+        r.register(
+            "events_parked",
+            "Events a consumer put back for later (an earlier version is missing)",
+            m.events_parked.clone(),
+        );
+        r.register(
+            "outbox_poison",
+            "Outbox rows set aside after failing to publish (see `outbox --poisoned`)",
+            m.outbox_poison.clone(),
         );
         r.register(
             "breaker_state",

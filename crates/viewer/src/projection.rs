@@ -4,9 +4,12 @@
 //! backwards.
 
 use diesel::prelude::*;
+use gpualloc_domain::{AllocationId, TenantId};
 use gpualloc_domain::{Resources, State, time};
 use gpualloc_proto::{allocation::v1 as apb, events::v1 as ev};
-use gpualloc_saga::{Emitter, Event, Handler, Payload};
+use gpualloc_saga::{
+    Delivery, Emitter, Event, Handler, MAX_PARKED, Outcome, Payload, version_gate,
+};
 use gpualloc_storage::{DbConnection, Native, update_cached};
 use prost::Message;
 
@@ -35,8 +38,13 @@ impl Handler for Projection {
         conn: &mut DbConnection,
         emit: &mut Emitter,
         event: &Event,
-    ) -> Result<(), Error> {
-        project(conn, emit.now(), event, self.notify.as_deref())
+        delivery: Delivery,
+    ) -> Result<Outcome, Error> {
+        if let Some(refusal) = validate(conn, event, delivery)? {
+            return Ok(refusal);
+        }
+        project(conn, emit.now(), event, self.notify.as_deref())?;
+        Ok(Outcome::Applied)
     }
 
     fn committed(&self, events: &[Event]) {
@@ -53,6 +61,108 @@ fn state_name(v: i32) -> Result<&'static str, Error> {
     State::from_proto(v)
         .map(State::as_str)
         .ok_or_else(|| Error::BadEvent(format!("unknown state {v}")))
+}
+
+/// Checks an event against itself and the read model before anything is
+/// written: ids and tenants must be ids and agree with each other and with
+/// the stored view (a view never changes tenant), states must be states,
+/// and a version past the next one waits for those between ([`version_gate`]).
+/// `None` when it may be projected.
+pub fn validate(
+    conn: &mut DbConnection,
+    event: &Event,
+    delivery: Delivery,
+) -> Result<Option<Outcome>, Error> {
+    let bad = |why: String| Ok(Some(Outcome::poison("invalid", why)));
+    let mismatch = |why: String| Ok(Some(Outcome::poison("mismatch", why)));
+    let stored = |conn: &mut DbConnection, id: &str| -> Result<Option<(String, i64)>, Error> {
+        Ok(allocation_views::table
+            .find(id)
+            .select((allocation_views::tenant, allocation_views::version))
+            .get_result_native(conn)
+            .optional()?)
+    };
+    match &event.payload {
+        Some(Payload::AllocationStateChanged(c)) => {
+            let Some(a) = &c.allocation else {
+                return bad("a state change without the allocation".into());
+            };
+            if AllocationId::parse(&a.allocation_id).is_err()
+                || TenantId::parse(a.tenant.clone()).is_err()
+            {
+                return bad("the allocation's id or tenant is not valid".into());
+            }
+            if a.allocation_id != event.allocation_id
+                || a.tenant != event.tenant
+                || a.version != event.aggregate_version
+            {
+                return mismatch(format!(
+                    "the event is about {} of {} at version {}, its allocation is {} of {} at version {}",
+                    gpualloc_platform::truncate(&event.allocation_id, 64),
+                    gpualloc_platform::truncate(&event.tenant, 64),
+                    event.aggregate_version,
+                    a.allocation_id,
+                    a.tenant,
+                    a.version
+                ));
+            }
+            if State::from_proto(a.state).is_none()
+                || (c.previous_state != 0 && State::from_proto(c.previous_state).is_none())
+                || a.version < 1
+            {
+                return bad(format!(
+                    "state {} or version {} is not valid",
+                    a.state, a.version
+                ));
+            }
+            let view = stored(conn, &a.allocation_id)?;
+            if let Some((tenant, _)) = &view
+                && *tenant != a.tenant
+            {
+                return mismatch(format!(
+                    "allocation {} belongs to {tenant}, the event says {}",
+                    a.allocation_id, a.tenant
+                ));
+            }
+            let last = view.map_or(0, |(_, v)| v);
+            Ok(version_gate(a.version, last, delivery))
+        }
+        Some(Payload::ReservationHeld(_)) => {
+            if let Some((tenant, _)) = stored(conn, &event.allocation_id)?
+                && tenant != event.tenant
+            {
+                return mismatch(format!(
+                    "allocation {} belongs to {tenant}, the event says {}",
+                    event.allocation_id,
+                    gpualloc_platform::truncate(&event.tenant, 64)
+                ));
+            }
+            Ok(None)
+        }
+        Some(Payload::TenantQuotaChanged(q)) => {
+            if TenantId::parse(event.tenant.clone()).is_err() {
+                return bad("not a tenant id".into());
+            }
+            if let Err(e) = Resources::try_from(q.limits.clone().unwrap_or_default()) {
+                return bad(format!("quota limits: {e}"));
+            }
+            Ok(None)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// [`validate`] as a rebuild applies it: in stream order, with nothing
+/// left to wait for.
+pub fn valid_for_rebuild(conn: &mut DbConnection, event: &Event) -> Result<bool, Error> {
+    Ok(validate(
+        conn,
+        event,
+        Delivery {
+            delivered: MAX_PARKED,
+        },
+    )?
+    .is_none())
 }
 
 /// Applies one event to the read models and, with `notify`, stores the

@@ -97,7 +97,9 @@ pub async fn rebuild(common: &CommonConfig) -> anyhow::Result<Rebuilt> {
             db.write(move |c| {
                 let now = now_micros();
                 for e in &events {
-                    projection::project(c, now, e, None)?;
+                    if projection::valid_for_rebuild(c, e)? {
+                        projection::project(c, now, e, None)?;
+                    }
                 }
                 Ok::<_, Error>(())
             })
@@ -109,7 +111,9 @@ pub async fn rebuild(common: &CommonConfig) -> anyhow::Result<Rebuilt> {
         db.write(move |c| {
             let now = now_micros();
             for e in &batch {
-                projection::project(c, now, e, None)?;
+                if projection::valid_for_rebuild(c, e)? {
+                    projection::project(c, now, e, None)?;
+                }
             }
             Ok::<_, Error>(())
         })
