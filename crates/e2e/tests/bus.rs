@@ -1,0 +1,192 @@
+//! The event bus is authenticated and what travels on it is checked, on a
+//! real nats-server with the accounts configuration of `gpualloc-nats-acl`:
+//! anonymous clients are refused, a service's user may publish only its
+//! own events and may not delete the stream; and what an allowed publisher
+//! forges — a payload on another subject, another tenant's allocation, a
+//! huge version — is set aside as poison, never applied, without holding
+//! up the events behind it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use gpualloc_e2e::{Backend, Mesh, fixtures::*};
+use gpualloc_proto::{allocation::v1 as apb, events::v1 as ev};
+use gpualloc_saga::{Payload, subjects};
+use gpualloc_testkit::{eventually, nats_connect_as};
+use prost::Message;
+
+async fn publish_as(mesh: &Mesh, user: &str, subject: &str, event: &ev::Event) -> bool {
+    let client = nats_connect_as(&mesh.nats_url, user).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let sent = js
+        .send_publish(
+            format!("{}.{subject}", mesh.prefix),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(event.encode_to_vec().into())
+                .message_id(event.event_id.clone()),
+        )
+        .await;
+    match sent {
+        // A publish the server refuses is never acknowledged.
+        Ok(ack) => tokio::time::timeout(Duration::from_secs(2), ack)
+            .await
+            .is_ok_and(|r| r.is_ok()),
+        Err(_) => false,
+    }
+}
+
+fn event(id: &str, tenant: &str, version: i64, payload: Payload) -> ev::Event {
+    ev::Event {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        allocation_id: id.into(),
+        tenant: tenant.into(),
+        aggregate_version: version,
+        event_time: None,
+        payload: Some(payload),
+    }
+}
+
+fn granted() -> Payload {
+    Payload::ReservationGranted(ev::ReservationGranted {
+        pool_id: "p".into(),
+        gpu_model: "A100".into(),
+        expire_time: None,
+    })
+}
+
+async fn stream_messages(mesh: &Mesh) -> u64 {
+    mesh.jetstream()
+        .await
+        .get_stream(&mesh.stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_service_may_publish_only_its_own_events() {
+    let mesh = Mesh::start(Backend::Sqlite).await;
+    put_pool(&mesh, "p", gpu_capacity(&[("A100", 1)])).await;
+    set_quota(&mesh, "team-a", gpus(4, "")).await;
+    // Capacity for one: the second is held, and a forged grant would
+    // allocate it without capacity.
+    let first = create(&mesh, "team-a", gpus(1, "A100")).await;
+    wait_state(&mesh, "team-a", &first.allocation_id, apb::State::Allocated).await;
+    let held = create(&mesh, "team-a", gpus(1, "A100")).await;
+    wait_state(&mesh, "team-a", &held.allocation_id, apb::State::Held).await;
+    all_drained(&mesh).await;
+    let before = stream_messages(&mesh).await;
+
+    let forged = event(&held.allocation_id, "team-a", 9, granted());
+    for user in ["allocation", "viewer"] {
+        assert!(
+            !publish_as(&mesh, user, subjects::RESERVATION_GRANTED, &forged).await,
+            "{user} published a ReservationGranted"
+        );
+    }
+    let cancel = event(
+        &first.allocation_id,
+        "team-a",
+        9,
+        Payload::AllocationCancelled(ev::AllocationCancelled {
+            reason: "forged".into(),
+        }),
+    );
+    for user in ["resource-pool", "viewer"] {
+        assert!(
+            !publish_as(&mesh, user, subjects::ALLOCATION_CANCELLED, &cancel).await,
+            "{user} published an AllocationCancelled"
+        );
+    }
+    assert_eq!(stream_messages(&mesh).await, before, "nothing forged reached the stream");
+    // No service may delete or purge the stream.
+    for user in ["allocation", "resource-pool", "viewer"] {
+        let js = async_nats::jetstream::new(nats_connect_as(&mesh.nats_url, user).await.unwrap());
+        let deleted = tokio::time::timeout(Duration::from_secs(2), js.delete_stream(&mesh.stream)).await;
+        assert!(!matches!(deleted, Ok(Ok(_))), "{user} deleted the stream");
+    }
+    // Anonymous clients are not let in at all.
+    assert!(async_nats::connect(mesh.nats_url.as_str()).await.is_err());
+    assert_eq!(
+        get(&mesh, "team-a", &held.allocation_id).await.state,
+        apb::State::Held as i32
+    );
+    assert_eq!(
+        get(&mesh, "team-a", &first.allocation_id).await.state,
+        apb::State::Allocated as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_events_are_poison_and_hold_up_nothing() {
+    let mesh = Mesh::start(Backend::Sqlite).await;
+    put_pool(&mesh, "p", gpu_capacity(&[("A100", 1)])).await;
+    set_quota(&mesh, "team-a", gpus(4, "")).await;
+    set_quota(&mesh, "team-b", gpus(4, "")).await;
+    let a = create(&mesh, "team-a", gpus(1, "A100")).await;
+    wait_state(&mesh, "team-a", &a.allocation_id, apb::State::Allocated).await;
+    let held = create(&mesh, "team-b", gpus(1, "A100")).await;
+    wait_state(&mesh, "team-b", &held.allocation_id, apb::State::Held).await;
+    all_drained(&mesh).await;
+
+    // As the pool's own user (the worst case: its credentials leaked).
+    let pool = "resource-pool";
+    // 1. A grant for team-b's held allocation that names team-a.
+    let wrong_tenant = event(&held.allocation_id, "team-a", 2, granted());
+    // 2. A grant with a version that would make every real decision stale.
+    let huge = event(&held.allocation_id, "team-b", i64::MAX / 2, granted());
+    // 3. A quota change smuggled onto the subject of a pool change.
+    let smuggled = ev::Event {
+        payload: Some(Payload::TenantQuotaChanged(ev::TenantQuotaChanged {
+            limits: Some(gpus(1000, "")),
+            approval_above: None,
+        })),
+        ..event("", "team-b", 99, granted())
+    };
+    assert!(publish_as(&mesh, pool, subjects::RESERVATION_GRANTED, &wrong_tenant).await);
+    assert!(publish_as(&mesh, pool, subjects::RESERVATION_GRANTED, &huge).await);
+    assert!(publish_as(&mesh, pool, subjects::POOL_CHANGED, &smuggled).await);
+    // Every consumer acknowledges them (nothing is redelivered forever).
+    all_drained(&mesh).await;
+    let b = get(&mesh, "team-b", &held.allocation_id).await;
+    assert_eq!(b.state, apb::State::Held as i32, "a forged grant was applied");
+
+    // Real work goes on: cancelling a's grant admits b, whose real grant
+    // (version 2) is not stale behind the forged huge version.
+    cancel(&mesh, "team-a", &a.allocation_id).await.unwrap();
+    wait_state(&mesh, "team-b", &held.allocation_id, apb::State::Allocated).await;
+    let summary = mesh
+        .viewer()
+        .get_tenant_summary(gpualloc_e2e::tenant(
+            "team-b",
+            gpualloc_proto::viewer::v1::GetTenantSummaryRequest {
+                tenant: "team-b".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        summary.quota.unwrap().gpus,
+        4,
+        "the smuggled quota change reached the viewer"
+    );
+    let poisoned = eventually(Duration::from_secs(10), "poison counted", || async {
+        let text = gpualloc_telemetry::METRICS.render();
+        let n: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("gpualloc_events_poison_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (n >= 3.0).then_some(n)
+    })
+    .await;
+    // The allocation service: the tenant and the version; the viewer: the
+    // subject.
+    assert!(poisoned >= 3.0, "{poisoned}");
+}
