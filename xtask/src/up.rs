@@ -154,6 +154,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     procs::run("building the services", &mut build)?;
 
     let mut children: Vec<Guard> = Vec::new();
+    let nats_passwords = nats_passwords(&state.join("nats"))?;
     let nats_url = match &args.nats {
         Some(url) => url.clone(),
         None => {
@@ -163,9 +164,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 procs::free_port()?
             };
+            // Each service its own user and publish allow-list; no
+            // anonymous access (see docs/security.md).
+            let conf = state.join("nats/nats.conf");
+            write_private(&conf, nats_conf(&state, port, &nats_passwords).as_bytes())?;
             let mut cmd = Command::new(bin);
-            cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-                .arg(state.join("nats"))
+            cmd.arg("-c")
+                .arg(&conf)
                 .arg("-l")
                 .arg(state.join("logs/nats.log"));
             children.push(Guard::spawn("nats-server", &mut cmd)?);
@@ -190,6 +195,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     .to_string(),
             ),
         ];
+        if args.nats.is_none() {
+            env.push(("GPUALLOC_NATS_USER", svc.name.to_owned()));
+            env.push(("GPUALLOC_NATS_PASSWORD", nats_passwords[svc.name].clone()));
+        }
         if let Some(otlp) = &args.otlp {
             env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()));
         }
@@ -203,7 +212,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 log.display()
             )])
             .collect();
-        fs::write(state.join(format!("run-{}.sh", svc.name)), script)?;
+        // It holds the service's NATS password: readable by its owner only.
+        let run_script = state.join(format!("run-{}.sh", svc.name));
+        let _ = fs::remove_file(&run_script);
+        write_private(&run_script, script.as_bytes())?;
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -240,6 +252,77 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         child.stop(Duration::from_secs(30));
     }
     outcome
+}
+
+/// The NATS users' passwords, made once and kept under `dir` (readable by
+/// the owner only), so restarts and `run-<service>.sh` keep working.
+fn nats_passwords(dir: &Path) -> anyhow::Result<std::collections::BTreeMap<&'static str, String>> {
+    fs::create_dir_all(dir)?;
+    let mut out = std::collections::BTreeMap::new();
+    for user in [
+        gpualloc_nats_acl::ALLOCATION,
+        gpualloc_nats_acl::RESOURCE_POOL,
+        gpualloc_nats_acl::VIEWER,
+        gpualloc_nats_acl::OPERATOR,
+    ] {
+        let path = dir.join(format!("{user}.password"));
+        let password = match fs::read_to_string(&path) {
+            Ok(p) => p.trim().to_owned(),
+            Err(_) => {
+                let mut bytes = [0u8; 18];
+                std::io::Read::read_exact(&mut fs::File::open("/dev/urandom")?, &mut bytes)?;
+                let p: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                write_private(&path, p.as_bytes())?;
+                p
+            }
+        };
+        out.insert(user, password);
+    }
+    Ok(out)
+}
+
+fn nats_conf(
+    state: &Path,
+    port: u16,
+    passwords: &std::collections::BTreeMap<&'static str, String>,
+) -> String {
+    use gpualloc_nats_acl::{SERVICES, Secret, ServerSettings, User};
+    let mut users: Vec<User> = SERVICES
+        .iter()
+        .map(|acl| {
+            User::service(
+                acl,
+                Secret::Password(passwords[acl.name].clone()),
+                "gpualloc",
+                "GPUALLOC",
+            )
+        })
+        .collect();
+    users.push(User::operator(Secret::Password(
+        passwords[gpualloc_nats_acl::OPERATOR].clone(),
+    )));
+    gpualloc_nats_acl::server_config(
+        &ServerSettings {
+            host: "127.0.0.1".into(),
+            port,
+            store_dir: state.join("nats").display().to_string(),
+            tls: None,
+        },
+        &users,
+    )
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(bytes)?;
+    Ok(())
 }
 
 async fn wait_serving(svc: &Svc) -> anyhow::Result<()> {
@@ -394,6 +477,8 @@ Try (grpcurl, or `npx @bufbuild/buf curl --protocol grpc --http2-prior-knowledge
 
   grpcurl -plaintext {admin} -d '{{}}' 127.0.0.1:50052 gpualloc.resourcepool.v1.ResourcePoolService/ListPools
 
+NATS refuses anonymous clients; each service has its own user (passwords in
+{state}/nats/, the operator's too: `nats --user operator --password "$(cat {state}/nats/operator.password)" stream info GPUALLOC`).
 Logs: {state}/logs/. Ctrl-C stops everything; state survives for the next `cargo xtask up`.
 "#,
         state = state.display(),
