@@ -92,6 +92,8 @@ pub struct Tuning {
     pub sweep_interval: Duration,
     /// Viewer: a watcher's buffer.
     pub watch_buffer: usize,
+    /// Viewer: open watch streams in all and per tenant.
+    pub max_watchers: (usize, usize),
     /// Viewer: the rate card file.
     pub rate_card: Option<std::path::PathBuf>,
     /// Viewer: the notification settings file.
@@ -108,6 +110,10 @@ impl Default for Tuning {
             stuck_after: Duration::from_secs(3),
             sweep_interval: Duration::from_millis(200),
             watch_buffer: gpualloc_viewer::watch::BUFFER,
+            max_watchers: (
+                gpualloc_viewer::watch::MAX_WATCHERS,
+                gpualloc_viewer::watch::MAX_WATCHERS_PER_TENANT,
+            ),
             rate_card: None,
             notify_config: None,
             breaker: gpualloc_allocation::breaker::BreakerConfig::default(),
@@ -175,6 +181,7 @@ impl Service {
             Svc::Viewer => {
                 let mut c = gpualloc_viewer::Config::new(common.clone());
                 c.watch_buffer = tuning.watch_buffer;
+                (c.max_watchers, c.max_watchers_per_tenant) = tuning.max_watchers;
                 c.rate_card = tuning.rate_card.clone();
                 c.notify_config = tuning.notify_config.clone();
                 tokio::spawn(gpualloc_viewer::run(c, listener, shutdown))

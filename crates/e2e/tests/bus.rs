@@ -103,11 +103,16 @@ async fn each_service_may_publish_only_its_own_events() {
             "{user} published an AllocationCancelled"
         );
     }
-    assert_eq!(stream_messages(&mesh).await, before, "nothing forged reached the stream");
+    assert_eq!(
+        stream_messages(&mesh).await,
+        before,
+        "nothing forged reached the stream"
+    );
     // No service may delete or purge the stream.
     for user in ["allocation", "resource-pool", "viewer"] {
         let js = async_nats::jetstream::new(nats_connect_as(&mesh.nats_url, user).await.unwrap());
-        let deleted = tokio::time::timeout(Duration::from_secs(2), js.delete_stream(&mesh.stream)).await;
+        let deleted =
+            tokio::time::timeout(Duration::from_secs(2), js.delete_stream(&mesh.stream)).await;
         assert!(!matches!(deleted, Ok(Ok(_))), "{user} deleted the stream");
     }
     // Anonymous clients are not let in at all.
@@ -154,7 +159,11 @@ async fn forged_events_are_poison_and_hold_up_nothing() {
     // Every consumer acknowledges them (nothing is redelivered forever).
     all_drained(&mesh).await;
     let b = get(&mesh, "team-b", &held.allocation_id).await;
-    assert_eq!(b.state, apb::State::Held as i32, "a forged grant was applied");
+    assert_eq!(
+        b.state,
+        apb::State::Held as i32,
+        "a forged grant was applied"
+    );
 
     // Real work goes on: cancelling a's grant admits b, whose real grant
     // (version 2) is not stale behind the forged huge version.

@@ -71,6 +71,14 @@ pub struct Config {
     #[arg(long, env = "GPUALLOC_WATCH_BUFFER", default_value_t = watch::BUFFER)]
     pub watch_buffer: usize,
 
+    /// Open WatchAllocations streams this replica serves in all, and per
+    /// tenant; past them a new watch gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "GPUALLOC_MAX_WATCHERS", default_value_t = watch::MAX_WATCHERS)]
+    pub max_watchers: usize,
+
+    #[arg(long, env = "GPUALLOC_MAX_WATCHERS_PER_TENANT", default_value_t = watch::MAX_WATCHERS_PER_TENANT)]
+    pub max_watchers_per_tenant: usize,
+
     /// JSON notification settings: channels, lease warning, retries (see
     /// docs/notifications.md); without them, nothing is sent.
     #[arg(long, env = "GPUALLOC_NOTIFY_CONFIG")]
@@ -112,6 +120,8 @@ impl Config {
             common,
             rate_card: None,
             watch_buffer: watch::BUFFER,
+            max_watchers: watch::MAX_WATCHERS,
+            max_watchers_per_tenant: watch::MAX_WATCHERS_PER_TENANT,
             notify_config: None,
             command: None,
             log_format: LogFormat::Text,
@@ -139,7 +149,8 @@ pub async fn run(
     let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
     let changes = watch::Changes::default();
     let api = ViewerApi::new(platform.db(), changes.clone(), platform.stopping(), rates)
-        .with_watch_buffer(config.watch_buffer.max(1));
+        .with_watch_buffer(config.watch_buffer.max(1))
+        .with_watch_limits(config.max_watchers, config.max_watchers_per_tenant);
     platform.start(MIGRATIONS, move |ready| {
         let wake = dispatch::Wake::default();
         if let Some(settings) = notify.clone() {

@@ -26,6 +26,7 @@ pub struct ViewerApi {
     stopping: CancellationToken,
     rates: Option<Arc<RateCard>>,
     watch_buffer: usize,
+    watchers: Arc<watch::Limits>,
 }
 
 impl ViewerApi {
@@ -41,7 +42,14 @@ impl ViewerApi {
             stopping,
             rates: rates.map(Arc::new),
             watch_buffer: watch::BUFFER,
+            watchers: watch::Limits::new(watch::MAX_WATCHERS, watch::MAX_WATCHERS_PER_TENANT),
         }
+    }
+
+    /// Caps on open watch streams: in all, and per tenant.
+    pub fn with_watch_limits(mut self, global: usize, per_tenant: usize) -> Self {
+        self.watchers = watch::Limits::new(global, per_tenant);
+        self
     }
 
     pub fn with_watch_buffer(mut self, n: usize) -> Self {
@@ -192,6 +200,8 @@ impl ViewerService for ViewerApi {
             Some(id.to_string())
         };
         let db = self.db.get()?.clone();
+        let key = tenant.as_ref().map_or("*".to_owned(), |t| t.to_string());
+        let slot = self.watchers.acquire(&key)?;
         let filter = watch::Filter {
             tenant: tenant.map(|t| t.to_string()),
             allocation_id,
@@ -202,6 +212,7 @@ impl ViewerService for ViewerApi {
             self.changes.clone(),
             self.stopping.clone(),
             self.watch_buffer,
+            slot,
         )))
     }
 

@@ -233,11 +233,15 @@ pub struct HistoryRow {
     pub project_time: i64,
 }
 
-/// The current views a watcher starts from.
+/// One page of the current views a watcher starts from, in
+/// `(create_time, allocation_id)` order after `after`: a tenant with a
+/// hundred thousand allocations is sent page by page, never held whole.
 pub fn watch_snapshot(
     conn: &mut DbConnection,
     tenant: Option<&str>,
     allocation_id: Option<&str>,
+    after: Option<&(i64, String)>,
+    limit: i64,
 ) -> Result<Vec<ViewRow>, Error> {
     let mut q = allocation_views::table
         .select(ViewRow::as_select())
@@ -248,10 +252,20 @@ pub fn watch_snapshot(
     if let Some(id) = allocation_id {
         q = q.filter(allocation_views::allocation_id.eq(id.to_owned()));
     }
+    if let Some((time, id)) = after {
+        q = q.filter(
+            allocation_views::create_time
+                .gt(*time)
+                .or(allocation_views::create_time
+                    .eq(*time)
+                    .and(allocation_views::allocation_id.gt(id.clone()))),
+        );
+    }
     Ok(q.order((
         allocation_views::create_time,
         allocation_views::allocation_id,
     ))
+    .limit(limit)
     .load(conn)?)
 }
 

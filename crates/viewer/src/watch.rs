@@ -44,6 +44,85 @@ use crate::{Error, store};
 
 /// Default of the messages a watcher may have unread before it is ended.
 pub const BUFFER: usize = 1024;
+/// Default caps on open watch streams, in all and per tenant.
+pub const MAX_WATCHERS: usize = 10_000;
+pub const MAX_WATCHERS_PER_TENANT: usize = 100;
+/// Views read per snapshot page.
+const SNAPSHOT_PAGE: i64 = 500;
+
+/// Open watch streams, globally and per tenant: each holds a task and a
+/// buffer, so their number is bounded (`RESOURCE_EXHAUSTED` past it).
+#[derive(Debug)]
+pub struct Limits {
+    global: usize,
+    per_tenant: usize,
+    open: std::sync::Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// One open watch stream; closing it (dropping this) frees its place.
+#[derive(Debug)]
+pub struct Slot {
+    limits: Arc<Limits>,
+    key: String,
+}
+
+impl Limits {
+    pub fn new(global: usize, per_tenant: usize) -> Arc<Limits> {
+        Arc::new(Limits {
+            global: global.max(1),
+            per_tenant: per_tenant.max(1),
+            open: std::sync::Mutex::new((0, HashMap::new())),
+        })
+    }
+
+    /// A place for a watcher of `key` (the tenant, or `*` for an
+    /// administrator's watch of every tenant).
+    pub fn acquire(self: &Arc<Self>, key: &str) -> Result<Slot, Status> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let of_key = open.1.get(key).copied().unwrap_or(0);
+        if open.0 >= self.global {
+            return Err(gpualloc_platform::layers::shed::exhausted(
+                format!(
+                    "this viewer serves {} watch streams, its limit; retry later or on another replica",
+                    self.global
+                ),
+                1000,
+            ));
+        }
+        if of_key >= self.per_tenant {
+            return Err(gpualloc_platform::layers::shed::exhausted(
+                format!(
+                    "{key:?} has {of_key} open watch streams, the limit per tenant; close one first"
+                ),
+                1000,
+            ));
+        }
+        open.0 += 1;
+        *open.1.entry(key.to_owned()).or_default() += 1;
+        Ok(Slot {
+            limits: self.clone(),
+            key: key.to_owned(),
+        })
+    }
+
+    /// Open streams in all.
+    pub fn open(&self) -> usize {
+        self.open.lock().map(|o| o.0).unwrap_or(0)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.0 = open.0.saturating_sub(1);
+        if let Some(n) = open.1.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.1.remove(&self.key);
+            }
+        }
+    }
+}
 /// Longest wait between two polls (changes projected by other replicas).
 pub const POLL: Duration = Duration::from_millis(100);
 /// How far back a catch-up poll reads again, for transactions that commit
@@ -81,18 +160,21 @@ impl Changes {
 pub type WatchStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchAllocationsResponse, Status>> + Send>>;
 
-/// Starts a watcher and returns its stream.
+/// Starts a watcher and returns its stream. `slot` is held until the
+/// watcher ends.
 pub fn start(
     db: Db,
     filter: Filter,
     changes: Changes,
     stopping: CancellationToken,
     buffer: usize,
+    slot: Slot,
 ) -> WatchStream {
     let (tx, rx) = mpsc::channel(buffer);
     let overflow = Arc::new(AtomicBool::new(false));
     let flag = overflow.clone();
     tokio::spawn(async move {
+        let _slot = slot;
         if let Err(status) = follow(&db, &filter, &changes, &stopping, &tx, &flag).await {
             let _ = tx.try_send(Err(status));
         }
@@ -145,28 +227,52 @@ async fn follow(
     overflow: &AtomicBool,
 ) -> Result<(), Status> {
     let start = time::now_micros();
-    let f = filter.clone();
-    let snapshot = db
-        .read(move |c| store::watch_snapshot(c, f.tenant.as_deref(), f.allocation_id.as_deref()))
-        .await
-        .map_err(Status::from)?;
     // Per allocation, the version sent last, and whether that ended it.
     let mut last: HashMap<String, LastSent> = HashMap::new();
-    for row in &snapshot {
-        last.insert(
-            row.allocation_id.clone(),
-            LastSent {
-                version: row.version,
-                terminal: is_terminal(&row.state),
-                project_time: row.project_time,
-            },
-        );
-        let message = pb::WatchAllocationsResponse {
-            r#type: pb::WatchEventType::Snapshot as i32,
-            view: Some(row.to_proto().map_err(Status::from)?),
-        };
-        if let Sent::Stop = send(tx, overflow, message) {
-            return Ok(());
+    // The snapshot goes out page by page at the client's pace (a send
+    // waits for room): it is as large as the tenant's allocations, which
+    // the buffer is not. Changes meanwhile are picked up after it, from
+    // `start` on, and what a page already showed is not sent again.
+    let mut after: Option<(i64, String)> = None;
+    loop {
+        let f = filter.clone();
+        let cursor = after.clone();
+        let page = db
+            .read(move |c| {
+                store::watch_snapshot(
+                    c,
+                    f.tenant.as_deref(),
+                    f.allocation_id.as_deref(),
+                    cursor.as_ref(),
+                    SNAPSHOT_PAGE,
+                )
+            })
+            .await
+            .map_err(Status::from)?;
+        let full = page.len() as i64 == SNAPSHOT_PAGE;
+        for row in &page {
+            last.insert(
+                row.allocation_id.clone(),
+                LastSent {
+                    version: row.version,
+                    terminal: is_terminal(&row.state),
+                    project_time: row.project_time,
+                },
+            );
+            let message = pb::WatchAllocationsResponse {
+                r#type: pb::WatchEventType::Snapshot as i32,
+                view: Some(row.to_proto().map_err(Status::from)?),
+            };
+            tokio::select! {
+                sent = tx.send(Ok(message)) => if sent.is_err() { return Ok(()) },
+                _ = stopping.cancelled() => {
+                    return Err(Status::unavailable("the viewer is shutting down; reconnect to another replica"));
+                }
+            }
+        }
+        match page.last() {
+            Some(row) if full => after = Some((row.create_time, row.allocation_id.clone())),
+            _ => break,
         }
     }
     let end = pb::WatchAllocationsResponse {
