@@ -98,6 +98,17 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "GPUALLOC_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Operator commands.
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum Command {
+    /// List outbox rows set aside after failing to publish; requeue them.
+    Outbox(gpualloc_platform::outbox_cmd::OutboxArgs),
 }
 
 impl Config {
@@ -114,6 +125,7 @@ impl Config {
             breaker_open_max: Duration::from_secs(60),
             breaker_probes: 1,
             log_format: LogFormat::Text,
+            command: None,
         }
     }
 }

@@ -18,6 +18,10 @@ use crate::{
     store::{self, AllocRow},
 };
 
+/// The largest allocation an event may carry (NATS takes 1 MiB by
+/// default; the stream may be configured lower).
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
 /// A validated CreateAllocation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NewAllocation {
@@ -92,6 +96,16 @@ pub fn create(
         redrives: 0,
         redrive_time: None,
     };
+    // Every change of the allocation travels whole in an event: one the
+    // broker would refuse must not be accepted (the per-field limits keep
+    // requests far below this; this holds if they grow).
+    let size = prost::Message::encoded_len(&row.to_proto()?);
+    if size > MAX_EVENT_BYTES {
+        return Err(Error::Invalid(gpualloc_domain::Violations::single(
+            "labels",
+            format!("the allocation would encode to {size} bytes; at most {MAX_EVENT_BYTES}"),
+        )));
+    }
     store::insert(conn, &row)?;
     announce_change(emit, None, &row)?;
     count_transition(state);

@@ -101,9 +101,15 @@ fn parse_create(req: pb::CreateAllocationRequest) -> Result<NewAllocation, Viola
         .lease
         .and_then(|d| v.check("lease", time::parse_duration(&d)));
     if req.labels.len() > MAX_LABELS {
-        v.add("labels", format!("at most {MAX_LABELS} labels"));
+        // One violation, not one per label: the error stays small.
+        v.add(
+            "labels",
+            format!("at most {MAX_LABELS} labels (got {})", req.labels.len()),
+        );
     }
-    for (k, val) in &req.labels {
+    for (k, val) in req.labels.iter().take(MAX_LABELS) {
+        // The key names the field: cut, like any echoed input.
+        let k = gpualloc_platform::truncate(k, 64);
         let key_ok = !k.is_empty()
             && k.len() <= 63
             && k.bytes()

@@ -15,7 +15,8 @@ fn dns_label(kind: &str, s: &str) -> Result<(), String> {
         Err(format!("{kind} is required"))
     } else {
         Err(format!(
-            "{kind} {s:?} must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'"
+            "{kind} {} must be 1-63 lower-case letters, digits or '-', not starting or ending with '-'",
+            crate::shown(s)
         ))
     }
 }
@@ -41,7 +42,8 @@ fn name(kind: &str, s: &str, first_letter_only: bool) -> Result<(), String> {
             "a letter or digit"
         };
         Err(format!(
-            "{kind} {s:?} must be 1-63 letters, digits, '_', '-' or '.', starting with {first}"
+            "{kind} {} must be 1-63 letters, digits, '_', '-' or '.', starting with {first}",
+            crate::shown(s)
         ))
     }
 }
@@ -132,7 +134,7 @@ impl AllocationId {
         }
         uuid::Uuid::try_parse(s)
             .map(Self)
-            .map_err(|_| format!("allocation_id {s:?} is not a UUID"))
+            .map_err(|_| format!("allocation_id {} is not a UUID", crate::shown(s)))
     }
 }
 

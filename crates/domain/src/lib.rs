@@ -14,6 +14,6 @@ pub mod time;
 mod violation;
 
 pub use ids::{AllocationId, CustomClass, GpuModel, PoolId, TenantId};
-pub use resources::{Capacity, Class, MAX_AMOUNT, Resources};
+pub use resources::{Capacity, Class, MAX_AMOUNT, MAX_CUSTOM_CLASSES, Resources};
 pub use state::State;
-pub use violation::{Violation, Violations};
+pub use violation::{ECHO_MAX, Violation, Violations, shown};

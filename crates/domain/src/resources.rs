@@ -51,7 +51,7 @@ impl FromStr for Class {
                 } else if let Some(c) = s.strip_prefix("custom.") {
                     Class::Custom(CustomClass::parse(c)?)
                 } else {
-                    return Err(format!("unknown resource class {s:?}"));
+                    return Err(format!("unknown resource class {}", crate::shown(s)));
                 }
             }
         })
@@ -68,10 +68,29 @@ fn amount(v: i64) -> Result<i64, String> {
     }
 }
 
+/// Most custom classes one bundle may name: every class is a row, a
+/// counter and bytes in each event, so a tenant must not be able to make
+/// an event larger than the broker takes.
+pub const MAX_CUSTOM_CLASSES: usize = 64;
+
 fn custom_map(raw: BTreeMap<String, i64>, v: &mut Violations) -> BTreeMap<CustomClass, i64> {
     let mut out = BTreeMap::new();
+    if raw.len() > MAX_CUSTOM_CLASSES {
+        v.add(
+            "custom",
+            format!(
+                "at most {MAX_CUSTOM_CLASSES} custom classes (got {})",
+                raw.len()
+            ),
+        );
+        return out;
+    }
     for (name, value) in raw {
-        let field = format!("custom[{name}]");
+        let field = if name.chars().count() > 64 {
+            "custom[…]".to_owned()
+        } else {
+            format!("custom[{name}]")
+        };
         let class = v.check(&field, CustomClass::parse(name));
         let value = v.check(&field, amount(value));
         if let (Some(class), Some(value)) = (class, value)

@@ -87,3 +87,30 @@ impl fmt::Display for Violations {
         Ok(())
     }
 }
+
+/// Longest piece of a client's input that an error message repeats.
+pub const ECHO_MAX: usize = 128;
+
+/// `input` as an error message repeats it: quoted, and cut at
+/// [`ECHO_MAX`] characters (a megabyte of garbage must not come back
+/// doubled, nor fill the logs).
+pub fn shown(input: &str) -> String {
+    match input.char_indices().nth(ECHO_MAX) {
+        None => format!("{input:?}"),
+        Some((i, _)) => format!("{:?}… ({} bytes)", &input[..i], input.len()),
+    }
+}
+
+#[cfg(test)]
+mod echo_tests {
+    use super::*;
+
+    #[test]
+    fn long_input_is_cut() {
+        assert_eq!(shown("ab"), "\"ab\"");
+        let long = "x".repeat(10_000);
+        let s = shown(&long);
+        assert!(s.len() < 200, "{s}");
+        assert!(s.ends_with("(10000 bytes)"));
+    }
+}

@@ -11,6 +11,7 @@ pub mod config;
 pub mod host;
 pub mod identity;
 pub mod layers;
+pub mod outbox_cmd;
 pub mod propagation;
 pub mod shutdown;
 pub mod status;

@@ -71,6 +71,17 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "GPUALLOC_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Operator commands.
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum Command {
+    /// List outbox rows set aside after failing to publish; requeue them.
+    Outbox(gpualloc_platform::outbox_cmd::OutboxArgs),
 }
 
 impl Config {
@@ -81,6 +92,7 @@ impl Config {
             sweep_interval: Duration::from_secs(1),
             quota_cache_ttl: Duration::from_millis(100),
             log_format: LogFormat::Text,
+            command: None,
         }
     }
 }

@@ -133,12 +133,16 @@ impl Relay {
 const BACKLOG_SAMPLE: Duration = Duration::from_secs(2);
 
 async fn sample_backlog(db: &Db, service: &str) {
-    if let Ok((count, oldest)) = db.read(|c| Ok::<_, DbError>(outbox::backlog(c)?)).await {
+    let sample = db
+        .read(|c| Ok::<_, DbError>((outbox::backlog(c)?, outbox::poisoned_count(c)?)))
+        .await;
+    if let Ok(((count, oldest), poisoned)) = sample {
         let l = gpualloc_telemetry::labels([("service", service)]);
         let m = &gpualloc_telemetry::METRICS;
         m.outbox_backlog.get_or_create(&l).set(count);
         let age = oldest.map_or(0.0, |t| (now_micros() - t).max(0) as f64 / 1e6);
         m.outbox_oldest_age.get_or_create(&l).set(age);
+        m.outbox_poison.get_or_create(&l).set(poisoned);
     }
 }
 
@@ -170,6 +174,28 @@ pub async fn drain(db: &Db, bus: &Bus, config: &RelayConfig) -> anyhow::Result<u
                 .get_or_create(&gpualloc_telemetry::labels([("service", &config.service)]))
                 .inc_by(ok as u64);
         }
+        if let Some((id, why)) = published.row_failure {
+            // This row, not the broker, is the problem (too large, refused
+            // by the stream): after a few tries it is set aside so that
+            // the rows behind it go out.
+            let reason = why.clone();
+            let set_aside = db
+                .write(move |c| {
+                    Ok::<_, DbError>(outbox::record_failure(c, id, &reason, now_micros())?)
+                })
+                .await?;
+            if set_aside {
+                tracing::error!(
+                    service = %config.service,
+                    outbox_id = id,
+                    error = %why,
+                    "outbox row set aside after {} failed publishes; see `outbox --poisoned`",
+                    outbox::MAX_ATTEMPTS
+                );
+                sample_backlog(db, &config.service).await;
+                continue;
+            }
+        }
         if let Some(e) = published.error {
             return Err(e);
         }
@@ -183,6 +209,28 @@ struct Published {
     /// Rows acknowledged by JetStream, a prefix of the batch.
     ids: Vec<i64>,
     error: Option<anyhow::Error>,
+    /// The row whose own content failed (not the broker's state), and why.
+    row_failure: Option<(i64, String)>,
+}
+
+/// Whether a publish failed because of the message itself — larger than
+/// the server or the stream takes — so that retrying it unchanged cannot
+/// succeed, unlike a broker that is down, slow or full.
+fn row_specific(e: &async_nats::jetstream::context::PublishError) -> bool {
+    use async_nats::jetstream::{ErrorCode, context::PublishErrorKind as K};
+    match e.kind() {
+        K::MaxPayloadExceeded => true,
+        K::Other => std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<async_nats::jetstream::Error>())
+            .is_some_and(|j| {
+                matches!(
+                    j.error_code(),
+                    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                        | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
+                )
+            }),
+        _ => false,
+    }
 }
 
 /// Sends the whole batch pipelined, then awaits the acks in order. Stops
@@ -190,6 +238,7 @@ struct Published {
 async fn publish(bus: &Bus, rows: &[outbox::PendingRow]) -> Published {
     let mut acks: Vec<(i64, PublishAckFuture)> = Vec::with_capacity(rows.len());
     let mut error = None;
+    let mut row_failure = None;
     for row in rows {
         // The producer span of this hop: a child of the context stored with
         // the row (the RPC or consumer that wrote it), and the parent of
@@ -223,6 +272,9 @@ async fn publish(bus: &Bus, rows: &[outbox::PendingRow]) -> Published {
         {
             Ok(ack) => acks.push((row.id, ack)),
             Err(e) => {
+                if row_specific(&e) {
+                    row_failure = Some((row.id, e.to_string()));
+                }
                 error = Some(
                     anyhow::Error::from_boxed(Box::new(e)).context("publishing an outbox row"),
                 );
@@ -235,6 +287,9 @@ async fn publish(bus: &Bus, rows: &[outbox::PendingRow]) -> Published {
         match ack.await {
             Ok(_) => ids.push(id),
             Err(e) => {
+                if row_failure.is_none() && row_specific(&e) {
+                    row_failure = Some((id, e.to_string()));
+                }
                 error.get_or_insert(
                     anyhow::Error::from_boxed(Box::new(e)).context("awaiting a JetStream ack"),
                 );
@@ -242,5 +297,9 @@ async fn publish(bus: &Bus, rows: &[outbox::PendingRow]) -> Published {
             }
         }
     }
-    Published { ids, error }
+    Published {
+        ids,
+        error,
+        row_failure,
+    }
 }

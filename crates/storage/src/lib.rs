@@ -31,10 +31,16 @@ pub use update::{CachedUpdate, update_cached};
 
 /// Migrations of the tables defined here (outbox, inbox, locks). Every
 /// service applies them before its own.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: "storage_0001_outbox_inbox",
-    up: include_str!("../migrations/0001_outbox_inbox.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: "storage_0001_outbox_inbox",
+        up: include_str!("../migrations/0001_outbox_inbox.sql"),
+    },
+    Migration {
+        version: "storage_0002_outbox_poison",
+        up: include_str!("../migrations/0002_outbox_poison.sql"),
+    },
+];
 
 /// Re-exported so that services build queries against the same diesel.
 pub use diesel;

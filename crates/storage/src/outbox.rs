@@ -19,7 +19,28 @@ diesel::table! {
         origin -> Text,
         created_at -> BigInt,
         published_at -> Nullable<BigInt>,
+        attempts -> Integer,
+        last_error -> Nullable<Text>,
+        poisoned_at -> Nullable<BigInt>,
     }
+}
+
+/// Publish attempts that failed because of the row itself after which it
+/// is set aside.
+pub const MAX_ATTEMPTS: i32 = 5;
+
+/// A row set aside, as an operator sees it.
+#[derive(Clone, Debug, Queryable, Selectable)]
+#[diesel(table_name = outbox)]
+pub struct PoisonedRow {
+    pub id: i64,
+    pub event_id: String,
+    pub subject: String,
+    pub aggregate_id: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub poisoned_at: Option<i64>,
 }
 
 /// An event to publish.
@@ -98,6 +119,7 @@ pub fn pending(
     let limit = u32::try_from(limit).unwrap_or(u32::MAX);
     crate::native!(conn, |c| outbox::table
         .filter(outbox::published_at.is_null())
+        .filter(outbox::poisoned_at.is_null())
         .filter(
             outbox::origin
                 .eq(origin)
@@ -120,17 +142,85 @@ pub fn mark_published(conn: &mut DbConnection, ids: &[i64], now: i64) -> QueryRe
         .execute_native(conn)
 }
 
-/// Unpublished rows and the creation time of the oldest, for metrics.
+/// Unpublished rows and the creation time of the oldest, for metrics
+/// (rows set aside are counted by [`poisoned_count`]).
 pub fn backlog(conn: &mut DbConnection) -> QueryResult<(i64, Option<i64>)> {
     let count = outbox::table
         .filter(outbox::published_at.is_null())
+        .filter(outbox::poisoned_at.is_null())
         .count()
         .get_result_native(conn)?;
     let oldest = outbox::table
         .filter(outbox::published_at.is_null())
+        .filter(outbox::poisoned_at.is_null())
         .select(diesel::dsl::min(outbox::created_at))
         .get_result_native(conn)?;
     Ok((count, oldest))
+}
+
+/// Rows set aside and not published.
+pub fn poisoned_count(conn: &mut DbConnection) -> QueryResult<i64> {
+    outbox::table
+        .filter(outbox::published_at.is_null())
+        .filter(outbox::poisoned_at.is_not_null())
+        .count()
+        .get_result_native(conn)
+}
+
+/// Counts a failed publish against row `id`, because of the row itself;
+/// sets it aside at [`MAX_ATTEMPTS`]. Returns whether it was set aside.
+pub fn record_failure(
+    conn: &mut DbConnection,
+    id: i64,
+    error: &str,
+    now: i64,
+) -> QueryResult<bool> {
+    let error: String = error.chars().take(500).collect();
+    diesel::update(outbox::table.find(id))
+        .set((
+            outbox::attempts.eq(outbox::attempts + 1),
+            outbox::last_error.eq(&error),
+        ))
+        .execute_native(conn)?;
+    let poisoned = diesel::update(
+        outbox::table
+            .find(id)
+            .filter(outbox::attempts.ge(MAX_ATTEMPTS))
+            .filter(outbox::poisoned_at.is_null()),
+    )
+    .set(outbox::poisoned_at.eq(now))
+    .execute_native(conn)?;
+    Ok(poisoned > 0)
+}
+
+/// Rows set aside, oldest first.
+pub fn poisoned(conn: &mut DbConnection, limit: i64) -> QueryResult<Vec<PoisonedRow>> {
+    outbox::table
+        .filter(outbox::published_at.is_null())
+        .filter(outbox::poisoned_at.is_not_null())
+        .order(outbox::id)
+        .select(PoisonedRow::as_select())
+        .limit(limit)
+        .load(conn)
+}
+
+/// Puts rows set aside back in line (all of them with `ids` empty): after
+/// the broker's limit was raised, or a fix was deployed.
+pub fn requeue(conn: &mut DbConnection, ids: &[i64]) -> QueryResult<usize> {
+    let reset = (outbox::poisoned_at.eq(None::<i64>), outbox::attempts.eq(0));
+    if ids.is_empty() {
+        diesel::update(outbox::table.filter(outbox::poisoned_at.is_not_null()))
+            .set(reset)
+            .execute_native(conn)
+    } else {
+        diesel::update(
+            outbox::table
+                .filter(outbox::poisoned_at.is_not_null())
+                .filter(outbox::id.eq_any(ids)),
+        )
+        .set(reset)
+        .execute_native(conn)
+    }
 }
 
 /// Deletes rows published before `before`; they only served replays.

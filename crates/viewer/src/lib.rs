@@ -111,6 +111,8 @@ pub enum Command {
         #[arg(long)]
         requeue: bool,
     },
+    /// List outbox rows set aside after failing to publish; requeue them.
+    Outbox(gpualloc_platform::outbox_cmd::OutboxArgs),
 }
 
 impl Config {

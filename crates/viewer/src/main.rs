@@ -19,6 +19,13 @@ async fn main() -> anyhow::Result<()> {
             limit,
             requeue,
         }) => return gpualloc_viewer::notifications(&config.common, &status, limit, requeue).await,
+        Some(Command::Outbox(args)) => {
+            print!(
+                "{}",
+                gpualloc_platform::outbox_cmd::run(&config.common, &args).await?
+            );
+            return Ok(());
+        }
         None => {}
     }
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
