@@ -90,10 +90,16 @@ enum Outcome {
     Park(String),
 }
 
+/// The longest `Retry-After` honoured (an hour).
+pub const MAX_RETRY_AFTER_SECS: u64 = 3600;
+
 /// Runs until `stop` fires.
 pub async fn run(db: Db, settings: Arc<Settings>, wake: Wake, stop: CancellationToken) {
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_millis(settings.timeout_ms))
+        // A receiver that redirects is misconfigured or hostile: the
+        // signed body must go where the operator said, and nowhere else.
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("gpualloc-viewer/", env!("CARGO_PKG_VERSION")))
         .build()
     {
@@ -302,14 +308,16 @@ async fn deliver(client: &reqwest::Client, settings: &Settings, d: &Delivery) ->
         Err(e) => return Outcome::Park(e),
     };
     match request.send().await {
+        // Without the URL: a webhook URL is a credential.
         Err(e) => Outcome::Retry {
             error: format!(
-                "{}: {e}",
+                "{}: {}",
                 if e.is_timeout() {
                     "timeout"
                 } else {
                     "request failed"
-                }
+                },
+                e.without_url()
             ),
             after: None,
         },
@@ -323,7 +331,8 @@ async fn deliver(client: &reqwest::Client, settings: &Settings, d: &Delivery) ->
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+                // A receiver cannot park a delivery for a year.
+                .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER_SECS)));
             let text = response.text().await.unwrap_or_default();
             let text: String = text.chars().take(ERROR_TEXT).collect();
             let error = format!("HTTP {code}: {text}");
@@ -369,7 +378,7 @@ fn build(
         }
         Target::Slack { url } => {
             let text = serde_json::json!({ "text": n.text }).to_string();
-            common(client.post(url))
+            common(client.post(url.value()))
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(text)
         }

@@ -112,8 +112,9 @@ pub enum Target {
         #[serde(default)]
         secret: Option<Secret>,
     },
-    /// A Slack-compatible incoming webhook (`{"text": …}`).
-    Slack { url: String },
+    /// A Slack-compatible incoming webhook (`{"text": …}`). The URL is a
+    /// credential: give it as `{"env": "NAME"}` to keep it out of the file.
+    Slack { url: Secret },
     /// KakaoTalk's "send to me" memo API.
     Kakao {
         #[serde(default = "kakao_api")]
@@ -128,6 +129,10 @@ pub enum Target {
 fn kakao_api() -> String {
     KAKAO_API.to_owned()
 }
+
+/// Reads an environment variable (a parameter, so tests need not change
+/// the process's environment).
+pub type Lookup<'a> = dyn Fn(&str) -> Option<String> + 'a;
 
 /// A secret given inline or, as `{"env": "NAME"}`, read from the
 /// environment when the settings are loaded (keeps it out of the file).
@@ -156,9 +161,9 @@ impl Secret {
         }
     }
 
-    fn resolve(&mut self, channel: &str) -> anyhow::Result<()> {
+    fn resolve(&mut self, channel: &str, lookup: &Lookup<'_>) -> anyhow::Result<()> {
         if let Secret::Env { env } = self {
-            let value = std::env::var(env.as_str()).map_err(|_| {
+            let value = lookup(env.as_str()).ok_or_else(|| {
                 anyhow::anyhow!("channel {channel:?}: environment variable {env} is not set")
             })?;
             *self = Secret::Inline(value);
@@ -231,6 +236,23 @@ pub struct Notification {
     pub text: String,
 }
 
+/// Whether an `http://` URL points at this machine.
+fn is_loopback(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let host = if host.starts_with('[') {
+        host.split(']').next().map(|h| h.trim_start_matches('['))
+    } else {
+        host.split(':').next()
+    }
+    .unwrap_or("");
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Settings {
     pub fn load(path: &Path) -> anyhow::Result<Settings> {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -241,6 +263,11 @@ impl Settings {
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Settings> {
+        Self::parse_with_env(text, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Settings::parse`], reading `{"env": …}` secrets with `lookup`.
+    pub fn parse_with_env(text: &str, lookup: &Lookup<'_>) -> anyhow::Result<Settings> {
         let mut s: Settings = serde_json::from_str(text)?;
         let mut names = BTreeSet::new();
         for c in &mut s.channels {
@@ -253,23 +280,43 @@ impl Settings {
             let url = match &mut c.target {
                 Target::Webhook { url, secret } => {
                     if let Some(secret) = secret {
-                        secret.resolve(&c.name)?;
+                        secret.resolve(&c.name, lookup)?;
+                        if secret.value().is_empty() {
+                            // An empty key signs nothing anyone could not
+                            // forge: refuse rather than pretend.
+                            anyhow::bail!(
+                                "channel {:?}: the webhook's HMAC secret is empty",
+                                c.name
+                            );
+                        }
                     }
                     url.clone()
                 }
-                Target::Slack { url } => url.clone(),
+                Target::Slack { url } => {
+                    url.resolve(&c.name, lookup)?;
+                    url.value().to_owned()
+                }
                 Target::Kakao {
                     base_url, token, ..
                 } => {
-                    token.resolve(&c.name)?;
+                    token.resolve(&c.name, lookup)?;
                     if token.value().is_empty() {
                         anyhow::bail!("channel {:?}: the KakaoTalk token is empty", c.name);
+                    }
+                    // The bearer token must not travel in clear text,
+                    // except to a local stand-in (tests, a proxy).
+                    if base_url.starts_with("http://") && !is_loopback(base_url) {
+                        anyhow::bail!(
+                            "channel {:?}: the KakaoTalk base URL must be https:// (plain http only on loopback)",
+                            c.name
+                        );
                     }
                     base_url.clone()
                 }
             };
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                anyhow::bail!("channel {:?}: {url:?} is not an http(s) URL", c.name);
+                // The URL may be a credential: not repeated.
+                anyhow::bail!("channel {:?}: the URL is not an http(s) URL", c.name);
             }
         }
         if s.max_attempts == 0 || s.retry_base_ms == 0 || s.timeout_ms == 0 {
@@ -564,8 +611,45 @@ mod tests {
             r#"{"channels": [{"name": "x", "type": "pager", "url": "http://x"}]}"#,
             r#"{"max_attempts": 0}"#,
             r#"{"chanels": []}"#,
+            // An empty HMAC key signs nothing.
+            r#"{"channels": [{"name": "x", "type": "webhook", "url": "http://x", "secret": ""}]}"#,
+            // A bearer token in clear text to another host.
+            r#"{"channels": [{"name": "x", "type": "kakao", "token": "t",
+                              "base_url": "http://kapi.example"}]}"#,
         ] {
             assert!(Settings::parse(bad).is_err(), "{bad} was accepted");
         }
+    }
+
+    #[test]
+    fn slack_urls_come_from_the_environment_and_loopback_kakao_is_allowed() {
+        let env =
+            |name: &str| (name == "SLACK_URL").then(|| "https://hooks.example/T123".to_owned());
+        let s = Settings::parse_with_env(
+            r#"{"channels": [
+                {"name": "ops", "type": "slack", "url": {"env": "SLACK_URL"}},
+                {"name": "me", "type": "kakao", "token": "t", "base_url": "http://127.0.0.1:9/"}
+            ]}"#,
+            &env,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(
+            s.channels[0].target,
+            Target::Slack {
+                url: Secret::Inline("https://hooks.example/T123".into())
+            }
+        );
+        assert!(is_loopback("http://localhost:8080/x"));
+        assert!(is_loopback("http://[::1]:8080"));
+        assert!(!is_loopback("http://127.0.0.1.evil.example/"));
+        assert!(!is_loopback("http://kapi.kakao.com"));
+        let e = Settings::parse(
+            r#"{"channels": [{"name": "x", "type": "slack", "url": "hooks.example/secret"}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            !format!("{e:#}").contains("secret"),
+            "the URL was echoed: {e:#}"
+        );
     }
 }
