@@ -64,6 +64,26 @@ pub struct Config {
     )]
     pub resource_pool_url: String,
 
+    /// CA certificate (PEM) to verify an `https://` resource pool with.
+    #[arg(long, env = "GPUALLOC_RESOURCE_POOL_TLS_CA")]
+    pub resource_pool_tls_ca: Option<std::path::PathBuf>,
+
+    /// Client certificate and key (PEM) for a resource pool that requires
+    /// them (mutual TLS).
+    #[arg(
+        long,
+        env = "GPUALLOC_RESOURCE_POOL_TLS_CERT",
+        requires = "resource_pool_tls_key"
+    )]
+    pub resource_pool_tls_cert: Option<std::path::PathBuf>,
+
+    #[arg(
+        long,
+        env = "GPUALLOC_RESOURCE_POOL_TLS_KEY",
+        requires = "resource_pool_tls_cert"
+    )]
+    pub resource_pool_tls_key: Option<std::path::PathBuf>,
+
     /// Deadline of the synchronous CheckQuota; past it the request is
     /// accepted as PENDING.
     #[arg(long, env = "GPUALLOC_CHECK_QUOTA_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
@@ -117,6 +137,9 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             common,
             resource_pool_url: resource_pool_url.into(),
+            resource_pool_tls_ca: None,
+            resource_pool_tls_cert: None,
+            resource_pool_tls_key: None,
             check_quota_timeout: service::DEFAULT_CHECK_TIMEOUT,
             stuck_after: Duration::from_secs(30),
             redrive_max_backoff: Duration::from_secs(600),
@@ -128,6 +151,30 @@ impl Config {
             command: None,
         }
     }
+}
+
+/// TLS to the resource pool, when its URL is `https://`.
+fn quota_tls(config: &Config) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    if !config.resource_pool_url.starts_with("https://") {
+        return Ok(None);
+    }
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    if let Some(ca) = &config.resource_pool_tls_ca {
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (
+        &config.resource_pool_tls_cert,
+        &config.resource_pool_tls_key,
+    ) {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            read(cert)?,
+            read(key)?,
+        ));
+    }
+    Ok(Some(tls))
 }
 
 /// Runs the service on `listener` until `shutdown` resolves.
@@ -147,6 +194,7 @@ pub async fn run(
         &config.resource_pool_url,
         config.check_quota_timeout,
         breaker,
+        quota_tls(&config)?,
     )?;
     let api = AllocationApi::new(
         platform.db(),

@@ -50,8 +50,17 @@ pub fn is_unreachable(status: &tonic::Status) -> bool {
 impl QuotaClient {
     /// Connects lazily: the allocation service starts (and accepts
     /// requests) while the pool is down.
-    pub fn new(url: &str, timeout: Duration, breaker: BreakerConfig) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(url.to_owned())?
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        breaker: BreakerConfig,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> anyhow::Result<Self> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))

@@ -225,13 +225,14 @@ impl Resources {
         let mut r = Resources::default();
         for (class, v) in lines {
             match class {
-                Class::CpuMillis => r.cpu_millis += v,
-                Class::MemoryMib => r.memory_mib += v,
-                Class::StorageGib => r.storage_gib += v,
-                Class::Gpus | Class::GpusOf(_) => r.gpus += v,
+                Class::CpuMillis => r.cpu_millis = r.cpu_millis.saturating_add(v),
+                Class::MemoryMib => r.memory_mib = r.memory_mib.saturating_add(v),
+                Class::StorageGib => r.storage_gib = r.storage_gib.saturating_add(v),
+                Class::Gpus | Class::GpusOf(_) => r.gpus = r.gpus.saturating_add(v),
                 Class::Custom(c) => {
                     if v != 0 {
-                        *r.custom.entry(c.clone()).or_default() += v;
+                        let sum = r.custom.entry(c.clone()).or_default();
+                        *sum = sum.saturating_add(v);
                     }
                 }
             }
@@ -341,13 +342,19 @@ impl Capacity {
                 continue;
             }
             match class {
-                Class::CpuMillis => c.cpu_millis += v,
-                Class::MemoryMib => c.memory_mib += v,
-                Class::StorageGib => c.storage_gib += v,
+                Class::CpuMillis => c.cpu_millis = c.cpu_millis.saturating_add(v),
+                Class::MemoryMib => c.memory_mib = c.memory_mib.saturating_add(v),
+                Class::StorageGib => c.storage_gib = c.storage_gib.saturating_add(v),
                 // Pools never count GPUs without a model.
                 Class::Gpus => {}
-                Class::GpusOf(m) => *c.gpus_by_model.entry(m.clone()).or_default() += v,
-                Class::Custom(name) => *c.custom.entry(name.clone()).or_default() += v,
+                Class::GpusOf(m) => {
+                    let n = c.gpus_by_model.entry(m.clone()).or_default();
+                    *n = n.saturating_add(v);
+                }
+                Class::Custom(name) => {
+                    let n = c.custom.entry(name.clone()).or_default();
+                    *n = n.saturating_add(v);
+                }
             }
         }
         c

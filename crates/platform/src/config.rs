@@ -140,6 +140,19 @@ pub struct CommonConfig {
     #[arg(long, env = "GPUALLOC_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
 
+    /// Serve gRPC over TLS with this certificate chain (PEM), for
+    /// deployments without a mesh; with Istio, leave TLS to the sidecars.
+    #[arg(long, env = "GPUALLOC_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of `tls_cert` (PEM).
+    #[arg(long, env = "GPUALLOC_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, env = "GPUALLOC_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+
     /// Who the callers are (see `crate::auth`).
     #[command(flatten)]
     pub auth: crate::auth::AuthConfig,
@@ -195,7 +208,27 @@ impl CommonConfig {
             // Several services share a process in tests: no fixed ports.
             metrics_listen: Some("off".into()),
             auth: crate::auth::AuthConfig::default(),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
+    }
+
+    /// The server's TLS settings, when it serves TLS.
+    pub fn server_tls(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
+        };
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+        );
+        if let Some(ca) = &self.tls_client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+        }
+        Ok(Some(tls))
     }
 
     /// What the server stack enforces.

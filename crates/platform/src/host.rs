@@ -353,8 +353,13 @@ impl Platform {
         let auth = crate::auth::Authenticator::new(&self.config.auth).await?;
         auth.spawn_refresh(self.background.clone());
 
-        tracing::info!(service = self.name, %addr, replica = %self.origin, auth = ?auth.mode(), "serving gRPC");
-        tonic::transport::Server::builder()
+        let tls = self.config.server_tls()?;
+        tracing::info!(service = self.name, %addr, replica = %self.origin, auth = ?auth.mode(), tls = tls.is_some(), "serving gRPC");
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls)?;
+        }
+        server
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(crate::layers::stack(self.config.protection(), auth))

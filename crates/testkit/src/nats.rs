@@ -104,6 +104,7 @@ pub fn nats_config(
 pub struct NatsServer {
     pub port: u16,
     store: tempfile::TempDir,
+    tls: Option<gpualloc_nats_acl::ServerTls>,
     child: Option<Child>,
 }
 
@@ -117,6 +118,20 @@ impl NatsServer {
         let mut s = NatsServer {
             port,
             store: tempfile::tempdir().unwrap(),
+            tls: None,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// A server that speaks only TLS (and, with a client CA, takes only
+    /// clients with a certificate it signed).
+    pub fn start_with_tls(tls: gpualloc_nats_acl::ServerTls) -> NatsServer {
+        let mut s = NatsServer {
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+            tls: Some(tls),
             child: None,
         };
         s.spawn();
@@ -149,7 +164,11 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let conf = self.store.path().join("nats.conf");
-        std::fs::write(&conf, nats_config(self.port, self.store.path(), None)).unwrap();
+        std::fs::write(
+            &conf,
+            nats_config(self.port, self.store.path(), self.tls.clone()),
+        )
+        .unwrap();
         // A watchdog shell kills the server when the test process is gone,
         // even after a panic or SIGKILL, so no server outlives its tests.
         let script = format!(

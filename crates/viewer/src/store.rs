@@ -179,12 +179,16 @@ pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantS
             .map_err(|e| Error::BadEvent(e.to_string()))?;
         let r = Resources::try_from(a.resources.unwrap_or_default())
             .map_err(|e| Error::BadEvent(e.to_string()))?;
-        in_use.cpu_millis += r.cpu_millis;
-        in_use.memory_mib += r.memory_mib;
-        in_use.gpus += r.gpus;
-        in_use.storage_gib += r.storage_gib;
+        // Saturating: the snapshots come from events, and a sum of
+        // forged amounts must not overflow (panic in debug, wrap in
+        // release) inside a read.
+        in_use.cpu_millis = in_use.cpu_millis.saturating_add(r.cpu_millis);
+        in_use.memory_mib = in_use.memory_mib.saturating_add(r.memory_mib);
+        in_use.gpus = in_use.gpus.saturating_add(r.gpus);
+        in_use.storage_gib = in_use.storage_gib.saturating_add(r.storage_gib);
         for (c, v) in r.custom {
-            *in_use.custom.entry(c).or_default() += v;
+            let sum = in_use.custom.entry(c).or_default();
+            *sum = sum.saturating_add(v);
         }
     }
     let quota: Option<String> = tenant_quota_views::table
