@@ -76,13 +76,20 @@ impl Violations {
     }
 }
 
+/// Violations a message names; the rest are counted (the message travels
+/// in a header, which must stay small whatever the request held).
+pub const MESSAGE_VIOLATIONS: usize = 3;
+
 impl fmt::Display for Violations {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, v) in self.0.iter().enumerate() {
+        for (i, v) in self.0.iter().take(MESSAGE_VIOLATIONS).enumerate() {
             if i > 0 {
                 f.write_str("; ")?;
             }
             write!(f, "{}: {}", v.field, v.description)?;
+        }
+        if self.0.len() > MESSAGE_VIOLATIONS {
+            write!(f, "; and {} more", self.0.len() - MESSAGE_VIOLATIONS)?;
         }
         Ok(())
     }

@@ -394,3 +394,4 @@ pub fn common_config(database_url: &str, nats_url: &str) -> CommonConfig {
 
 pub mod cluster;
 pub mod fixtures;
+pub mod raw;

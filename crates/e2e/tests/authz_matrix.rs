@@ -8,51 +8,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::{collections::BTreeMap, str::FromStr, time::Duration};
+use std::collections::BTreeMap;
 
-use bytes::{Buf, BufMut, Bytes};
-use gpualloc_e2e::{Backend, Mesh, admin, fixtures::*};
+use bytes::Bytes;
+use gpualloc_e2e::{Backend, Mesh, admin, fixtures::*, raw};
 use gpualloc_proto::{allocation::v1 as apb, resourcepool::v1 as rp, viewer::v1 as vpb};
 use prost::Message;
-use tonic::{
-    Code, Request, Status,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    transport::Channel,
-};
-
-/// Passes encoded messages through: the matrix calls methods by path.
-#[derive(Clone, Copy, Debug, Default)]
-struct Raw;
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
+use tonic::{Code, transport::Channel};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Who {
@@ -103,23 +65,6 @@ fn documented() -> BTreeMap<String, [Code; 4]> {
         .collect()
 }
 
-/// Every RPC of the three public services.
-fn served() -> Vec<String> {
-    let fds = prost_types::FileDescriptorSet::decode(gpualloc_proto::FILE_DESCRIPTOR_SET).unwrap();
-    let mut out = Vec::new();
-    for file in fds.file {
-        if file.package().starts_with("gpualloc.events") {
-            continue;
-        }
-        for svc in &file.service {
-            for m in &svc.method {
-                out.push(format!("/{}.{}/{}", file.package(), svc.name(), m.name()));
-            }
-        }
-    }
-    out
-}
-
 struct World {
     mesh: Mesh,
     /// One allocation per tenant, projected by the viewer.
@@ -140,9 +85,9 @@ impl World {
             .into_inner()
     }
 
-    /// The request of `path` acting on tenant `target`, and whether the
-    /// method streams. Objects a call changes are made fresh for it.
-    async fn request(&self, path: &str, target: &'static str) -> (Bytes, bool) {
+    /// The request of `path` acting on tenant `target`. Objects a call
+    /// changes are made fresh for it.
+    async fn request(&self, path: &str, target: &'static str) -> Bytes {
         let method = path.rsplit('/').next().unwrap();
         let id = || self.allocation[target].clone();
         let unique = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
@@ -212,17 +157,11 @@ impl World {
                 ..Default::default()
             }
             .encode_to_vec(),
-            "WatchAllocations" => {
-                return (
-                    vpb::WatchAllocationsRequest {
-                        tenant: target.into(),
-                        allocation_id: String::new(),
-                    }
-                    .encode_to_vec()
-                    .into(),
-                    true,
-                );
+            "WatchAllocations" => vpb::WatchAllocationsRequest {
+                tenant: target.into(),
+                allocation_id: String::new(),
             }
+            .encode_to_vec(),
             "ListAllocationHistory" => vpb::ListAllocationHistoryRequest {
                 allocation_id: id(),
             }
@@ -238,7 +177,7 @@ impl World {
             .encode_to_vec(),
             other => panic!("the matrix test has no request for {other}: add one"),
         };
-        (bytes.into(), false)
+        bytes.into()
     }
 
     fn channel(&self, path: &str) -> Channel {
@@ -261,43 +200,19 @@ fn quota_request(t: &str) -> rp::SetTenantQuotaRequest {
     }
 }
 
-async fn call(channel: Channel, path: &str, body: Bytes, streaming: bool, who: Who) -> Code {
-    let mut request = Request::new(body);
+async fn call(channel: Channel, path: &str, body: Bytes, who: Who) -> Code {
     let token = match who {
         Who::Nobody => None,
         Who::OwnTenant | Who::OtherTenant => Some(gpualloc_testkit::auth::tenant_token(A)),
         Who::Admin => Some(gpualloc_testkit::auth::admin_token()),
     };
-    if let Some(t) = token {
-        request
-            .metadata_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    request.set_timeout(Duration::from_secs(10));
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let path = http::uri::PathAndQuery::from_str(path).unwrap();
-    if streaming {
-        match grpc.server_streaming(request, path, Raw).await {
-            Err(s) => s.code(),
-            // The first message (the snapshot or its end) proves access.
-            Ok(r) => match r.into_inner().message().await {
-                Ok(_) => Code::Ok,
-                Err(s) => s.code(),
-            },
-        }
-    } else {
-        match grpc.unary(request, path, Raw).await {
-            Ok(_) => Code::Ok,
-            Err(s) => s.code(),
-        }
-    }
+    raw::call(channel, path, body, token.as_deref()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_rpc_answers_every_caller_as_documented() {
     let expected = documented();
-    let rpcs = served();
+    let rpcs = raw::public_methods();
     let undocumented: Vec<&String> = rpcs.iter().filter(|p| !expected.contains_key(*p)).collect();
     assert!(
         undocumented.is_empty(),
@@ -337,8 +252,8 @@ async fn every_rpc_answers_every_caller_as_documented() {
             (Who::OtherTenant, B),
             (Who::Admin, B),
         ] {
-            let (body, streaming) = world.request(path, target).await;
-            let got = call(world.channel(path), path, body, streaming, who).await;
+            let body = world.request(path, target).await;
+            let got = call(world.channel(path), path, body, who).await;
             calls += 1;
             if got != want[who as usize] {
                 wrong.push(format!(

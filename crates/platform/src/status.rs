@@ -27,11 +27,23 @@ pub fn from_transport(status: &Status) -> bool {
     false
 }
 
-/// INVALID_ARGUMENT listing every field violation.
+/// Field violations a status carries at most: details travel in a
+/// trailer, which an HTTP/2 peer refuses past its header size limit (the
+/// client would see INTERNAL instead of the violations).
+pub const MAX_FIELD_VIOLATIONS: usize = 20;
+
+/// INVALID_ARGUMENT listing the field violations (at most
+/// [`MAX_FIELD_VIOLATIONS`]; the message says how many there were).
 pub fn invalid_argument(v: &Violations) -> Status {
     let violations: Vec<FieldViolation> =
         v.0.iter()
-            .map(|v| FieldViolation::new(v.field.clone(), v.description.clone()))
+            .take(MAX_FIELD_VIOLATIONS)
+            .map(|v| {
+                FieldViolation::new(
+                    gpualloc_auth::truncate(&v.field, 200),
+                    gpualloc_auth::truncate(&v.description, 400),
+                )
+            })
             .collect();
     Status::with_error_details(
         Code::InvalidArgument,
