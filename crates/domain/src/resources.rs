@@ -288,8 +288,21 @@ impl TryFrom<pb::Capacity> for Capacity {
         let memory_mib = v.check("memory_mib", amount(p.memory_mib));
         let storage_gib = v.check("storage_gib", amount(p.storage_gib));
         let mut gpus_by_model = BTreeMap::new();
-        for (model, n) in p.gpus_by_model {
-            let field = format!("gpus_by_model[{model}]");
+        if p.gpus_by_model.len() > MAX_CUSTOM_CLASSES {
+            v.add(
+                "gpus_by_model",
+                format!(
+                    "at most {MAX_CUSTOM_CLASSES} GPU models (got {})",
+                    p.gpus_by_model.len()
+                ),
+            );
+        }
+        for (model, n) in p.gpus_by_model.into_iter().take(MAX_CUSTOM_CLASSES) {
+            let field = if model.chars().count() > 64 {
+                "gpus_by_model[…]".to_owned()
+            } else {
+                format!("gpus_by_model[{model}]")
+            };
             let model = v.check(&field, GpuModel::parse(model));
             let n = v.check(&field, amount(i64::from(n)));
             if let (Some(model), Some(n)) = (model, n)

@@ -27,27 +27,37 @@ pub fn from_transport(status: &Status) -> bool {
     false
 }
 
-/// Field violations a status carries at most: details travel in a
-/// trailer, which an HTTP/2 peer refuses past its header size limit (the
-/// client would see INTERNAL instead of the violations).
+/// Field violations a status carries at most, and the bytes their text
+/// may take: details travel base64-encoded in a trailer, which an HTTP/2
+/// peer refuses past its header size limit (16 KiB for tonic's clients),
+/// and the client would then see INTERNAL instead of the violations.
 pub const MAX_FIELD_VIOLATIONS: usize = 20;
+pub const MAX_DETAILS_BYTES: usize = 6 * 1024;
 
-/// INVALID_ARGUMENT listing the field violations (at most
-/// [`MAX_FIELD_VIOLATIONS`]; the message says how many there were).
+/// INVALID_ARGUMENT listing the field violations (as many as fit
+/// [`MAX_FIELD_VIOLATIONS`] and [`MAX_DETAILS_BYTES`]; the message says how
+/// many there were).
 pub fn invalid_argument(v: &Violations) -> Status {
+    let mut budget = MAX_DETAILS_BYTES;
     let violations: Vec<FieldViolation> =
         v.0.iter()
             .take(MAX_FIELD_VIOLATIONS)
             .map(|v| {
                 FieldViolation::new(
-                    gpualloc_auth::truncate(&v.field, 200),
-                    gpualloc_auth::truncate(&v.description, 400),
+                    gpualloc_auth::truncate(&v.field, 100),
+                    gpualloc_auth::truncate(&v.description, 200),
                 )
+            })
+            .take_while(|f| {
+                let size = f.field.len() + f.description.len() + 8;
+                let fits = size <= budget;
+                budget = budget.saturating_sub(size);
+                fits
             })
             .collect();
     Status::with_error_details(
         Code::InvalidArgument,
-        format!("invalid request: {v}"),
+        gpualloc_auth::truncate(&format!("invalid request: {v}"), 1000),
         ErrorDetails::with_bad_request(violations),
     )
 }
