@@ -199,3 +199,46 @@ async fn forged_events_are_poison_and_hold_up_nothing() {
     // subject.
     assert!(poisoned >= 3.0, "{poisoned}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_logs_in_with_an_nkey_seed() {
+    use gpualloc_nats_acl::{SERVICES, Secret, User};
+    let key = nkeys::KeyPair::new_user();
+    let server = gpualloc_testkit::NatsServer::start_with_users(vec![User::service(
+        &SERVICES[0],
+        Secret::Nkey(key.public_key()),
+        "nk",
+        "NK",
+    )]);
+    let dir = tempfile::tempdir().unwrap();
+    let seed_file = dir.path().join("allocation.nk");
+    std::fs::write(&seed_file, key.seed().unwrap()).unwrap();
+    let mut config = gpualloc_saga::BusConfig::new(server.url());
+    config.stream = "NK".into();
+    config.prefix = "nk".into();
+    config.auth.nkey_seed_file = Some(seed_file.clone());
+    let bus = gpualloc_saga::Bus::connect(config.clone(), "allocation", |_| {})
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), bus.provision())
+        .await
+        .expect("provisioning timed out")
+        .unwrap();
+    let ack = bus
+        .js
+        .publish("nk.saga.allocation.requested", "x".into())
+        .await
+        .unwrap();
+    ack.await.unwrap();
+    // Another seed is not that user.
+    let stranger = nkeys::KeyPair::new_user();
+    std::fs::write(&seed_file, stranger.seed().unwrap()).unwrap();
+    let bus = gpualloc_saga::Bus::connect(config, "allocation", |_| {})
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(3), bus.provision()).await;
+    assert!(
+        !matches!(refused, Ok(Ok(_))),
+        "a stranger's seed was let in"
+    );
+}

@@ -105,6 +105,8 @@ pub struct NatsServer {
     pub port: u16,
     store: tempfile::TempDir,
     tls: Option<gpualloc_nats_acl::ServerTls>,
+    /// Users of the server's configuration; `None`: [`nats_config`]'s.
+    users: Option<Vec<gpualloc_nats_acl::User>>,
     child: Option<Child>,
 }
 
@@ -119,6 +121,21 @@ impl NatsServer {
             port,
             store: tempfile::tempdir().unwrap(),
             tls: None,
+            users: None,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// A server with these users (nkeys, other permissions) instead of
+    /// the services' password users.
+    pub fn start_with_users(users: Vec<gpualloc_nats_acl::User>) -> NatsServer {
+        let mut s = NatsServer {
+            port: free_port(),
+            store: tempfile::tempdir().unwrap(),
+            tls: None,
+            users: Some(users),
             child: None,
         };
         s.spawn();
@@ -132,6 +149,7 @@ impl NatsServer {
             port: free_port(),
             store: tempfile::tempdir().unwrap(),
             tls: Some(tls),
+            users: None,
             child: None,
         };
         s.spawn();
@@ -164,11 +182,19 @@ impl NatsServer {
 
     fn spawn(&mut self) {
         let conf = self.store.path().join("nats.conf");
-        std::fs::write(
-            &conf,
-            nats_config(self.port, self.store.path(), self.tls.clone()),
-        )
-        .unwrap();
+        let config = match &self.users {
+            None => nats_config(self.port, self.store.path(), self.tls.clone()),
+            Some(users) => gpualloc_nats_acl::server_config(
+                &gpualloc_nats_acl::ServerSettings {
+                    host: "127.0.0.1".into(),
+                    port: self.port,
+                    store_dir: self.store.path().join("js").display().to_string(),
+                    tls: self.tls.clone(),
+                },
+                users,
+            ),
+        };
+        std::fs::write(&conf, config).unwrap();
         // A watchdog shell kills the server when the test process is gone,
         // even after a panic or SIGKILL, so no server outlives its tests.
         let script = format!(
