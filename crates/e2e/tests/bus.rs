@@ -242,3 +242,127 @@ async fn a_service_logs_in_with_an_nkey_seed() {
         "a stranger's seed was let in"
     );
 }
+
+/// NATS's decentralised mode, made here: an operator, an account with
+/// JetStream, and a user of it with the allocation service's permissions,
+/// as signed JWTs; the user's JWT and seed go into a `.creds` file.
+mod operator_mode {
+    use base64::Engine as _;
+
+    fn encode(v: &serde_json::Value) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    /// A JWT with `claims`, issued and signed by `issuer`.
+    pub fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+        let header = serde_json::json!({"typ": "JWT", "alg": "ed25519-nkey"});
+        let claims = serde_json::json!({
+            "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
+            "iat": gpualloc_auth::now_unix(),
+            "iss": issuer.public_key(),
+            "name": name,
+            "sub": subject,
+            "nats": nats,
+        });
+        let signing_input = format!("{}.{}", encode(&header), encode(&claims));
+        let signature = issuer.sign(signing_input.as_bytes()).unwrap();
+        format!(
+            "{signing_input}.{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(signature)
+        )
+    }
+
+    pub fn creds(user_jwt: &str, seed: &str) -> String {
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_logs_in_with_a_creds_file() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    // JetStream needs a system account in this mode.
+    let system = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let op_jwt = operator_mode::jwt(
+        &operator,
+        &operator.public_key(),
+        "gpualloc-op",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let acc_jwt = operator_mode::jwt(
+        &operator,
+        &account.public_key(),
+        "GPUALLOC",
+        serde_json::json!({"type": "account", "version": 2, "limits": unlimited}),
+    );
+    let sys_jwt = operator_mode::jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let perms = gpualloc_nats_acl::permissions(&gpualloc_nats_acl::SERVICES[0], "cr", "CR");
+    let user_jwt = operator_mode::jwt(
+        &account,
+        &user.public_key(),
+        "allocation",
+        serde_json::json!({
+            "type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1,
+            "pub": {"allow": perms.publish}, "sub": {"allow": perms.subscribe},
+        }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = gpualloc_testkit::free_port();
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "host: \"127.0.0.1\"\nport: {port}\njetstream {{ store_dir: \"{}\" }}\n\
+             operator: \"{op_jwt}\"\nsystem_account: {sys}\nresolver: MEMORY\n\
+             resolver_preload: {{ {acc}: \"{acc_jwt}\", {sys}: \"{sys_jwt}\" }}\n",
+            dir.path().join("js").display(),
+            acc = account.public_key(),
+            sys = system.public_key(),
+        ),
+    )
+    .unwrap();
+    let mut server = std::process::Command::new(
+        std::env::var("GPUALLOC_NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
+    )
+    .arg("-c")
+    .arg(&conf)
+    .arg("-l")
+    .arg(dir.path().join("nats.log"))
+    .spawn()
+    .unwrap();
+    let creds = dir.path().join("allocation.creds");
+    std::fs::write(&creds, operator_mode::creds(&user_jwt, &user.seed().unwrap())).unwrap();
+    let mut config = gpualloc_saga::BusConfig::new(format!("nats://127.0.0.1:{port}"));
+    config.stream = "CR".into();
+    config.prefix = "cr".into();
+    config.auth.creds_file = Some(creds);
+    let result = async {
+        let bus = gpualloc_saga::Bus::connect(config, "allocation", |_| {}).await?;
+        tokio::time::timeout(Duration::from_secs(15), bus.provision()).await??;
+        let ack = bus.js.publish("cr.saga.allocation.requested", "x".into()).await?;
+        ack.await?;
+        // The user's JWT carries the service's permissions.
+        let forged = bus.js.publish("cr.saga.reservation.granted", "x".into()).await?;
+        let refused = tokio::time::timeout(Duration::from_secs(2), forged).await;
+        anyhow::ensure!(!matches!(refused, Ok(Ok(_))), "a forged grant was accepted");
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = server.kill();
+    let _ = server.wait();
+    result.unwrap();
+}
