@@ -254,7 +254,12 @@ mod operator_mode {
     }
 
     /// A JWT with `claims`, issued and signed by `issuer`.
-    pub fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    pub fn jwt(
+        issuer: &nkeys::KeyPair,
+        subject: &str,
+        name: &str,
+        nats: serde_json::Value,
+    ) -> String {
         let header = serde_json::json!({"typ": "JWT", "alg": "ed25519-nkey"});
         let claims = serde_json::json!({
             "jti": uuid::Uuid::new_v4().simple().to_string().to_uppercase(),
@@ -345,7 +350,11 @@ async fn a_service_logs_in_with_a_creds_file() {
     .spawn()
     .unwrap();
     let creds = dir.path().join("allocation.creds");
-    std::fs::write(&creds, operator_mode::creds(&user_jwt, &user.seed().unwrap())).unwrap();
+    std::fs::write(
+        &creds,
+        operator_mode::creds(&user_jwt, &user.seed().unwrap()),
+    )
+    .unwrap();
     let mut config = gpualloc_saga::BusConfig::new(format!("nats://127.0.0.1:{port}"));
     config.stream = "CR".into();
     config.prefix = "cr".into();
@@ -353,10 +362,16 @@ async fn a_service_logs_in_with_a_creds_file() {
     let result = async {
         let bus = gpualloc_saga::Bus::connect(config, "allocation", |_| {}).await?;
         tokio::time::timeout(Duration::from_secs(15), bus.provision()).await??;
-        let ack = bus.js.publish("cr.saga.allocation.requested", "x".into()).await?;
+        let ack = bus
+            .js
+            .publish("cr.saga.allocation.requested", "x".into())
+            .await?;
         ack.await?;
         // The user's JWT carries the service's permissions.
-        let forged = bus.js.publish("cr.saga.reservation.granted", "x".into()).await?;
+        let forged = bus
+            .js
+            .publish("cr.saga.reservation.granted", "x".into())
+            .await?;
         let refused = tokio::time::timeout(Duration::from_secs(2), forged).await;
         anyhow::ensure!(!matches!(refused, Ok(Ok(_))), "a forged grant was accepted");
         Ok::<_, anyhow::Error>(())

@@ -452,3 +452,42 @@ async fn a_delivery_the_receiver_refuses_is_parked_and_can_be_requeued() {
     // 2 refused at once, 2 × 3 retried, 2 delivered.
     assert_eq!(receiver.received().len(), 2 + 6 + 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redirects_are_not_followed() {
+    let elsewhere = HttpReceiver::start().await;
+    let receiver = HttpReceiver::start().await;
+    receiver.redirect_to(307, elsewhere.url("/collect"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = settings_file(
+        &dir,
+        serde_json::json!({
+            "channels": [
+                {"name": "hook", "type": "webhook", "url": receiver.url("/hook"), "secret": "s3cret"}
+            ]
+        }),
+    );
+    let mesh = mesh_with(Backend::Sqlite, path).await;
+    put_pool(&mesh, "p", gpu_capacity(&[("A100", 8)])).await;
+    set_quota(&mesh, "team", gpus(8, "")).await;
+    let a = create(&mesh, "team", gpus(1, "A100")).await;
+    wait_view(&mesh, "team", &a.allocation_id, State::Allocated).await;
+    let viewer_db = open_db(&mesh.viewer_db).await;
+    let parked = eventually(DEADLINE, "parked", || async {
+        let rows = dispatch::list(&viewer_db, Some("PARKED".into()), 100)
+            .await
+            .unwrap();
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await;
+    assert!(
+        parked[0].last_error.contains("redirects"),
+        "{:?}",
+        parked[0]
+    );
+    assert!(!receiver.received().is_empty());
+    assert!(
+        elsewhere.received().is_empty(),
+        "the signed body was sent where the receiver pointed"
+    );
+}

@@ -45,6 +45,7 @@ pub struct HttpReceiver {
     received: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
     body: Arc<Mutex<String>>,
+    location: Arc<Mutex<Option<String>>>,
     tasks: Option<JoinSet<()>>,
 }
 
@@ -56,6 +57,7 @@ impl HttpReceiver {
             received: Arc::default(),
             status: Arc::new(AtomicU16::new(200)),
             body: Arc::new(Mutex::new("ok".into())),
+            location: Arc::new(Mutex::new(None)),
             tasks: None,
         };
         r.up().await;
@@ -77,6 +79,12 @@ impl HttpReceiver {
         *self.body.lock().unwrap() = body.into();
     }
 
+    /// Answer with `status` and this `Location` (a redirect) from now on.
+    pub fn redirect_to(&self, status: u16, location: impl Into<String>) {
+        *self.location.lock().unwrap() = Some(location.into());
+        self.respond_with(status);
+    }
+
     /// Requests received so far (also those answered with an error).
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
@@ -96,10 +104,11 @@ impl HttpReceiver {
         let listener = TcpListener::bind(self.addr).await.unwrap();
         self.addr = listener.local_addr().unwrap();
         let mut tasks = JoinSet::new();
-        let (received, status, body) = (
+        let (received, status, body, location) = (
             self.received.clone(),
             self.status.clone(),
             self.body.clone(),
+            self.location.clone(),
         );
         tasks.spawn(async move {
             let mut connections = JoinSet::new();
@@ -109,6 +118,7 @@ impl HttpReceiver {
                     received.clone(),
                     status.clone(),
                     body.clone(),
+                    location.clone(),
                 ));
             }
         });
@@ -129,6 +139,7 @@ async fn serve(
     received: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
     answer_body: Arc<Mutex<String>>,
+    location: Arc<Mutex<Option<String>>>,
 ) {
     let mut reader = BufReader::new(socket);
     loop {
@@ -176,8 +187,14 @@ async fn serve(
         } else {
             "no".to_owned()
         };
+        let location = location
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|l| format!("location: {l}\r\n"))
+            .unwrap_or_default();
         let response = format!(
-            "HTTP/1.1 {code} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{answer}",
+            "HTTP/1.1 {code} X\r\ncontent-type: text/plain\r\n{location}content-length: {}\r\n\r\n{answer}",
             answer.len()
         );
         if reader

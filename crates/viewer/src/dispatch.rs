@@ -93,6 +93,16 @@ enum Outcome {
 /// The longest `Retry-After` honoured (an hour).
 pub const MAX_RETRY_AFTER_SECS: u64 = 3600;
 
+/// The receiver's `Retry-After` in seconds, at most an hour: a receiver
+/// cannot park a delivery for a year.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER_SECS)))
+}
+
 /// Runs until `stop` fires.
 pub async fn run(db: Db, settings: Arc<Settings>, wake: Wake, stop: CancellationToken) {
     let client = match reqwest::Client::builder()
@@ -326,13 +336,14 @@ async fn deliver(client: &reqwest::Client, settings: &Settings, d: &Delivery) ->
             if code.is_success() {
                 return Outcome::Delivered;
             }
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                // A receiver cannot park a delivery for a year.
-                .map(|s| Duration::from_secs(s.min(MAX_RETRY_AFTER_SECS)));
+            let retry_after = retry_after(response.headers());
+            if code.is_redirection() {
+                // Not followed (the body is signed for this receiver), and
+                // retrying will not change where it points: fix the URL.
+                return Outcome::Park(format!(
+                    "HTTP {code}: the receiver redirects; redirects are not followed, update the channel's URL"
+                ));
+            }
             let text = response.text().await.unwrap_or_default();
             let text: String = text.chars().take(ERROR_TEXT).collect();
             let error = format!("HTTP {code}: {text}");
@@ -528,6 +539,27 @@ pub async fn requeue(db: &Db) -> Result<usize, Error> {
         )
     })
     .await
+}
+
+#[cfg(test)]
+mod retry_after_tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_clamped_to_an_hour() {
+        let mut h = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            reqwest::header::HeaderValue::from_static("120"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(120)));
+        h.insert(
+            reqwest::header::RETRY_AFTER,
+            reqwest::header::HeaderValue::from_static("31536000"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3600)));
+    }
 }
 
 #[cfg(test)]
