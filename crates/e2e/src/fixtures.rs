@@ -205,18 +205,57 @@ pub async fn all_drained(mesh: &Mesh) {
 /// Publishes a crafted event the way a relay would (message id = event id).
 pub async fn publish(mesh: &Mesh, event: &ev::Event) {
     let payload = event.payload.as_ref().unwrap();
-    let subject = format!("{}.{}", mesh.prefix, subjects::of(payload));
-    let js = mesh.jetstream().await;
-    js.send_publish(
-        subject,
-        async_nats::jetstream::message::PublishMessage::build()
-            .payload(event.encode_to_vec().into())
-            .message_id(event.event_id.clone()),
+    publish_as(
+        mesh,
+        gpualloc_nats_acl::OPERATOR,
+        subjects::of(payload),
+        event,
     )
     .await
-    .unwrap()
-    .await
     .unwrap();
+}
+
+/// Publishes `event` on `subject` (relative to the mesh's prefix) as the
+/// NATS user `user`, and waits for JetStream's acknowledgement (at most
+/// two seconds: a publish the server refuses is never acknowledged).
+pub async fn publish_as(
+    mesh: &Mesh,
+    user: &str,
+    subject: &str,
+    event: &ev::Event,
+) -> Result<(), String> {
+    let client = gpualloc_testkit::nats_connect_as(&mesh.nats_url, user)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Kept until the ack: dropping the last handle closes the connection.
+    let js = async_nats::jetstream::new(client);
+    let ack = js
+        .send_publish(
+            format!("{}.{subject}", mesh.prefix),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(event.encode_to_vec().into())
+                .message_id(event.event_id.clone()),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(std::time::Duration::from_secs(2), ack).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("not acknowledged".into()),
+    }
+}
+
+/// The stream's current configuration and state.
+pub async fn stream_info(mesh: &Mesh) -> async_nats::jetstream::stream::Info {
+    mesh.jetstream()
+        .await
+        .get_stream(&mesh.stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone()
 }
 
 /// Every event in the stream: (stream messages, distinct event ids) per

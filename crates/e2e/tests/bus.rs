@@ -14,26 +14,12 @@ use gpualloc_e2e::{Backend, Mesh, fixtures::*};
 use gpualloc_proto::{allocation::v1 as apb, events::v1 as ev};
 use gpualloc_saga::{Payload, subjects};
 use gpualloc_testkit::{eventually, nats_connect_as};
-use prost::Message;
 
-async fn publish_as(mesh: &Mesh, user: &str, subject: &str, event: &ev::Event) -> bool {
-    let client = nats_connect_as(&mesh.nats_url, user).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let sent = js
-        .send_publish(
-            format!("{}.{subject}", mesh.prefix),
-            async_nats::jetstream::message::PublishMessage::build()
-                .payload(event.encode_to_vec().into())
-                .message_id(event.event_id.clone()),
-        )
-        .await;
-    match sent {
-        // A publish the server refuses is never acknowledged.
-        Ok(ack) => tokio::time::timeout(Duration::from_secs(2), ack)
-            .await
-            .is_ok_and(|r| r.is_ok()),
-        Err(_) => false,
-    }
+/// Whether JetStream took `event` from `user`.
+async fn accepted(mesh: &Mesh, user: &str, subject: &str, event: &ev::Event) -> bool {
+    gpualloc_e2e::fixtures::publish_as(mesh, user, subject, event)
+        .await
+        .is_ok()
 }
 
 fn event(id: &str, tenant: &str, version: i64, payload: Payload) -> ev::Event {
@@ -56,16 +42,7 @@ fn granted() -> Payload {
 }
 
 async fn stream_messages(mesh: &Mesh) -> u64 {
-    mesh.jetstream()
-        .await
-        .get_stream(&mesh.stream)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .state
-        .messages
+    stream_info(mesh).await.state.messages
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -85,7 +62,7 @@ async fn each_service_may_publish_only_its_own_events() {
     let forged = event(&held.allocation_id, "team-a", 9, granted());
     for user in ["allocation", "viewer"] {
         assert!(
-            !publish_as(&mesh, user, subjects::RESERVATION_GRANTED, &forged).await,
+            !accepted(&mesh, user, subjects::RESERVATION_GRANTED, &forged).await,
             "{user} published a ReservationGranted"
         );
     }
@@ -99,7 +76,7 @@ async fn each_service_may_publish_only_its_own_events() {
     );
     for user in ["resource-pool", "viewer"] {
         assert!(
-            !publish_as(&mesh, user, subjects::ALLOCATION_CANCELLED, &cancel).await,
+            !accepted(&mesh, user, subjects::ALLOCATION_CANCELLED, &cancel).await,
             "{user} published an AllocationCancelled"
         );
     }
@@ -153,9 +130,9 @@ async fn forged_events_are_poison_and_hold_up_nothing() {
         })),
         ..event("", "team-b", 99, granted())
     };
-    assert!(publish_as(&mesh, pool, subjects::RESERVATION_GRANTED, &wrong_tenant).await);
-    assert!(publish_as(&mesh, pool, subjects::RESERVATION_GRANTED, &huge).await);
-    assert!(publish_as(&mesh, pool, subjects::POOL_CHANGED, &smuggled).await);
+    assert!(accepted(&mesh, pool, subjects::RESERVATION_GRANTED, &wrong_tenant).await);
+    assert!(accepted(&mesh, pool, subjects::RESERVATION_GRANTED, &huge).await);
+    assert!(accepted(&mesh, pool, subjects::POOL_CHANGED, &smuggled).await);
     // Every consumer acknowledges them (nothing is redelivered forever).
     all_drained(&mesh).await;
     let b = get(&mesh, "team-b", &held.allocation_id).await;

@@ -16,18 +16,9 @@ use gpualloc_testkit::eventually;
 use tonic::Code;
 
 async fn set_stream_limit(mesh: &Mesh, max: i32) {
-    let js = mesh.jetstream().await;
-    let mut config = js
-        .get_stream(&mesh.stream)
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .config
-        .clone();
+    let mut config = stream_info(mesh).await.config;
     config.max_message_size = max;
-    js.update_stream(config).await.unwrap();
+    mesh.jetstream().await.update_stream(config).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
