@@ -210,7 +210,16 @@ async fn call(channel: Channel, path: &str, body: Bytes, who: Who) -> Code {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_rpc_answers_every_caller_as_documented() {
+async fn every_rpc_answers_every_caller_as_documented_on_sqlite() {
+    matrix(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_rpc_answers_every_caller_as_documented_on_postgres() {
+    matrix(Backend::Postgres).await;
+}
+
+async fn matrix(backend: Backend) {
     let expected = documented();
     let rpcs = raw::public_methods();
     let undocumented: Vec<&String> = rpcs.iter().filter(|p| !expected.contains_key(*p)).collect();
@@ -224,7 +233,7 @@ async fn every_rpc_answers_every_caller_as_documented() {
         "matrix rows for RPCs that do not exist: {stale:?}"
     );
 
-    let mesh = Mesh::start(Backend::Sqlite).await;
+    let mesh = Mesh::start(backend).await;
     put_pool(&mesh, "p", gpu_capacity(&[("A100", 100)])).await;
     for t in [A, B] {
         mesh.pools()
