@@ -288,6 +288,18 @@ async fn keys_rotate_without_a_restart_and_a_broken_key_set_keeps_the_last_good_
     assert_eq!(e.code(), Code::Unauthenticated);
     list_pools(&svc, &old_token).await.unwrap();
     list_pools(&svc, &new_token).await.unwrap();
+
+    // The old key is retired: once the set is read again, its tokens are
+    // refused, though they were verified (and cached) before.
+    std::fs::write(&file, jwks_of(&[&new])).unwrap();
+    let _ = list_pools(&svc, &stranger.token("d", None, &["admin"], hour).unwrap()).await;
+    let e = list_pools(&svc, &old_token).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Code::Unauthenticated,
+        "a retired key still admits"
+    );
+    list_pools(&svc, &new_token).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -116,6 +116,9 @@ impl AuthConfig {
     }
 }
 
+/// The largest JWKS read (a real one is a few kilobytes).
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
 /// Where the trusted keys are read from.
 #[derive(Clone, Debug)]
 enum Source {
@@ -138,6 +141,10 @@ impl std::fmt::Display for Source {
 struct KeyCache {
     source: Source,
     keys: RwLock<Arc<KeySet>>,
+    /// Bumped whenever the set of key ids changes: tokens verified under
+    /// an older generation are verified again (a removed key stops
+    /// admitting its tokens at once).
+    generation: std::sync::atomic::AtomicU64,
     last_read: Mutex<Option<Instant>>,
     reading: tokio::sync::Mutex<()>,
     min_refetch: Duration,
@@ -155,6 +162,7 @@ impl KeyCache {
         Ok(KeyCache {
             source,
             keys: RwLock::new(Arc::new(KeySet::default())),
+            generation: std::sync::atomic::AtomicU64::new(0),
             last_read: Mutex::new(None),
             reading: tokio::sync::Mutex::new(()),
             min_refetch,
@@ -171,9 +179,21 @@ impl KeyCache {
 
     async fn fetch(&self) -> Result<KeySet, String> {
         let text = match &self.source {
-            Source::File(p) => tokio::fs::read_to_string(p)
-                .await
-                .map_err(|e| format!("reading {}: {e}", p.display()))?,
+            Source::File(p) => {
+                let len = tokio::fs::metadata(p)
+                    .await
+                    .map_err(|e| format!("reading {}: {e}", p.display()))?
+                    .len();
+                if len > MAX_JWKS_BYTES as u64 {
+                    return Err(format!(
+                        "{} is {len} bytes; a JWKS is at most {MAX_JWKS_BYTES}",
+                        p.display()
+                    ));
+                }
+                tokio::fs::read_to_string(p)
+                    .await
+                    .map_err(|e| format!("reading {}: {e}", p.display()))?
+            }
             Source::Url(u) => {
                 let response = self
                     .http
@@ -185,10 +205,21 @@ impl KeyCache {
                 if !response.status().is_success() {
                     return Err(format!("fetching the JWKS: HTTP {}", response.status()));
                 }
-                response
-                    .text()
+                // Read in chunks up to a cap: a compromised or broken
+                // endpoint must not make every replica buffer gigabytes.
+                let mut response = response;
+                let mut body = Vec::new();
+                while let Some(chunk) = response
+                    .chunk()
                     .await
                     .map_err(|e| format!("reading the JWKS: {}", e.without_url()))?
+                {
+                    body.extend_from_slice(&chunk);
+                    if body.len() > MAX_JWKS_BYTES {
+                        return Err(format!("the JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+                    }
+                }
+                String::from_utf8(body).map_err(|_| "the JWKS is not UTF-8".to_owned())?
             }
         };
         KeySet::from_jwks(&text)
@@ -210,6 +241,8 @@ impl KeyCache {
             Ok(set) => {
                 let changed = self.current().kids() != set.kids();
                 if changed {
+                    self.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     tracing::info!(source = %self.source, kids = ?set.kids(), ignored = set.ignored, "trusted keys loaded");
                 }
                 match self.keys.write() {
@@ -253,30 +286,25 @@ impl KeyCache {
 /// more CPU than most RPCs, and clients send the same token many times.
 #[derive(Debug, Default)]
 struct Verified {
-    entries: Mutex<HashMap<String, (Caller, u64)>>,
+    /// Token -> (caller, `exp`, key generation it was verified under).
+    entries: Mutex<HashMap<String, (Caller, u64, u64)>>,
 }
 
 const VERIFIED_MAX: usize = 10_000;
 
 impl Verified {
-    fn get(&self, token: &str) -> Option<Caller> {
+    fn get(&self, token: &str, generation: u64) -> Option<Caller> {
         let entries = self.entries.lock().ok()?;
-        let (caller, exp) = entries.get(token)?;
-        (gpualloc_auth::now_unix() < *exp).then(|| caller.clone())
+        let (caller, exp, verified_under) = entries.get(token)?;
+        (gpualloc_auth::now_unix() < *exp && *verified_under == generation).then(|| caller.clone())
     }
 
-    fn put(&self, token: &str, caller: &Caller, exp: u64) {
+    fn put(&self, token: &str, caller: &Caller, exp: u64, generation: u64) {
         if let Ok(mut entries) = self.entries.lock() {
             if entries.len() >= VERIFIED_MAX {
                 entries.clear();
             }
-            entries.insert(token.to_owned(), (caller.clone(), exp));
-        }
-    }
-
-    fn clear(&self) {
-        if let Ok(mut entries) = self.entries.lock() {
-            entries.clear();
+            entries.insert(token.to_owned(), (caller.clone(), exp, generation));
         }
     }
 }
@@ -351,12 +379,7 @@ impl Authenticator {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(me.0.refresh) => {}
                 }
-                let before = keys.current().kids();
                 keys.refresh().await;
-                if keys.current().kids() != before {
-                    // A removed key must stop admitting its tokens now.
-                    me.0.verified.clear();
-                }
             }
         });
     }
@@ -382,17 +405,21 @@ impl Authenticator {
             .transpose()
             .map_err(refuse)?;
         let token = gpualloc_auth::bearer(header).map_err(refuse)?;
-        if let Some(caller) = self.0.verified.get(token) {
-            return Ok(caller);
-        }
         let Some(cache) = &self.0.keys else {
             return Err(Status::unauthenticated("no trusted keys are configured"));
         };
+        // Read before the keys: an entry is never tagged newer than the
+        // keys it was verified with.
+        let mut generation = cache.generation.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some(caller) = self.0.verified.get(token, generation) {
+            return Ok(caller);
+        }
         let mut keys = cache.current();
         let result = match gpualloc_auth::verify(token, &keys, &self.0.settings) {
             Err(AuthError::UnknownKey(_)) | Err(AuthError::NoKeyId(0)) => {
                 // Keys rotate: a new kid is worth one more read.
                 let kid = gpualloc_auth::key_id(token).unwrap_or_default();
+                generation = cache.generation.load(std::sync::atomic::Ordering::SeqCst);
                 keys = cache.refetch_for(&kid).await;
                 if keys.is_empty() {
                     return Err(Status::unauthenticated(
@@ -424,7 +451,7 @@ impl Authenticator {
             token: Some(Arc::from(token)),
         };
         if let Some(exp) = expiry(token) {
-            self.0.verified.put(token, &caller, exp);
+            self.0.verified.put(token, &caller, exp, generation);
         }
         Ok(caller)
     }
