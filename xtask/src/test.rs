@@ -56,6 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "buf lint",
             Command::new(&buf).current_dir(&root).arg("lint"),
         )?;
+        crate::deploy_check::run(crate::deploy_check::Args {})?;
     }
 
     let scratch = std::env::temp_dir().join(format!("gpualloc-xtask-{}", std::process::id()));
