@@ -70,6 +70,26 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The NATS configurations the manifests ship, and how many members each
+/// cluster has: one server in the base (dev), three in production.
+pub const NATS_CONFS: [(&str, usize); 2] = [
+    ("deploy/base/nats/nats.conf", 1),
+    ("deploy/overlays/production/nats.conf", 3),
+];
+
+/// `cargo xtask nats-conf`: writes [`NATS_CONFS`] from the permissions.
+pub fn write_nats_conf() -> anyhow::Result<()> {
+    for (path, members) in NATS_CONFS {
+        let file = crate::root().join(path);
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&file, gpualloc_nats_acl::kubernetes_config(members))?;
+        eprintln!("xtask: wrote {path}");
+    }
+    Ok(())
+}
+
 /// The Kubernetes version the manifests are validated against.
 pub const KUBERNETES_VERSION: &str = "1.32.0";
 

@@ -40,6 +40,9 @@ enum Command {
     /// Check that what ships is what the workspace builds: hadolint on the
     /// Dockerfile, and its binaries against the service crates.
     DeployCheck(deploy_check::Args),
+    /// Write the NATS server configurations of deploy/ from the bus
+    /// permissions (gpualloc-nats-acl); a test fails when they differ.
+    NatsConf,
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -80,5 +83,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Token(args) => token::run(args),
         Command::DeployCheck(args) => deploy_check::run(args),
+        Command::NatsConf => deploy_check::write_nats_conf(),
     }
 }

@@ -102,7 +102,12 @@ fn rendered() -> (Vec<(String, Vec<Value>)>, BTreeSet<String>) {
         let name = path.file_name().unwrap().to_str().unwrap().to_owned();
         if let Some(real) = name.strip_suffix(".example") {
             let text = std::fs::read_to_string(&path).unwrap();
-            for line in text.lines().filter(|l| !l.starts_with('#')) {
+            // The services' secrets (the NATS servers' are checked apart).
+            let service_secret = !real.starts_with("nats.");
+            for line in text
+                .lines()
+                .filter(|l| service_secret && !l.starts_with('#'))
+            {
                 if let Some((k, _)) = line.split_once('=') {
                     secret_keys.insert(k.trim().to_owned());
                 }
@@ -262,6 +267,88 @@ fn check(objects: &[Value], secret_keys: &BTreeSet<String>) -> Vec<String> {
         }
     }
     problems
+}
+
+/// The NATS side: the shipped configurations are what the bus
+/// permissions generate, the services log in as their own users, the
+/// Secret names every user's password, and production runs a cluster of
+/// three with replicated streams.
+fn check_nats(overlay: &str, objects: &[Value], nats_conf: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let members = if overlay == "production" { 3 } else { 1 };
+    if nats_conf != gpualloc_nats_acl::kubernetes_config(members) {
+        problems.push(format!(
+            "{overlay}: the NATS configuration is not what the bus permissions generate (run `cargo xtask nats-conf`)"
+        ));
+    }
+    let sts = objects.iter().find(|o| {
+        o["kind"].as_str() == Some("StatefulSet") && o["metadata"]["name"].as_str() == Some("nats")
+    });
+    if sts.and_then(|s| s["spec"]["replicas"].as_u64()) != Some(members as u64) {
+        problems.push(format!("{overlay}: NATS should run {members} servers"));
+    }
+    for d in objects
+        .iter()
+        .filter(|o| o["kind"].as_str() == Some("Deployment"))
+    {
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        let name = d["metadata"]["name"].as_str().unwrap_or_default();
+        let user = c["env"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"].as_str() == Some("GPUALLOC_NATS_USER"))
+            .map(|e| str_of(&e["value"]));
+        if user.as_deref() != Some(name) || gpualloc_nats_acl::service(name).is_none() {
+            problems.push(format!("{overlay}: {name} logs into NATS as {user:?}"));
+        }
+    }
+    let settings = objects.iter().find(|o| {
+        o["kind"].as_str() == Some("ConfigMap")
+            && o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("gpualloc-settings"))
+    });
+    let replicas = settings.map(|s| str_of(&s["data"]["GPUALLOC_STREAM_REPLICAS"]));
+    if members > 1 && replicas.as_deref() != Some("3") {
+        problems.push(format!(
+            "{overlay}: the stream is not replicated three times"
+        ));
+    }
+    problems
+}
+
+#[test]
+fn the_nats_configuration_is_generated_from_the_bus_permissions() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let (overlays, _) = rendered();
+    let secret =
+        std::fs::read_to_string(root.join("deploy/base/secrets/nats.env.example")).unwrap();
+    for user in [
+        gpualloc_nats_acl::ALLOCATION,
+        gpualloc_nats_acl::RESOURCE_POOL,
+        gpualloc_nats_acl::VIEWER,
+        gpualloc_nats_acl::OPERATOR,
+    ] {
+        let var = gpualloc_nats_acl::password_env(user);
+        assert!(
+            secret.contains(&format!("{var}=")),
+            "nats.env.example lacks {var}"
+        );
+    }
+    for (name, objects) in &overlays {
+        let file = if name == "production" {
+            "deploy/overlays/production/nats.conf"
+        } else {
+            "deploy/base/nats/nats.conf"
+        };
+        let conf = std::fs::read_to_string(root.join(file)).unwrap();
+        let problems = check_nats(name, objects, &conf);
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+        // Drift is caught: a permission edited by hand.
+        let edited = conf.replacen("saga.allocation.requested", "saga.allocation.>", 1);
+        assert!(!check_nats(name, objects, &edited).is_empty());
+    }
 }
 
 #[test]

@@ -110,6 +110,10 @@ pub fn permissions(acl: &ServiceAcl, prefix: &str, stream: &str) -> Permissions 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Secret {
     Password(String),
+    /// A password the server reads from this environment variable when it
+    /// loads the configuration (`password: $NAME`), so that the file holds
+    /// no secret (Kubernetes: a ConfigMap, and the variable from a Secret).
+    PasswordFromEnv(String),
     /// The user's public nkey (`U…`); the seed stays with the service.
     Nkey(String),
 }
@@ -158,6 +162,88 @@ pub struct ServerSettings {
     pub port: u16,
     pub store_dir: String,
     pub tls: Option<ServerTls>,
+}
+
+/// A JetStream cluster of servers that find each other by name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    /// This server's name, unique in the cluster (`$POD_NAME` reads it
+    /// from the environment).
+    pub server_name: String,
+    pub port: u16,
+    /// Every member's route URL (`nats://nats-0.nats:6222`, …).
+    pub routes: Vec<String>,
+}
+
+/// [`server_config`] for a clustered server with a monitoring port.
+pub fn cluster_config(
+    settings: &ServerSettings,
+    cluster: &Cluster,
+    monitor_port: u16,
+    users: &[User],
+) -> String {
+    let mut c = server_config(settings, users);
+    let _ = writeln!(c, "server_name: {}", cluster.server_name);
+    let _ = writeln!(c, "http_port: {monitor_port}");
+    let routes: Vec<String> = cluster.routes.iter().map(|r| quote(r)).collect();
+    let _ = writeln!(
+        c,
+        "cluster {{\n  name: {}\n  port: {}\n  routes: [{}]\n}}",
+        quote(&cluster.name),
+        cluster.port,
+        routes.join(", ")
+    );
+    c
+}
+
+/// The server configuration the Kubernetes manifests ship: the services'
+/// users with passwords from the environment (`ALLOCATION_NATS_PASSWORD`,
+/// …, [`password_env`]), JetStream on the pod's volume, and with `members`
+/// above one a cluster of the StatefulSet's pods `nats-0` … (`members`
+/// of one: a single server).
+pub fn kubernetes_config(members: usize) -> String {
+    let users: Vec<User> = SERVICES
+        .iter()
+        .map(|acl| {
+            User::service(
+                acl,
+                Secret::PasswordFromEnv(password_env(acl.name)),
+                "gpualloc",
+                "GPUALLOC",
+            )
+        })
+        .chain([User::operator(Secret::PasswordFromEnv(password_env(
+            OPERATOR,
+        )))])
+        .collect();
+    let settings = ServerSettings {
+        host: "0.0.0.0".into(),
+        port: 4222,
+        store_dir: "/data".into(),
+        tls: None,
+    };
+    let cluster = Cluster {
+        name: "gpualloc".into(),
+        server_name: "$POD_NAME".into(),
+        port: 6222,
+        routes: (0..members)
+            .map(|i| format!("nats://nats-{i}.nats:6222"))
+            .collect(),
+    };
+    if members > 1 {
+        cluster_config(&settings, &cluster, 8222, &users)
+    } else {
+        let mut c = server_config(&settings, &users);
+        let _ = writeln!(c, "server_name: $POD_NAME\nhttp_port: 8222");
+        c
+    }
+}
+
+/// The environment variable holding `user`'s password in
+/// [`kubernetes_config`].
+pub fn password_env(user: &str) -> String {
+    format!("{}_NATS_PASSWORD", user.to_uppercase().replace('-', "_"))
 }
 
 fn quote(s: &str) -> String {
@@ -211,6 +297,9 @@ pub fn server_config(settings: &ServerSettings, users: &[User]) -> String {
     for u in users {
         let who = match &u.secret {
             Secret::Password(p) => format!("user: {}, password: {}", quote(&u.name), quote(p)),
+            Secret::PasswordFromEnv(var) => {
+                format!("user: {}, password: ${var}", quote(&u.name))
+            }
             Secret::Nkey(k) => format!("nkey: {}", quote(k)),
         };
         match &u.permissions {
