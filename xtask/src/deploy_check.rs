@@ -6,7 +6,7 @@
 //!   out of the image unnoticed).
 //! - The Kubernetes manifests: every overlay of `deploy/overlays` renders
 //!   with `kubectl kustomize` (in a scratch copy where the git-ignored
-//!   secret files are made from their examples), and every rendered object
+//!   `secrets/*.env` files are made from their examples), and every rendered object
 //!   validates strictly — an unknown field is an error — against the
 //!   Kubernetes schemas (`kubernetes-validate`). The cross-checks against
 //!   the code (ports, settings, probes) are a Rust test,
@@ -103,17 +103,7 @@ pub fn render_overlays(
 ) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let copy = scratch.join("deploy");
     copy_tree(&root.join("deploy"), &copy)?;
-    let secrets = copy.join("base/secrets");
-    for entry in std::fs::read_dir(&secrets)? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        if let Some(real) = name.strip_suffix(".example") {
-            std::fs::copy(&path, secrets.join(real))?;
-        }
-    }
+    fill_secrets(&copy)?;
     let mut overlays: Vec<PathBuf> = std::fs::read_dir(copy.join("overlays"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("kustomization.yaml").exists())
@@ -145,6 +135,24 @@ pub fn render_overlays(
         bail!("no overlays under deploy/overlays");
     }
     Ok(out)
+}
+
+/// Makes every git-ignored `secrets/*.env` of the tree under `dir` from
+/// its committed `*.env.example`.
+fn fill_secrets(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            fill_secrets(&path)?;
+        } else if let Some(real) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".example"))
+        {
+            std::fs::copy(&path, path.with_file_name(real))?;
+        }
+    }
+    Ok(())
 }
 
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {

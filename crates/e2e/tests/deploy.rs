@@ -89,6 +89,33 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// Makes every git-ignored `secrets/*.env` under `dir` from its example;
+/// collects the keys of the services' secrets (the NATS servers' and the
+/// database's are checked apart).
+fn fill_secrets(dir: &Path, service_keys: &mut BTreeSet<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            fill_secrets(&path, service_keys);
+            continue;
+        }
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let Some(real) = name.strip_suffix(".example") else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path).unwrap();
+        let service = ["allocation.", "resource-pool.", "viewer."]
+            .iter()
+            .any(|p| real.starts_with(p));
+        for line in text.lines().filter(|l| service && !l.starts_with('#')) {
+            if let Some((k, _)) = line.split_once('=') {
+                service_keys.insert(k.trim().to_owned());
+            }
+        }
+        std::fs::write(path.with_file_name(real), text).unwrap();
+    }
+}
+
 /// (overlay, its objects, the secret examples' keys).
 fn rendered() -> (Vec<(String, Vec<Value>)>, BTreeSet<String>) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -96,25 +123,7 @@ fn rendered() -> (Vec<(String, Vec<Value>)>, BTreeSet<String>) {
     let copy = scratch.path().join("deploy");
     copy_tree(&root.join("deploy"), &copy);
     let mut secret_keys = BTreeSet::new();
-    let secrets = copy.join("base/secrets");
-    for entry in std::fs::read_dir(&secrets).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        if let Some(real) = name.strip_suffix(".example") {
-            let text = std::fs::read_to_string(&path).unwrap();
-            // The services' secrets (the NATS servers' are checked apart).
-            let service_secret = !real.starts_with("nats.");
-            for line in text
-                .lines()
-                .filter(|l| service_secret && !l.starts_with('#'))
-            {
-                if let Some((k, _)) = line.split_once('=') {
-                    secret_keys.insert(k.trim().to_owned());
-                }
-            }
-            std::fs::write(secrets.join(real), text).unwrap();
-        }
-    }
+    fill_secrets(&copy, &mut secret_keys);
     let mut out = Vec::new();
     let mut overlays: Vec<_> = std::fs::read_dir(copy.join("overlays"))
         .unwrap()
