@@ -286,21 +286,10 @@ fn nats_conf(
     port: u16,
     passwords: &std::collections::BTreeMap<&'static str, String>,
 ) -> String {
-    use gpualloc_nats_acl::{SERVICES, Secret, ServerSettings, User};
-    let mut users: Vec<User> = SERVICES
-        .iter()
-        .map(|acl| {
-            User::service(
-                acl,
-                Secret::Password(passwords[acl.name].clone()),
-                "gpualloc",
-                "GPUALLOC",
-            )
-        })
-        .collect();
-    users.push(User::operator(Secret::Password(
-        passwords[gpualloc_nats_acl::OPERATOR].clone(),
-    )));
+    use gpualloc_nats_acl::{Secret, ServerSettings};
+    let users = gpualloc_nats_acl::users("gpualloc", "GPUALLOC", |name| {
+        Secret::Password(passwords.get(name).cloned().unwrap_or_default())
+    });
     gpualloc_nats_acl::server_config(
         &ServerSettings {
             host: "127.0.0.1".into(),

@@ -340,10 +340,11 @@ pub fn reject(
 
 /// Checks a pool decision against the stored allocation before anything
 /// is written: the allocation must exist, belong to the event's tenant,
-/// and a granted pool must be a pool id. `None` when it may be applied.
-fn validate_decision(event: &Event, row: Option<&AllocRow>) -> Option<Outcome> {
+/// and a granted pool must be a pool id. The allocation when it may be
+/// applied, else what to do with the event.
+fn validate_decision(event: &Event, row: Option<AllocRow>) -> Result<AllocRow, Outcome> {
     if AllocationId::parse(&event.allocation_id).is_err() {
-        return Some(Outcome::poison(
+        return Err(Outcome::poison(
             "invalid",
             format!(
                 "allocation id {:?}",
@@ -352,13 +353,13 @@ fn validate_decision(event: &Event, row: Option<&AllocRow>) -> Option<Outcome> {
         ));
     }
     let Some(row) = row else {
-        return Some(Outcome::poison(
+        return Err(Outcome::poison(
             "unknown_aggregate",
             format!("no allocation {}", event.allocation_id),
         ));
     };
     if event.tenant != row.tenant {
-        return Some(Outcome::poison(
+        return Err(Outcome::poison(
             "mismatch",
             format!(
                 "the event names tenant {:?}, allocation {} belongs to {}",
@@ -370,19 +371,19 @@ fn validate_decision(event: &Event, row: Option<&AllocRow>) -> Option<Outcome> {
     }
     if let Some(Payload::ReservationGranted(g)) = &event.payload {
         if gpualloc_domain::PoolId::parse(g.pool_id.clone()).is_err() {
-            return Some(Outcome::poison(
+            return Err(Outcome::poison(
                 "invalid",
                 "a grant without a valid pool id",
             ));
         }
         if !g.gpu_model.is_empty() && GpuModel::parse(g.gpu_model.clone()).is_err() {
-            return Some(Outcome::poison(
+            return Err(Outcome::poison(
                 "invalid",
                 "a grant of an invalid GPU model",
             ));
         }
     }
-    None
+    Ok(row)
 }
 
 /// Applies one decision of the resource pool. Stale decisions (a
@@ -395,12 +396,9 @@ pub fn on_pool_event(
     event: &Event,
     delivery: Delivery,
 ) -> Result<Outcome, Error> {
-    let row = store::get(conn, &event.allocation_id)?;
-    if let Some(refusal) = validate_decision(event, row.as_ref()) {
-        return Ok(refusal);
-    }
-    let Some(row) = row else {
-        return Ok(Outcome::poison("unknown_aggregate", "no allocation"));
+    let row = match validate_decision(event, store::get(conn, &event.allocation_id)?) {
+        Ok(row) => row,
+        Err(refusal) => return Ok(refusal),
     };
     let state = row.state()?;
     let v = event.aggregate_version;

@@ -75,6 +75,8 @@ pub struct Identity {
     pub roles: Vec<String>,
     /// Whether `roles` holds the admin role.
     pub admin: bool,
+    /// `exp`: until when the token, once verified, may be trusted.
+    pub expires_at: u64,
 }
 
 /// Why a token was refused. The messages go to the caller (as
@@ -293,11 +295,13 @@ pub fn identity(claims: &Value, settings: &Settings) -> Result<Identity, AuthErr
             admin_role: settings.admin_role.clone(),
         });
     }
+    let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
     Ok(Identity {
         subject,
         tenant,
         roles,
         admin,
+        expires_at,
     })
 }
 

@@ -9,13 +9,14 @@ use diesel::{QueryableByName, RunQueryDsl, sql_query, sql_types::BigInt};
 use gpualloc_proto::{
     allocation::v1::{self as apb, State},
     events::v1 as ev,
-    resourcepool::v1 as rp,
+    resourcepool::v1::{self as rp, resource_pool_service_client::ResourcePoolServiceClient},
     viewer::v1 as vpb,
 };
 use gpualloc_saga::subjects;
 use gpualloc_storage::{Db, DbError, DbOptions};
 use gpualloc_testkit::{TestDb, eventually};
 use prost::Message;
+use tonic::transport::Channel;
 
 use crate::{Mesh, admin, tenant};
 
@@ -38,7 +39,16 @@ pub fn custom(class: &str, n: i64) -> rp::Resources {
 }
 
 pub async fn put_pool(mesh: &Mesh, id: &str, capacity: rp::Capacity) -> rp::Pool {
-    mesh.pools()
+    put_pool_at(mesh.pools(), id, capacity).await
+}
+
+/// [`put_pool`] on a resource pool of a test's own making.
+pub async fn put_pool_at(
+    mut pools: ResourcePoolServiceClient<Channel>,
+    id: &str,
+    capacity: rp::Capacity,
+) -> rp::Pool {
+    pools
         .put_pool(admin(rp::PutPoolRequest {
             pool: Some(rp::Pool {
                 pool_id: id.into(),
@@ -62,7 +72,16 @@ pub fn gpu_capacity(models: &[(&str, i32)]) -> rp::Capacity {
 }
 
 pub async fn set_quota(mesh: &Mesh, t: &str, limits: rp::Resources) -> rp::TenantQuota {
-    mesh.pools()
+    set_quota_at(mesh.pools(), t, limits).await
+}
+
+/// [`set_quota`] on a resource pool of a test's own making.
+pub async fn set_quota_at(
+    mut pools: ResourcePoolServiceClient<Channel>,
+    t: &str,
+    limits: rp::Resources,
+) -> rp::TenantQuota {
+    pools
         .set_tenant_quota(admin(rp::SetTenantQuotaRequest {
             tenant: t.into(),
             limits: Some(limits),

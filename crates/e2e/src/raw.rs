@@ -45,24 +45,15 @@ impl Codec for Raw {
     }
 }
 
-/// Every RPC of the three public services, from the descriptor set.
+/// Every RPC of the three public services (the methods the servers know,
+/// less health and reflection), in order.
 pub fn public_methods() -> Vec<String> {
-    use prost::Message as _;
-    let Ok(fds) = prost_types::FileDescriptorSet::decode(gpualloc_proto::FILE_DESCRIPTOR_SET)
-    else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for file in fds.file {
-        if file.package().starts_with("gpualloc.events") {
-            continue;
-        }
-        for svc in &file.service {
-            for m in &svc.method {
-                out.push(format!("/{}.{}/{}", file.package(), svc.name(), m.name()));
-            }
-        }
-    }
+    let mut out: Vec<String> = gpualloc_platform::layers::metrics::known_methods()
+        .iter()
+        .filter(|p| p.starts_with("/gpualloc."))
+        .cloned()
+        .collect();
+    out.sort();
     out
 }
 

@@ -92,6 +92,8 @@ async fn each_service_may_publish_only_its_own_events() {
             tokio::time::timeout(Duration::from_secs(2), js.delete_stream(&mesh.stream)).await;
         assert!(!matches!(deleted, Ok(Ok(_))), "{user} deleted the stream");
     }
+    // The stream is still there, with what it held.
+    assert_eq!(stream_messages(&mesh).await, before);
     // Anonymous clients are not let in at all.
     assert!(async_nats::connect(mesh.nats_url.as_str()).await.is_err());
     assert_eq!(

@@ -7,7 +7,11 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use gpualloc_e2e::{Service, Svc, admin, common_config, fixtures::gpus, tenant};
+use gpualloc_e2e::{
+    Service, Svc, admin, common_config,
+    fixtures::{gpu_capacity, gpus, put_pool_at, set_quota_at},
+    tenant,
+};
 use gpualloc_proto::{
     allocation::v1::{self as apb, allocation_service_client::AllocationServiceClient},
     resourcepool::v1::{self as rp, resource_pool_service_client::ResourcePoolServiceClient},
@@ -132,25 +136,9 @@ async fn grpc_and_nats_over_mutual_tls() {
         })
         .await;
     }
-    let mut pools = ResourcePoolServiceClient::new(pool_channel);
-    pools
-        .put_pool(admin(rp::PutPoolRequest {
-            pool: Some(rp::Pool {
-                pool_id: "p".into(),
-                capacity: Some(gpualloc_e2e::fixtures::gpu_capacity(&[("A100", 2)])),
-                ..Default::default()
-            }),
-        }))
-        .await
-        .unwrap();
-    pools
-        .set_tenant_quota(admin(rp::SetTenantQuotaRequest {
-            tenant: "team-a".into(),
-            limits: Some(gpus(2, "")),
-            ..Default::default()
-        }))
-        .await
-        .unwrap();
+    let pools = ResourcePoolServiceClient::new(pool_channel);
+    put_pool_at(pools.clone(), "p", gpu_capacity(&[("A100", 2)])).await;
+    set_quota_at(pools, "team-a", gpus(2, "")).await;
     // An over-quota create is refused: CheckQuota answered over TLS (an
     // unreachable pool would have let it through as PENDING).
     let mut allocations =

@@ -146,6 +146,17 @@ impl User {
     }
 }
 
+/// Every user a server needs: each service with its permissions on
+/// `prefix`/`stream`, and the operator; `secret` gives each its secret by
+/// name.
+pub fn users(prefix: &str, stream: &str, secret: impl Fn(&str) -> Secret) -> Vec<User> {
+    SERVICES
+        .iter()
+        .map(|acl| User::service(acl, secret(acl.name), prefix, stream))
+        .chain([User::operator(secret(OPERATOR))])
+        .collect()
+}
+
 /// Server-side TLS: the server's certificate and key, and the CA that
 /// client certificates must be signed by (then required).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -203,20 +214,9 @@ pub fn cluster_config(
 /// above one a cluster of the StatefulSet's pods `nats-0` … (`members`
 /// of one: a single server).
 pub fn kubernetes_config(members: usize) -> String {
-    let users: Vec<User> = SERVICES
-        .iter()
-        .map(|acl| {
-            User::service(
-                acl,
-                Secret::PasswordFromEnv(password_env(acl.name)),
-                "gpualloc",
-                "GPUALLOC",
-            )
-        })
-        .chain([User::operator(Secret::PasswordFromEnv(password_env(
-            OPERATOR,
-        )))])
-        .collect();
+    let users = users("gpualloc", "GPUALLOC", |name| {
+        Secret::PasswordFromEnv(password_env(name))
+    });
     let settings = ServerSettings {
         host: "0.0.0.0".into(),
         port: 4222,

@@ -79,14 +79,8 @@ pub fn nats_config(
     store: &std::path::Path,
     tls: Option<gpualloc_nats_acl::ServerTls>,
 ) -> String {
-    use gpualloc_nats_acl::{SERVICES, Secret, ServerSettings, User};
-    let mut users: Vec<User> = SERVICES
-        .iter()
-        .map(|acl| User::service(acl, Secret::Password(nats_password(acl.name)), "*", "*"))
-        .collect();
-    users.push(User::operator(Secret::Password(nats_password(
-        gpualloc_nats_acl::OPERATOR,
-    ))));
+    use gpualloc_nats_acl::{Secret, ServerSettings};
+    let users = gpualloc_nats_acl::users("*", "*", |name| Secret::Password(nats_password(name)));
     gpualloc_nats_acl::server_config(
         &ServerSettings {
             host: "127.0.0.1".into(),
@@ -117,39 +111,31 @@ impl NatsServer {
 
     /// Starts on a chosen port (a test may point a service at it before).
     pub fn start_on(port: u16) -> NatsServer {
-        let mut s = NatsServer {
-            port,
-            store: tempfile::tempdir().unwrap(),
-            tls: None,
-            users: None,
-            child: None,
-        };
-        s.spawn();
-        s
+        Self::launch(port, None, None)
     }
 
     /// A server with these users (nkeys, other permissions) instead of
     /// the services' password users.
     pub fn start_with_users(users: Vec<gpualloc_nats_acl::User>) -> NatsServer {
-        let mut s = NatsServer {
-            port: free_port(),
-            store: tempfile::tempdir().unwrap(),
-            tls: None,
-            users: Some(users),
-            child: None,
-        };
-        s.spawn();
-        s
+        Self::launch(free_port(), None, Some(users))
     }
 
     /// A server that speaks only TLS (and, with a client CA, takes only
     /// clients with a certificate it signed).
     pub fn start_with_tls(tls: gpualloc_nats_acl::ServerTls) -> NatsServer {
+        Self::launch(free_port(), Some(tls), None)
+    }
+
+    fn launch(
+        port: u16,
+        tls: Option<gpualloc_nats_acl::ServerTls>,
+        users: Option<Vec<gpualloc_nats_acl::User>>,
+    ) -> NatsServer {
         let mut s = NatsServer {
-            port: free_port(),
+            port,
             store: tempfile::tempdir().unwrap(),
-            tls: Some(tls),
-            users: None,
+            tls,
+            users,
             child: None,
         };
         s.spawn();

@@ -104,11 +104,6 @@ impl Limits {
             key: key.to_owned(),
         })
     }
-
-    /// Open streams in all.
-    pub fn open(&self) -> usize {
-        self.open.lock().map(|o| o.0).unwrap_or(0)
-    }
 }
 
 impl Drop for Slot {
