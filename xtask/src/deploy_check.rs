@@ -8,8 +8,11 @@
 //!   with `kubectl kustomize` (in a scratch copy where the git-ignored
 //!   `secrets/*.env` files are made from their examples), and every rendered object
 //!   validates strictly — an unknown field is an error — against the
-//!   Kubernetes schemas (`kubernetes-validate`). The cross-checks against
-//!   the code (ports, settings, probes) are a Rust test,
+//!   Kubernetes schemas (`kubernetes-validate`), and every custom resource
+//!   (Istio, prometheus-operator, CloudNativePG) against its schema with
+//!   unknown fields refused too (`assets/crd-check.mjs`). The
+//!   cross-checks against the code (ports, settings, probes, RPC paths,
+//!   identity headers, NATS permissions, egress hosts) are a Rust test,
 //!   `crates/e2e/tests/deploy.rs`.
 //!
 //! `cargo xtask test` runs it with the linters.
@@ -53,21 +56,109 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
     let scratch = std::env::temp_dir().join(format!("gpualloc-deploy-{}", std::process::id()));
     let result = (|| {
         let overlays = render_overlays(&root, &kubectl, &scratch)?;
+        let models = install::crd_models(&root.join("target/tools"))?;
+        let mut counts = Vec::new();
         for (name, rendered) in &overlays {
-            let mut cmd = Command::new(&validate);
-            cmd.env("PYTHONPATH", install::pip_home(&validate))
-                .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
-                .arg(rendered);
-            crate::procs::run(&format!("kubernetes-validate --strict ({name})"), &mut cmd)?;
+            let builtin = rendered.with_extension("builtin.yaml");
+            let (yaml, kube, custom) = builtin_objects(rendered)?;
+            counts.push(format!(
+                "{name}: {kube} Kubernetes + {custom} custom objects"
+            ));
+            std::fs::write(&builtin, yaml)?;
+            eprintln!("xtask: kubernetes-validate --strict ({name})");
+            validate_builtin(&validate, &builtin)
+                .with_context(|| format!("deploy/overlays/{name}"))?;
+            crate::procs::run(
+                &format!("custom resources, strictly ({name})"),
+                &mut crd_check(&models, rendered, &root.join("deploy/schemas"))?,
+            )?;
         }
-        Ok::<_, anyhow::Error>(overlays.len())
+        Ok::<_, anyhow::Error>(counts)
     })();
     let _ = std::fs::remove_dir_all(&scratch);
-    let overlays = result?;
+    let counts = result?;
     eprintln!(
-        "xtask: deploy-check passed (Dockerfile: hadolint, binaries {bins:?}; {overlays} overlays rendered and validated strictly)"
+        "xtask: deploy-check passed (Dockerfile: hadolint, binaries {bins:?}; rendered and validated strictly: {})",
+        counts.join("; ")
     );
     Ok(())
+}
+
+/// The strict check of the custom resources (Istio, prometheus-operator,
+/// CloudNativePG); see the script's opening comment.
+const CRD_CHECK: &str = include_str!("../assets/crd-check.mjs");
+
+/// `kubernetes-validate --strict` of a file of Kubernetes' own objects. A
+/// kind it has no schema for is an error here, not a warning: among
+/// Kubernetes' own groups that is a typo (`Deploymnt`) or a removed
+/// version. Custom resources go to [`crd_check`] instead.
+fn validate_builtin(validate: &Path, file: &Path) -> anyhow::Result<()> {
+    let out = Command::new(validate)
+        .env("PYTHONPATH", install::pip_home(validate))
+        .args(["--strict", "--quiet", "-k", KUBERNETES_VERSION])
+        .arg(file)
+        .output()
+        .context("running kubernetes-validate")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || text.contains("Couldn't find schema") {
+        bail!("kubernetes-validate --strict failed:\n{}", text.trim());
+    }
+    Ok(())
+}
+
+/// Whether an apiVersion belongs to Kubernetes itself (validated by
+/// kubernetes-validate; the rest by `crd-check.mjs`, which skips these —
+/// keep the two lists the same).
+fn is_builtin(api_version: &str) -> bool {
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    matches!(group, "" | "apps" | "batch" | "policy" | "autoscaling") || group.ends_with(".k8s.io")
+}
+
+/// The rendered file's objects of Kubernetes' own kinds, as YAML; how
+/// many of them there are, and how many others.
+fn builtin_objects(rendered: &Path) -> anyhow::Result<(String, usize, usize)> {
+    let objects: Vec<serde_json::Value> = serde_json::from_str(&objects_as_json(rendered)?)?;
+    let mut out = String::new();
+    let mut kube = 0;
+    for o in objects
+        .iter()
+        .filter(|o| o["apiVersion"].as_str().is_some_and(is_builtin))
+    {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(o)?);
+        kube += 1;
+    }
+    Ok((out, kube, objects.len() - kube))
+}
+
+/// The strict check of a rendered file's custom resources, run from the
+/// folder of [`install::crd_models`].
+fn crd_check(models: &Path, rendered: &Path, schemas: &Path) -> anyhow::Result<Command> {
+    let script = models.join("crd-check.mjs");
+    std::fs::write(&script, CRD_CHECK)?;
+    let json = rendered.with_extension("json");
+    std::fs::write(&json, objects_as_json(rendered)?)?;
+    let mut cmd = Command::new("node");
+    cmd.current_dir(models).arg(&script).arg(&json).arg(schemas);
+    Ok(cmd)
+}
+
+/// A rendered multi-document YAML file as one JSON array of its objects.
+fn objects_as_json(rendered: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(rendered)?;
+    let mut objects = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc)
+            .with_context(|| format!("reading {}", rendered.display()))?;
+        if !value.is_null() {
+            objects.push(value);
+        }
+    }
+    Ok(serde_json::to_string(&objects)?)
 }
 
 /// The NATS configurations the manifests ship, and how many members each
@@ -90,10 +181,50 @@ pub fn write_nats_conf() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The alert rules of the Grafana/Prometheus setup, and the
+/// prometheus-operator resource made from them.
+pub const ALERTS: &str = "deploy/components/monitoring/prometheus/alerts.yml";
+pub const PROMETHEUS_RULE: &str = "deploy/components/monitoring/prometheusrule.yaml";
+
+/// `cargo xtask alert-rules`: writes [`PROMETHEUS_RULE`] from [`ALERTS`],
+/// so that Prometheus installs with and without the operator alert on the
+/// same rules (a test fails when the two differ).
+pub fn write_alert_rules() -> anyhow::Result<()> {
+    let root = crate::root();
+    let alerts =
+        std::fs::read_to_string(root.join(ALERTS)).with_context(|| format!("reading {ALERTS}"))?;
+    std::fs::write(root.join(PROMETHEUS_RULE), prometheus_rule(&alerts))?;
+    eprintln!("xtask: wrote {PROMETHEUS_RULE}");
+    Ok(())
+}
+
+/// A `PrometheusRule` whose spec is the rule file `alerts` (its leading
+/// comment dropped, every other line indented under `spec:`).
+pub fn prometheus_rule(alerts: &str) -> String {
+    let mut out = format!(
+        "# Generated by `cargo xtask alert-rules` from {}; edit that file.\n\
+         apiVersion: monitoring.coreos.com/v1\n\
+         kind: PrometheusRule\n\
+         metadata:\n  name: gpualloc\n  labels:\n    app.kubernetes.io/name: gpualloc\n\
+         spec:\n",
+        ALERTS.trim_start_matches("deploy/components/monitoring/")
+    );
+    for line in alerts.lines().skip_while(|l| l.starts_with('#')) {
+        if line.is_empty() {
+            out.push('\n');
+        } else {
+            out.push_str("  ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// The Kubernetes version the manifests are validated against.
 pub const KUBERNETES_VERSION: &str = "1.32.0";
 
-/// Renders every overlay of `deploy/overlays` into `scratch`; returns
+/// Renders every overlay of `deploy/overlays`, and `istio/demo`, into `scratch`; returns
 /// (overlay, rendered file). The git-ignored secret files are made from
 /// their examples in a copy of `deploy/`, never in the work tree.
 pub fn render_overlays(
@@ -101,21 +232,34 @@ pub fn render_overlays(
     kubectl: &Path,
     scratch: &Path,
 ) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    // The overlays include ../../../istio: the copy keeps the layout.
     let copy = scratch.join("deploy");
     copy_tree(&root.join("deploy"), &copy)?;
+    copy_tree(&root.join("istio"), &scratch.join("istio"))?;
     fill_secrets(&copy)?;
     let mut overlays: Vec<PathBuf> = std::fs::read_dir(copy.join("overlays"))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.join("kustomization.yaml").exists())
         .collect();
     overlays.sort();
+    let mut dirs: Vec<(String, PathBuf)> = overlays
+        .into_iter()
+        .map(|d| {
+            let name = d
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            (name, d)
+        })
+        .collect();
+    if dirs.is_empty() {
+        bail!("no overlays under deploy/overlays");
+    }
+    // The fault-injection demo is applied on its own.
+    dirs.push(("istio-demo".into(), scratch.join("istio/demo")));
     let mut out = Vec::new();
-    for dir in overlays {
-        let name = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
+    for (name, dir) in dirs {
         let output = Command::new(kubectl)
             .arg("kustomize")
             .arg(&dir)
@@ -123,16 +267,13 @@ pub fn render_overlays(
             .with_context(|| format!("running kubectl kustomize {}", dir.display()))?;
         if !output.status.success() {
             bail!(
-                "kubectl kustomize deploy/overlays/{name} failed:\n{}",
+                "kubectl kustomize {name} failed:\n{}",
                 String::from_utf8_lossy(&output.stderr)
             );
         }
         let file = scratch.join(format!("{name}.yaml"));
         std::fs::write(&file, &output.stdout)?;
         out.push((name, file));
-    }
-    if out.is_empty() {
-        bail!("no overlays under deploy/overlays");
     }
     Ok(out)
 }
@@ -288,6 +429,96 @@ mod tests {
             assert_ne!(bad, &good, "case {i} changed nothing");
             assert!(check_dockerfile(bad, &bins()).is_err(), "case {i} passed");
         }
+    }
+
+    /// Each object alone in a file: valid ones pass, each broken one fails.
+    fn verdicts(check: &dyn Fn(&Path) -> bool, objects: &[(&str, &str)]) -> Vec<String> {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("xtask-schemas-{}-{call}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut wrong = Vec::new();
+        for (i, (expect, yaml)) in objects.iter().enumerate() {
+            let file = dir.join(format!("{i}.yaml"));
+            std::fs::write(&file, yaml).unwrap();
+            let passed = check(&file);
+            if passed != (*expect == "valid") {
+                wrong.push(format!(
+                    "{expect} object {i} {}",
+                    if passed { "passed" } else { "failed" }
+                ));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        wrong
+    }
+
+    const AUTHZ: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  name: a\nspec:\n  action: ALLOW\n  rules:\n    - to:\n        - operation:\n            paths: [/x]\n";
+    const CLUSTER: &str = "apiVersion: postgresql.cnpg.io/v1\nkind: Cluster\nmetadata:\n  name: pg\nspec:\n  instances: 3\n  storage:\n    size: 1Gi\n";
+    const MONITOR: &str = "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata:\n  name: m\nspec:\n  selector: {}\n  endpoints:\n    - port: http-metrics\n";
+
+    #[test]
+    fn the_custom_resource_check_refuses_typos_bad_values_and_unknown_kinds() {
+        let root = crate::root();
+        let models = install::crd_models(&root.join("target/tools")).unwrap();
+        let schemas = root.join("deploy/schemas");
+        let check = |file: &Path| {
+            crd_check(&models, file, &schemas)
+                .unwrap()
+                .output()
+                .unwrap()
+                .status
+                .success()
+        };
+        let wrong = verdicts(
+            &check,
+            &[
+                ("valid", AUTHZ),
+                ("valid", CLUSTER),
+                ("valid", MONITOR),
+                // A typo deep inside an Istio object (the npm schema alone
+                // would accept it).
+                ("invalid", &AUTHZ.replace("paths:", "pathz:")),
+                // A value outside an enum.
+                ("invalid", &AUTHZ.replace("ALLOW", "PERMIT")),
+                // A typo in a CloudNativePG object.
+                ("invalid", &CLUSTER.replace("instances", "instance")),
+                // A typo in a prometheus-operator object.
+                ("invalid", &MONITOR.replace("port:", "prot:")),
+                // A version no schema knows.
+                ("invalid", &MONITOR.replace("/v1", "/v2")),
+            ],
+        );
+        assert!(wrong.is_empty(), "{wrong:?}");
+    }
+
+    #[test]
+    fn kubernetes_validate_refuses_unknown_fields() {
+        let validate = install::kubernetes_validate(&crate::root().join("target/tools")).unwrap();
+        let good = "apiVersion: v1\nkind: Service\nmetadata:\n  name: s\nspec:\n  ports:\n    - name: grpc\n      port: 50051\n      appProtocol: grpc\n";
+        let check = |file: &Path| validate_builtin(&validate, file).is_ok();
+        let wrong = verdicts(
+            &check,
+            &[
+                ("valid", good),
+                ("invalid", &good.replace("appProtocol", "appProtocl")),
+                ("invalid", &good.replace("50051", "grpc-port")),
+                // A kind of Kubernetes' own that does not exist.
+                ("invalid", &good.replace("kind: Service", "kind: Servise")),
+            ],
+        );
+        assert!(wrong.is_empty(), "{wrong:?}");
+    }
+
+    #[test]
+    fn the_prometheus_rule_is_the_alert_file() {
+        let alerts = std::fs::read_to_string(crate::root().join(ALERTS)).unwrap();
+        let shipped = std::fs::read_to_string(crate::root().join(PROMETHEUS_RULE)).unwrap();
+        assert_eq!(
+            shipped,
+            prometheus_rule(&alerts),
+            "run `cargo xtask alert-rules`"
+        );
     }
 
     #[test]

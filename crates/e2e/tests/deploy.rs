@@ -10,9 +10,25 @@
 //!   ConfigMap, the secret examples) is one the service reads;
 //! - the probes ask the health service for the service's real name.
 //!
+//! - the mesh (`istio/`): every path an AuthorizationPolicy allows is an
+//!   RPC of the descriptor set on the service it selects, every RPC is
+//!   allowed, only to callers with a verified token, the admin-only ones
+//!   (the matrix of docs/security.md) only with the admin role, CheckQuota
+//!   also from the allocation service; the token rules are the services'
+//!   identity settings and the claim headers are `mesh` mode's; the
+//!   gateway routes every service and strips client copies of the
+//!   identity headers; every external host the services call has a
+//!   ServiceEntry; NATS and the metrics ports admit only their callers;
+//! - monitoring: the PrometheusRule holds the alert rules of
+//!   `prometheus/alerts.yml`, the ServiceMonitors scrape every service;
+//! - the viewer's rate card and notification channels load with the
+//!   viewer's own parsers, and every secret they name is in the example;
+//! - production's PostgreSQL: each service's database URL names a login
+//!   role and a database of the CloudNativePG cluster that it owns.
+//!
 //! `cargo xtask deploy-check` validates the same renderings against the
-//! Kubernetes schemas; this test proves each kind of check here catches a
-//! broken manifest.
+//! Kubernetes schemas and the custom resources' schemas; this test proves
+//! each kind of check here catches a broken manifest.
 
 #![allow(clippy::unwrap_used)]
 
@@ -122,6 +138,8 @@ fn rendered() -> (Vec<(String, Vec<Value>)>, BTreeSet<String>) {
     let scratch = tempfile::tempdir().unwrap();
     let copy = scratch.path().join("deploy");
     copy_tree(&root.join("deploy"), &copy);
+    // The overlays include ../../../istio.
+    copy_tree(&root.join("istio"), &scratch.path().join("istio"));
     let mut secret_keys = BTreeSet::new();
     fill_secrets(&copy, &mut secret_keys);
     let mut out = Vec::new();
@@ -233,7 +251,9 @@ fn check(objects: &[Value], secret_keys: &BTreeSet<String>) -> Vec<String> {
             }
         }
         for name in settings_map.iter().chain(secret_keys) {
-            if !svc.settings.contains(name) {
+            if !svc.settings.contains(name)
+                && name != gpualloc_platform::telemetry::OTLP_ENDPOINT_ENV
+            {
                 problems.push(format!(
                     "{}: {name} (ConfigMap or Secret) is not a setting it reads",
                     svc.name
@@ -427,4 +447,827 @@ fn each_kind_of_drift_is_caught() {
     for (what, problems) in cases {
         assert!(!problems.is_empty(), "{what} went unnoticed");
     }
+}
+
+// ---------------------------------------------------------------------
+// The mesh, monitoring, the viewer's files and production's PostgreSQL.
+// ---------------------------------------------------------------------
+
+fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn named<'a>(objects: &'a [Value], kind: &str) -> impl Iterator<Item = &'a Value> + 'a {
+    let kind = kind.to_owned();
+    objects
+        .iter()
+        .filter(move |o| o["kind"].as_str() == Some(kind.as_str()))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence().into_iter().flatten().map(str_of).collect()
+}
+
+/// The settings ConfigMap's values.
+fn settings(objects: &[Value]) -> std::collections::BTreeMap<String, String> {
+    named(objects, "ConfigMap")
+        .filter(|o| {
+            o["metadata"]["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("gpualloc-settings"))
+        })
+        .flat_map(|o| {
+            o["data"]
+                .as_mapping()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (str_of(k), str_of(v)))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The app label a gRPC service's package is served by.
+fn app_of(rpc: &str) -> Option<&'static str> {
+    [
+        ("/gpualloc.allocation.", "allocation"),
+        ("/gpualloc.resourcepool.", "resource-pool"),
+        ("/gpualloc.viewer.", "viewer"),
+    ]
+    .into_iter()
+    .find(|(p, _)| rpc.starts_with(p))
+    .map(|(_, app)| app)
+}
+
+/// The public API's RPCs, from the descriptor set.
+fn api_rpcs() -> BTreeSet<String> {
+    gpualloc_platform::layers::metrics::known_methods()
+        .iter()
+        .filter(|m| m.starts_with("/gpualloc."))
+        .cloned()
+        .collect()
+}
+
+/// RPCs that only administrators may call: "A on A" is PERMISSION_DENIED
+/// in the matrix of docs/security.md.
+fn admin_only() -> BTreeSet<String> {
+    let doc = std::fs::read_to_string(root().join("docs/security.md")).unwrap();
+    let table = doc
+        .split("<!-- authz-matrix:begin -->")
+        .nth(1)
+        .and_then(|t| t.split("<!-- authz-matrix:end -->").next())
+        .unwrap();
+    table
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let rpc = cells.get(1)?.trim_matches('`');
+            (rpc.starts_with("gpualloc.") && cells.get(3) == Some(&"PERMISSION_DENIED"))
+                .then(|| format!("/{rpc}"))
+        })
+        .collect()
+}
+
+fn principal(namespace: &str, account: &str) -> String {
+    format!("cluster.local/ns/{namespace}/sa/{account}")
+}
+
+/// The mesh's policies against the services.
+fn check_istio(objects: &[Value]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let settings = settings(objects);
+    let setting = |name: &str, default: &str| {
+        settings
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| default.to_owned())
+    };
+    let tenant_claim = setting(
+        "GPUALLOC_JWT_TENANT_CLAIM",
+        gpualloc_auth::DEFAULT_TENANT_CLAIM,
+    );
+    let roles_claim = setting(
+        "GPUALLOC_JWT_ROLES_CLAIM",
+        gpualloc_auth::DEFAULT_ROLES_CLAIM,
+    );
+    let admin_role = setting("GPUALLOC_JWT_ADMIN_ROLE", gpualloc_auth::DEFAULT_ADMIN_ROLE);
+    let namespace = objects
+        .iter()
+        .find_map(|o| o["metadata"]["namespace"].as_str())
+        .unwrap_or("default")
+        .to_owned();
+
+    if !named(objects, "PeerAuthentication").any(|p| {
+        p["spec"]["mtls"]["mode"].as_str() == Some("STRICT") && p["spec"]["selector"].is_null()
+    }) {
+        problems.push("no namespace-wide STRICT PeerAuthentication".into());
+    }
+
+    // Tokens: the services' own identity settings, and `mesh` mode's headers.
+    let rules: Vec<&Value> = named(objects, "RequestAuthentication")
+        .flat_map(|r| r["spec"]["jwtRules"].as_sequence().into_iter().flatten())
+        .collect();
+    if rules.len() != 1 {
+        problems.push(format!("{} JWT rules, expected one", rules.len()));
+    }
+    for r in rules {
+        for (field, setting_name) in [
+            ("issuer", "GPUALLOC_JWT_ISSUER"),
+            ("jwksUri", "GPUALLOC_JWKS"),
+        ] {
+            if r[field].as_str() != settings.get(setting_name).map(String::as_str) {
+                problems.push(format!(
+                    "RequestAuthentication {field} {:?} is not {setting_name} {:?}",
+                    r[field].as_str(),
+                    settings.get(setting_name)
+                ));
+            }
+        }
+        let audience = setting("GPUALLOC_JWT_AUDIENCE", gpualloc_auth::DEFAULT_AUDIENCE);
+        if !strings(&r["audiences"]).contains(&audience) {
+            problems.push(format!(
+                "RequestAuthentication does not require audience {audience}"
+            ));
+        }
+        if r["forwardOriginalToken"].as_bool() != Some(true) {
+            problems.push("RequestAuthentication does not forward the token (jwt mode and CheckQuota need it)".into());
+        }
+        let copied: BTreeSet<(String, String)> = r["outputClaimToHeaders"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .map(|h| (str_of(&h["header"]), str_of(&h["claim"])))
+            .collect();
+        let expected: BTreeSet<(String, String)> = [
+            (
+                gpualloc_platform::identity::SUBJECT_HEADER,
+                "sub".to_owned(),
+            ),
+            (
+                gpualloc_platform::identity::TENANT_HEADER,
+                tenant_claim.clone(),
+            ),
+            (
+                gpualloc_platform::identity::ROLES_HEADER,
+                roles_claim.clone(),
+            ),
+        ]
+        .into_iter()
+        .map(|(h, c)| (h.to_owned(), c))
+        .collect();
+        if copied != expected {
+            problems.push(format!(
+                "outputClaimToHeaders {copied:?} are not mesh mode's headers {expected:?}"
+            ));
+        }
+    }
+
+    // Authorization: deny by default, one ALLOW per RPC.
+    let policies: Vec<&Value> = named(objects, "AuthorizationPolicy").collect();
+    if !policies
+        .iter()
+        .any(|p| p["spec"].as_mapping().is_none_or(|m| m.is_empty()))
+    {
+        problems.push("no deny-by-default (empty) AuthorizationPolicy".into());
+    }
+    let gateway = principal("istio-system", "istio-ingressgateway-service-account");
+    let allocation = principal(&namespace, "allocation");
+    let api = api_rpcs();
+    let admin = admin_only();
+    let reflection = [
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ];
+    // (rpc, from principal) that some rule allows with a request principal.
+    let mut allowed: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut ports_from: Vec<(String, String, Vec<String>, Vec<String>)> = Vec::new();
+    for p in &policies {
+        let app = str_of(&p["spec"]["selector"]["matchLabels"]["app"]);
+        if p["spec"]["action"].as_str().is_some_and(|a| a != "ALLOW") {
+            problems.push(format!("{app}: only ALLOW policies are expected"));
+        }
+        for rule in p["spec"]["rules"].as_sequence().into_iter().flatten() {
+            let sources: Vec<&Value> = rule["from"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .map(|f| &f["source"])
+                .collect();
+            let principals: Vec<String> = sources
+                .iter()
+                .flat_map(|s| strings(&s["principals"]))
+                .collect();
+            let namespaces: Vec<String> = sources
+                .iter()
+                .flat_map(|s| strings(&s["namespaces"]))
+                .collect();
+            let with_token = !sources.is_empty()
+                && sources
+                    .iter()
+                    .all(|s| !strings(&s["requestPrincipals"]).is_empty());
+            let admin_condition = rule["when"].as_sequence().into_iter().flatten().any(|w| {
+                w["key"].as_str() == Some(&format!("request.auth.claims[{roles_claim}]"))
+                    && strings(&w["values"]) == [admin_role.clone()]
+            });
+            for op in rule["to"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .map(|t| &t["operation"])
+            {
+                let ports = strings(&op["ports"]);
+                if !ports.is_empty() {
+                    ports_from.push((
+                        app.clone(),
+                        ports.join(","),
+                        principals.clone(),
+                        namespaces.clone(),
+                    ));
+                }
+                for path in strings(&op["paths"]) {
+                    if reflection.contains(&path.as_str()) {
+                        continue;
+                    }
+                    if !api.contains(&path) {
+                        problems.push(format!("{app}: {path} is not an RPC of the API"));
+                        continue;
+                    }
+                    if app_of(&path) != Some(app.as_str()) {
+                        problems.push(format!(
+                            "{path} is allowed on {app}, which does not serve it"
+                        ));
+                    }
+                    if !with_token {
+                        problems.push(format!("{path} is allowed without a verified token"));
+                        continue;
+                    }
+                    if admin.contains(&path) != admin_condition {
+                        problems.push(format!(
+                            "{path}: {} the admin role, the service's rule {}",
+                            if admin_condition {
+                                "requires"
+                            } else {
+                                "does not require"
+                            },
+                            if admin.contains(&path) {
+                                "does"
+                            } else {
+                                "does not"
+                            }
+                        ));
+                    }
+                    for pr in &principals {
+                        allowed.insert((path.clone(), pr.clone()));
+                    }
+                }
+            }
+        }
+    }
+    for rpc in &api {
+        if !allowed.contains(&(rpc.clone(), gateway.clone())) {
+            problems.push(format!("{rpc} is not allowed through the gateway"));
+        }
+    }
+    let check_quota = "/gpualloc.resourcepool.v1.ResourcePoolService/CheckQuota".to_owned();
+    if !allowed.contains(&(check_quota.clone(), allocation.clone())) {
+        problems.push("CheckQuota is not allowed from the allocation service".into());
+    }
+    for (rpc, from) in &allowed {
+        if *from != gateway && !(*rpc == check_quota && *from == allocation) {
+            problems.push(format!("{rpc} is allowed from {from}"));
+        }
+    }
+    // Ports: NATS's client port from the three services only, metrics from
+    // the monitoring namespace only.
+    let services: BTreeSet<String> = ["allocation", "resource-pool", "viewer"]
+        .iter()
+        .map(|a| principal(&namespace, a))
+        .collect();
+    for (app, ports, principals, namespaces) in &ports_from {
+        let metrics = ["allocation", "resource-pool", "viewer"]
+            .iter()
+            .find(|s| *s == app)
+            .map(|s| gpualloc_platform::host::default_metrics_port(s).to_string());
+        let ok = match (app.as_str(), ports.as_str()) {
+            ("nats", "4222") | ("postgres", "5432") => {
+                principals.iter().cloned().collect::<BTreeSet<_>>() == services
+                    && namespaces.is_empty()
+            }
+            ("nats", "6222") => *principals == [principal(&namespace, "nats")],
+            ("nats", "8222") => principals.is_empty() && *namespaces == ["monitoring"],
+            (_, p) if Some(p.to_owned()) == metrics => {
+                principals.is_empty() && *namespaces == ["monitoring"]
+            }
+            _ => false,
+        };
+        if !ok {
+            problems.push(format!(
+                "{app}: port {ports} is open to {principals:?} {namespaces:?}"
+            ));
+        }
+    }
+    for svc in ["allocation", "resource-pool", "viewer"] {
+        let port = gpualloc_platform::host::default_metrics_port(svc).to_string();
+        if !ports_from.iter().any(|(a, p, _, _)| a == svc && *p == port) {
+            problems.push(format!("{svc}: Prometheus cannot scrape port {port}"));
+        }
+    }
+    if !ports_from
+        .iter()
+        .any(|(a, p, _, _)| a == "nats" && p == "4222")
+    {
+        problems.push("nats: the services cannot reach the client port".into());
+    }
+
+    // The gateway routes each service's prefix to it and strips the
+    // identity headers on every route to a gpualloc service.
+    let services = services_by_app();
+    for vs in
+        named(objects, "VirtualService").filter(|v| !strings(&v["spec"]["gateways"]).is_empty())
+    {
+        for (app, prefix, port) in &services {
+            let route = vs["spec"]["http"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .find(|r| {
+                    r["match"]
+                        .as_sequence()
+                        .into_iter()
+                        .flatten()
+                        .any(|m| m["uri"]["prefix"].as_str() == Some(prefix))
+                });
+            let Some(route) = route else {
+                problems.push(format!("the gateway has no route for {prefix}"));
+                continue;
+            };
+            let dest = &route["route"][0]["destination"];
+            if dest["host"].as_str() != Some(app) || dest["port"]["number"].as_u64() != Some(*port)
+            {
+                problems.push(format!(
+                    "{prefix} is routed to {:?}:{:?}",
+                    dest["host"], dest["port"]["number"]
+                ));
+            }
+            if !str_of(&route["retries"]["retryOn"])
+                .split(',')
+                .any(|c| c == "unavailable")
+            {
+                problems.push(format!("{prefix}: no retry on UNAVAILABLE"));
+            }
+        }
+        for route in vs["spec"]["http"].as_sequence().into_iter().flatten() {
+            let to_api = route["match"].as_sequence().into_iter().flatten().any(|m| {
+                ["prefix", "exact"].iter().any(|k| {
+                    m["uri"][*k]
+                        .as_str()
+                        .is_some_and(|u| u.starts_with("/gpualloc."))
+                })
+            });
+            let removed = strings(&route["headers"]["request"]["remove"]);
+            for h in [
+                gpualloc_platform::identity::SUBJECT_HEADER,
+                gpualloc_platform::identity::TENANT_HEADER,
+                gpualloc_platform::identity::ROLES_HEADER,
+            ] {
+                if to_api && !removed.iter().any(|r| r == h) {
+                    problems.push(format!(
+                        "route {:?} passes a client's {h} on",
+                        route["name"].as_str()
+                    ));
+                }
+            }
+        }
+    }
+    if named(objects, "VirtualService").all(|v| strings(&v["spec"]["gateways"]).is_empty()) {
+        problems.push("no VirtualService on the gateway".into());
+    }
+    problems
+}
+
+/// (app, the gateway prefix of its gRPC service, its port).
+fn services_by_app() -> Vec<(&'static str, String, u64)> {
+    services()
+        .into_iter()
+        .map(|s| (s.name, format!("/{}/", s.health), u64::from(s.grpc_port)))
+        .collect()
+}
+
+fn host_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host = authority.rsplit('@').next()?;
+    Some(host.split(':').next()?.to_owned())
+}
+
+fn env_file(text: &str) -> std::collections::BTreeMap<String, String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The viewer's files load with its own parsers, every secret they name
+/// is in the example, and every host the services call outside the
+/// cluster has a ServiceEntry under REGISTRY_ONLY egress.
+fn check_egress(objects: &[Value], notify: &str, notify_env: &str) -> Vec<String> {
+    use gpualloc_viewer::notify::{Settings, Target};
+    let mut problems = Vec::new();
+    let env = env_file(notify_env);
+    let settings = match Settings::parse_with_env(notify, &|name| env.get(name).cloned()) {
+        Ok(s) => s,
+        Err(e) => return vec![format!("notify.json does not load: {e:#}")],
+    };
+    let mut hosts: Vec<(String, String)> = Vec::new();
+    if let Some(jwks) = self::settings(objects).get("GPUALLOC_JWKS")
+        && let Some(h) = host_of(jwks)
+    {
+        hosts.push(("the JWKS".into(), h));
+    }
+    for c in &settings.channels {
+        let url = match &c.target {
+            Target::Webhook { url, .. } => url.clone(),
+            Target::Slack { url } => url.value().to_owned(),
+            Target::Kakao { base_url, .. } => base_url.clone(),
+        };
+        match host_of(&url) {
+            Some(h) => hosts.push((format!("channel {}", c.name), h)),
+            None => problems.push(format!("channel {}: no host in its URL", c.name)),
+        }
+    }
+    let entries: BTreeSet<String> = named(objects, "ServiceEntry")
+        .flat_map(|e| strings(&e["spec"]["hosts"]))
+        .collect();
+    for (what, host) in hosts {
+        if !entries.contains(&host) {
+            problems.push(format!("{what} calls {host}, which has no ServiceEntry"));
+        }
+    }
+    if !named(objects, "Sidecar")
+        .any(|s| s["spec"]["outboundTrafficPolicy"]["mode"].as_str() == Some("REGISTRY_ONLY"))
+    {
+        problems.push("egress is not REGISTRY_ONLY".into());
+    }
+    problems
+}
+
+/// The PrometheusRule is the alert rules file; every service is scraped.
+fn check_monitoring(objects: &[Value], alerts: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    let alerts: Value = serde_yaml::from_str(alerts).unwrap();
+    let rules: Vec<&Value> = named(objects, "PrometheusRule").collect();
+    if rules.len() != 1 || rules[0]["spec"]["groups"] != alerts["groups"] {
+        problems.push(
+            "the PrometheusRule is not prometheus/alerts.yml (run `cargo xtask alert-rules`)"
+                .into(),
+        );
+    }
+    for svc in services() {
+        let scraped = named(objects, "ServiceMonitor").any(|m| {
+            m["spec"]["selector"]["matchLabels"]["app"].as_str() == Some(svc.name)
+                && m["spec"]["endpoints"][0]["port"].as_str() == Some("http-metrics")
+        });
+        if !scraped {
+            problems.push(format!("no ServiceMonitor scrapes {}", svc.name));
+        }
+    }
+    if !named(objects, "ConfigMap").any(|c| {
+        c["metadata"]["labels"]["grafana_dashboard"].as_str() == Some("1")
+            && !c["data"]["gpualloc.json"].is_null()
+    }) {
+        problems.push("no Grafana dashboard ConfigMap".into());
+    }
+    problems
+}
+
+fn secret_value(objects: &[Value], name: &str, key: &str) -> Option<String> {
+    use base64::Engine as _;
+    let s = named(objects, "Secret").find(|s| {
+        s["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.rsplit_once('-').is_some_and(|(b, _)| b == name) || n == name)
+    })?;
+    // kustomize wraps long values over several lines.
+    let raw: String = s["data"][key].as_str()?.split_whitespace().collect();
+    let bytes = base64::engine::general_purpose::STANDARD.decode(raw).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// Production: every service's database URL is a role of the CloudNativePG
+/// cluster with a password Secret, on a database that role owns, through
+/// the cluster's read-write Service.
+fn check_postgres(objects: &[Value]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(cluster) = named(objects, "Cluster").next() else {
+        return vec!["no CloudNativePG Cluster".into()];
+    };
+    let name = str_of(&cluster["metadata"]["name"]);
+    if cluster["spec"]["instances"].as_u64() != Some(3) {
+        problems.push("the PostgreSQL cluster does not have 3 instances".into());
+    }
+    for svc in ["allocation", "resource-pool", "viewer"] {
+        let Some(url) = secret_value(objects, &format!("gpualloc-{svc}"), "GPUALLOC_DATABASE_URL")
+        else {
+            problems.push(format!("{svc}: no GPUALLOC_DATABASE_URL"));
+            continue;
+        };
+        let rest = url.split_once("://").map(|(_, r)| r).unwrap_or_default();
+        let (user, rest) = rest.split_once('@').unwrap_or_default();
+        let user = user.split(':').next().unwrap_or_default();
+        let host = rest.split([':', '/']).next().unwrap_or_default();
+        let db = rest
+            .split_once('/')
+            .map(|(_, d)| d.split('?').next().unwrap_or_default())
+            .unwrap_or_default();
+        if host != format!("{name}-rw") {
+            problems.push(format!("{svc}: connects to {host}, not {name}-rw"));
+        }
+        let role = cluster["spec"]["managed"]["roles"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"].as_str() == Some(user));
+        match role {
+            Some(r) if r["login"].as_bool() == Some(true) => {
+                let secret = str_of(&r["passwordSecret"]["name"]);
+                if secret_value(objects, &secret, "username").as_deref() != Some(user) {
+                    problems.push(format!(
+                        "{svc}: the password Secret of role {user} is not for {user}"
+                    ));
+                }
+            }
+            _ => problems.push(format!(
+                "{svc}: logs in as {user}, not a login role of {name}"
+            )),
+        }
+        if !named(objects, "Database").any(|d| {
+            d["spec"]["name"].as_str() == Some(db)
+                && d["spec"]["owner"].as_str() == Some(user)
+                && d["spec"]["cluster"]["name"].as_str() == Some(&name)
+        }) {
+            problems.push(format!(
+                "{svc}: database {db} is not one {user} owns on {name}"
+            ));
+        }
+    }
+    problems
+}
+
+struct Files {
+    notify: String,
+    notify_env: String,
+    alerts: String,
+}
+
+fn files() -> Files {
+    let read = |p: &str| std::fs::read_to_string(root().join(p)).unwrap();
+    Files {
+        notify: read("deploy/base/config/notify.json"),
+        notify_env: read("deploy/base/secrets/notify.env.example"),
+        alerts: read("deploy/components/monitoring/prometheus/alerts.yml"),
+    }
+}
+
+fn check_all(overlay: &str, objects: &[Value], f: &Files) -> Vec<String> {
+    let mut p = check_istio(objects);
+    p.extend(check_egress(objects, &f.notify, &f.notify_env));
+    p.extend(check_monitoring(objects, &f.alerts));
+    if overlay == "production" {
+        p.extend(check_postgres(objects));
+    }
+    p
+}
+
+#[test]
+fn the_mesh_monitoring_and_databases_agree_with_the_services() {
+    let (overlays, _) = rendered();
+    let f = files();
+    for (name, objects) in &overlays {
+        let problems = check_all(name, objects, &f);
+        assert!(problems.is_empty(), "{name}:\n{}", problems.join("\n"));
+    }
+    // The rate card loads with the viewer's parser.
+    gpualloc_viewer::usage::RateCard::load(&root().join("deploy/base/config/rate-card.json"))
+        .unwrap();
+}
+
+#[test]
+fn each_kind_of_mesh_drift_is_caught() {
+    let (overlays, _) = rendered();
+    let f = files();
+    let (overlay, good) = overlays
+        .iter()
+        .find(|(n, _)| n == "production")
+        .cloned()
+        .unwrap();
+    assert!(check_all(&overlay, &good, &f).is_empty());
+    let edit = |f_: &dyn Fn(&mut Vec<Value>), files: &Files| {
+        let mut o = good.clone();
+        f_(&mut o);
+        check_all(&overlay, &o, files)
+    };
+    let find = |o: &[Value], kind: &str, name: &str| {
+        o.iter()
+            .position(|v| {
+                v["kind"].as_str() == Some(kind) && v["metadata"]["name"].as_str() == Some(name)
+            })
+            .unwrap()
+    };
+    let paths = |o: &mut Vec<Value>, policy: &str, rule: usize| -> Vec<Value> {
+        let i = find(o, "AuthorizationPolicy", policy);
+        o[i]["spec"]["rules"][rule]["to"][0]["operation"]["paths"]
+            .as_sequence()
+            .unwrap()
+            .clone()
+    };
+    let set_paths = |o: &mut Vec<Value>, policy: &str, rule: usize, p: Vec<Value>| {
+        let i = find(o, "AuthorizationPolicy", policy);
+        o[i]["spec"]["rules"][rule]["to"][0]["operation"]["paths"] = Value::Sequence(p);
+    };
+    let cases: Vec<(&str, Vec<String>)> = vec![
+        (
+            "an RPC missing from the policies",
+            edit(
+                &|o| {
+                    let mut p = paths(o, "viewer", 0);
+                    p.retain(|v| {
+                        v.as_str() != Some("/gpualloc.viewer.v1.ViewerService/GetUsageReport")
+                    });
+                    set_paths(o, "viewer", 0, p);
+                },
+                &f,
+            ),
+        ),
+        (
+            "a path that is not an RPC",
+            edit(
+                &|o| {
+                    let mut p = paths(o, "viewer", 0);
+                    p.push("/gpualloc.viewer.v1.ViewerService/GetUsageReports".into());
+                    set_paths(o, "viewer", 0, p);
+                },
+                &f,
+            ),
+        ),
+        (
+            "an admin-only RPC without the admin role",
+            edit(
+                &|o| {
+                    let mut p = paths(o, "resource-pool", 0);
+                    p.push("/gpualloc.resourcepool.v1.ResourcePoolService/SetTenantQuota".into());
+                    set_paths(o, "resource-pool", 0, p);
+                },
+                &f,
+            ),
+        ),
+        (
+            "an RPC allowed without a token",
+            edit(
+                &|o| {
+                    let i = find(o, "AuthorizationPolicy", "allocation");
+                    o[i]["spec"]["rules"][0]["from"][0]["source"]
+                        .as_mapping_mut()
+                        .unwrap()
+                        .remove("requestPrincipals");
+                },
+                &f,
+            ),
+        ),
+        (
+            "a claim header mesh mode does not read",
+            edit(
+                &|o| {
+                    let i = find(o, "RequestAuthentication", "gpualloc-jwt");
+                    o[i]["spec"]["jwtRules"][0]["outputClaimToHeaders"][1]["header"] =
+                        "x-gpualloc-tenant-id".into();
+                },
+                &f,
+            ),
+        ),
+        (
+            "an issuer the services do not trust",
+            edit(
+                &|o| {
+                    let i = find(o, "RequestAuthentication", "gpualloc-jwt");
+                    o[i]["spec"]["jwtRules"][0]["issuer"] = "https://other.example/".into();
+                },
+                &f,
+            ),
+        ),
+        (
+            "a gateway route that passes client identity headers on",
+            edit(
+                &|o| {
+                    let i = find(o, "VirtualService", "gpualloc-api");
+                    o[i]["spec"]["http"][1]
+                        .as_mapping_mut()
+                        .unwrap()
+                        .remove("headers");
+                },
+                &f,
+            ),
+        ),
+        (
+            "NATS open to any workload",
+            edit(
+                &|o| {
+                    let i = find(o, "AuthorizationPolicy", "nats");
+                    o[i]["spec"]["rules"][0]["from"][0]["source"]["principals"]
+                        .as_sequence_mut()
+                        .unwrap()
+                        .push("cluster.local/ns/gpualloc/sa/default".into());
+                },
+                &f,
+            ),
+        ),
+        (
+            "a notification host without a ServiceEntry",
+            edit(
+                &|o| {
+                    let i = find(o, "ServiceEntry", "notify-kakao");
+                    o.remove(i);
+                },
+                &f,
+            ),
+        ),
+        (
+            "alert rules edited in one place only",
+            edit(
+                &|_| {},
+                &Files {
+                    alerts: f.alerts.replacen("> 60", "> 90", 1),
+                    notify: f.notify.clone(),
+                    notify_env: f.notify_env.clone(),
+                },
+            ),
+        ),
+        (
+            "a notification secret missing from the example",
+            edit(
+                &|_| {},
+                &Files {
+                    alerts: f.alerts.clone(),
+                    notify: f.notify.clone(),
+                    notify_env: f
+                        .notify_env
+                        .replace("ML_TEAM_HOOK_SECRET=", "ML_HOOK_SECRET="),
+                },
+            ),
+        ),
+        (
+            "a database the service's role does not own",
+            edit(
+                &|o| {
+                    let i = find(o, "Database", "gpualloc-viewer");
+                    o[i]["spec"]["owner"] = "allocation".into();
+                },
+                &f,
+            ),
+        ),
+    ];
+    for (what, problems) in cases {
+        assert!(!problems.is_empty(), "{what} went unnoticed");
+        eprintln!("{what}: {}", problems[0]);
+    }
+}
+
+/// The fault-injection demo delays and aborts CheckQuota — a real RPC —
+/// on the pool's host, where the allocation service's calls go.
+#[test]
+fn the_fault_injection_demo_targets_check_quota() {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(root().join("istio/demo"))
+        .output()
+        .expect("kubectl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let vs = named(&docs, "VirtualService").next().unwrap();
+    assert_eq!(strings(&vs["spec"]["hosts"]), ["resource-pool"]);
+    let faulty = vs["spec"]["http"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|r| !r["fault"].is_null())
+        .unwrap();
+    let path = str_of(&faulty["match"][0]["uri"]["exact"]);
+    assert!(api_rpcs().contains(&path), "{path} is not an RPC");
+    assert!(path.ends_with("/CheckQuota"));
+    let port = faulty["route"][0]["destination"]["port"]["number"].as_u64();
+    let pool = services()
+        .into_iter()
+        .find(|s| s.name == "resource-pool")
+        .unwrap();
+    assert_eq!(port, Some(u64::from(pool.grpc_port)));
+    assert_eq!(
+        faulty["fault"]["abort"]["grpcStatus"].as_str(),
+        Some("UNAVAILABLE")
+    );
 }

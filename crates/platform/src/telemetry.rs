@@ -37,12 +37,16 @@ impl Telemetry {
     }
 }
 
+/// The standard variable that turns trace export on (the manifests set
+/// it; their test checks it is one the services read).
+pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
 /// Installs the global subscriber (`RUST_LOG` filters, default `info`) and,
 /// with `OTEL_EXPORTER_OTLP_ENDPOINT`, the OTLP trace exporter for
 /// `service`. Call inside the tokio runtime. Does nothing when a subscriber
 /// is installed already (tests start several services in one process).
 pub fn init(format: LogFormat, service: &'static str) -> Telemetry {
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+    let endpoint = std::env::var(OTLP_ENDPOINT_ENV)
         .ok()
         .filter(|e| !e.trim().is_empty());
     let provider = endpoint.and_then(|endpoint| match exporter(service) {
