@@ -33,6 +33,10 @@ pub struct Args {
     /// Wipe the state folder first.
     #[arg(long)]
     fresh: bool,
+    /// Do not create the demo pools and quota (they are only ever created
+    /// when missing; this skips even that).
+    #[arg(long)]
+    no_seed: bool,
     /// Use PostgreSQL (e.g. postgres://postgres@127.0.0.1:5432/gpualloc):
     /// one database per service, named <database>_<service>, created if
     /// missing.
@@ -238,7 +242,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let admin_token = issuer
             .token("xtask", None, &["admin"], BANNER_TTL)
             .map_err(anyhow::Error::msg)?;
-        seed(&admin_token).await?;
+        if !args.no_seed {
+            seed(&admin_token).await?;
+        }
         let tenant_token = issuer
             .token("demo-user", Some("demo"), &[], BANNER_TTL)
             .map_err(anyhow::Error::msg)?;
@@ -352,8 +358,10 @@ fn admin<T>(token: &str, message: T) -> anyhow::Result<Request<T>> {
     Ok(r)
 }
 
-/// Demo pools and a demo tenant. Idempotent: PutPool and SetTenantQuota
-/// replace what is there.
+/// Demo pools and a demo tenant, each created only when it does not exist
+/// yet: what an operator changed (a pool's size, a quota's threshold) or
+/// filled is never reverted on the next start, and no start fails because
+/// of it.
 async fn seed(token: &str) -> anyhow::Result<()> {
     let channel = Channel::from_static("http://127.0.0.1:50052")
         .connect()
@@ -372,36 +380,77 @@ async fn seed(token: &str) -> anyhow::Result<()> {
                 }),
                 ..Default::default()
             }),
+            update_mask: None,
         };
+    let mut kept = Vec::new();
     for p in [
         pool("gpu-a100", 128_000, 1_048_576, 50_000, &[("A100", 8)]),
         pool("gpu-h100", 96_000, 786_432, 20_000, &[("H100", 4)]),
         pool("cpu-only", 256_000, 1_048_576, 100_000, &[]),
     ] {
-        pools
-            .put_pool(admin(token, p)?)
-            .await
-            .context("seeding pools")?;
+        let id = p
+            .pool
+            .as_ref()
+            .map(|p| p.pool_id.clone())
+            .unwrap_or_default();
+        let existing = pools
+            .get_pool(admin(
+                token,
+                rp::GetPoolRequest {
+                    pool_id: id.clone(),
+                },
+            )?)
+            .await;
+        match existing {
+            Ok(_) => kept.push(format!("pool {id}")),
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                pools
+                    .put_pool(admin(token, p)?)
+                    .await
+                    .with_context(|| format!("seeding pool {id}"))?;
+            }
+            Err(e) => return Err(anyhow::anyhow!("reading pool {id}: {}", e.message())),
+        }
     }
-    let quota = rp::SetTenantQuotaRequest {
-        tenant: "demo".into(),
-        limits: Some(rp::Resources {
-            cpu_millis: 64_000,
-            memory_mib: 262_144,
-            gpus: 8,
-            storage_gib: 10_000,
-            ..Default::default()
-        }),
-        approval_above: Some(rp::Resources {
-            gpus: 4,
-            ..Default::default()
-        }),
-        max_hold: None,
-    };
-    if let Err(e) = pools.set_tenant_quota(admin(token, quota)?).await {
-        // After a restart the demo tenant may hold more than a lowered
-        // default would allow; keep what is there.
-        eprintln!("xtask: demo quota left as it was: {}", e.message());
+    let existing = pools
+        .get_tenant_quota(admin(
+            token,
+            rp::GetTenantQuotaRequest {
+                tenant: "demo".into(),
+            },
+        )?)
+        .await;
+    match existing {
+        Ok(_) => kept.push("the demo quota".into()),
+        Err(e) if e.code() == tonic::Code::NotFound => {
+            let quota = rp::SetTenantQuotaRequest {
+                tenant: "demo".into(),
+                limits: Some(rp::Resources {
+                    cpu_millis: 64_000,
+                    memory_mib: 262_144,
+                    gpus: 8,
+                    storage_gib: 10_000,
+                    ..Default::default()
+                }),
+                approval_above: Some(rp::Resources {
+                    gpus: 4,
+                    ..Default::default()
+                }),
+                max_hold: None,
+                update_mask: None,
+            };
+            pools
+                .set_tenant_quota(admin(token, quota)?)
+                .await
+                .context("seeding the demo quota")?;
+        }
+        Err(e) => return Err(anyhow::anyhow!("reading the demo quota: {}", e.message())),
+    }
+    if !kept.is_empty() {
+        eprintln!(
+            "xtask: kept as they are (seeding only creates what is missing): {}",
+            kept.join(", ")
+        );
     }
     Ok(())
 }

@@ -163,6 +163,7 @@ async fn setup(mesh: &Mesh, gpus: i32) -> anyhow::Result<()> {
     let mut pools = ResourcePoolServiceClient::new(mesh.channel("resource-pool"));
     pools
         .put_pool(as_admin(rp::PutPoolRequest {
+            update_mask: None,
             pool: Some(rp::Pool {
                 pool_id: "bench".into(),
                 capacity: Some(rp::Capacity {

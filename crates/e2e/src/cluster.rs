@@ -266,6 +266,7 @@ impl Cluster {
         self.pools()
             .remove(0)
             .put_pool(crate::admin(rp::PutPoolRequest {
+                update_mask: None,
                 pool: Some(rp::Pool {
                     pool_id: id.into(),
                     capacity: Some(capacity),

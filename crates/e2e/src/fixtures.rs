@@ -50,6 +50,7 @@ pub async fn put_pool_at(
 ) -> rp::Pool {
     pools
         .put_pool(admin(rp::PutPoolRequest {
+            update_mask: None,
             pool: Some(rp::Pool {
                 pool_id: id.into(),
                 capacity: Some(capacity),

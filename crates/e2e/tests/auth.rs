@@ -133,8 +133,8 @@ async fn every_refusal_is_unauthenticated_and_says_why() {
         );
         // The viewer and the pool refuse the same way.
         let request = match &token {
-            Some(t) => bearer(t, rp::ListPoolsRequest {}),
-            None => Request::new(rp::ListPoolsRequest {}),
+            Some(t) => bearer(t, rp::ListPoolsRequest::default()),
+            None => Request::new(rp::ListPoolsRequest::default()),
         };
         let e = mesh.pools().list_pools(request).await.unwrap_err();
         assert_eq!(e.code(), Code::Unauthenticated, "{what} at the pool");
@@ -159,7 +159,7 @@ async fn identity_headers_make_nobody_an_administrator() {
     // Without a token, the headers the mesh would set are not enough.
     let forged = with_header(
         with_header(
-            Request::new(rp::ListPoolsRequest {}),
+            Request::new(rp::ListPoolsRequest::default()),
             "x-gpualloc-roles",
             "admin",
         ),
@@ -246,7 +246,7 @@ async fn pool_trusting(
 
 async fn list_pools(svc: &Service, token: &str) -> Result<(), tonic::Status> {
     ResourcePoolServiceClient::new(svc.channel())
-        .list_pools(bearer(token, rp::ListPoolsRequest {}))
+        .list_pools(bearer(token, rp::ListPoolsRequest::default()))
         .await
         .map(|_| ())
 }
@@ -383,7 +383,7 @@ async fn mesh_mode_trusts_single_identity_headers_only() {
     svc.wait_serving().await;
     let mut client = ResourcePoolServiceClient::new(svc.channel());
     let as_admin = with_header(
-        Request::new(rp::ListPoolsRequest {}),
+        Request::new(rp::ListPoolsRequest::default()),
         "x-gpualloc-roles",
         "admin",
     );

@@ -121,6 +121,7 @@ impl World {
             }
             .encode_to_vec(),
             "PutPool" => rp::PutPoolRequest {
+                update_mask: None,
                 pool: Some(rp::Pool {
                     pool_id: format!("new-{unique}"),
                     capacity: Some(gpu_capacity(&[("A100", 1)])),
@@ -132,7 +133,7 @@ impl World {
                 pool_id: "p".into(),
             }
             .encode_to_vec(),
-            "ListPools" => rp::ListPoolsRequest {}.encode_to_vec(),
+            "ListPools" => rp::ListPoolsRequest::default().encode_to_vec(),
             "DeletePool" => {
                 let pool_id = format!("idle-{unique}");
                 put_pool(&self.mesh, &pool_id, gpu_capacity(&[("A100", 1)])).await;

@@ -65,6 +65,21 @@ fn runner() -> TestRunner {
 
 /// Strings a hostile client sends: empty, plausible, unicode, control
 /// characters, huge.
+/// Update masks: none, or paths that are real, near misses or noise.
+fn mask() -> impl Strategy<Value = Option<prost_types::FieldMask>> {
+    let path = prop_oneof![
+        Just("*".to_owned()),
+        Just("limits.gpus".to_owned()),
+        Just("capacity".to_owned()),
+        Just("max_hold".to_owned()),
+        Just("usage".to_owned()),
+        text(),
+    ];
+    proptest::option::of(
+        proptest::collection::vec(path, 0..4).prop_map(|paths| prost_types::FieldMask { paths }),
+    )
+}
+
 fn text() -> BoxedStrategy<String> {
     prop_oneof![
         Just(String::new()),
@@ -217,20 +232,30 @@ fn request(path: &str) -> BoxedStrategy<Vec<u8>> {
                     ..Default::default()
                 },
             ))
-            .prop_map(|pool| rp::PutPoolRequest { pool }),
+            .prop_flat_map(|pool| {
+                mask().prop_map(move |update_mask| rp::PutPoolRequest {
+                    pool: pool.clone(),
+                    update_mask,
+                })
+            }),
         ),
         "GetPool" | "DeletePool" => {
             encoded(text().prop_map(|pool_id| rp::GetPoolRequest { pool_id }))
         }
-        "ListPools" => encoded(Just(rp::ListPoolsRequest {})),
-        "SetTenantQuota" => encoded((text(), resources(), resources(), duration()).prop_map(
-            |(tenant, limits, approval_above, max_hold)| rp::SetTenantQuotaRequest {
-                tenant,
-                limits,
-                approval_above,
-                max_hold,
-            },
-        )),
+        "ListPools" => encoded(text().prop_map(|gpu_model| rp::ListPoolsRequest { gpu_model })),
+        "SetTenantQuota" => encoded(
+            (text(), resources(), resources(), duration(), mask()).prop_map(
+                |(tenant, limits, approval_above, max_hold, update_mask)| {
+                    rp::SetTenantQuotaRequest {
+                        tenant,
+                        limits,
+                        approval_above,
+                        max_hold,
+                        update_mask,
+                    }
+                },
+            ),
+        ),
         "GetTenantQuota" | "GetTenantSummary" => {
             encoded(text().prop_map(|tenant| rp::GetTenantQuotaRequest { tenant }))
         }

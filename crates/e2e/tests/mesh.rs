@@ -320,6 +320,7 @@ async fn bad_input_gets_field_violations_and_changes_nothing() {
         .put_pool(tenant(
             "team-a",
             rp::PutPoolRequest {
+                update_mask: None,
                 pool: Some(rp::Pool {
                     pool_id: "p".into(),
                     ..Default::default()
@@ -542,7 +543,7 @@ async fn health_waits_for_database_and_nats() {
     eventually(Duration::from_secs(10), "database ready", || {
         let mut p = pools.clone();
         async move {
-            p.list_pools(admin(rp::ListPoolsRequest {}))
+            p.list_pools(admin(rp::ListPoolsRequest::default()))
                 .await
                 .ok()
                 .map(|_| ())

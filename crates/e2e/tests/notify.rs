@@ -117,6 +117,7 @@ async fn each_channel_gets_every_state_change_in_its_own_shape() {
             limits: Some(gpus(16, "")),
             approval_above: Some(gpus(3, "")),
             max_hold: None,
+            update_mask: None,
         }))
         .await
         .unwrap();

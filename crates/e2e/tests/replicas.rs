@@ -67,6 +67,7 @@ async fn setup(cluster: &Cluster) {
     ] {
         pools
             .put_pool(admin(rp::PutPoolRequest {
+                update_mask: None,
                 pool: Some(rp::Pool {
                     pool_id: id.into(),
                     capacity: Some(cap),

@@ -46,6 +46,7 @@ async fn quota_with(mesh: &Mesh, t: &str, limits: rp::Resources, approval_above:
             limits: Some(limits),
             approval_above: Some(approval_above),
             max_hold: None,
+            update_mask: None,
         }))
         .await
         .unwrap();
@@ -54,6 +55,7 @@ async fn quota_with(mesh: &Mesh, t: &str, limits: rp::Resources, approval_above:
 async fn put_pool_with_hold(mesh: &Mesh, id: &str, capacity: rp::Capacity, max_hold: i64) {
     mesh.pools()
         .put_pool(admin(rp::PutPoolRequest {
+            update_mask: None,
             pool: Some(rp::Pool {
                 pool_id: id.into(),
                 capacity: Some(capacity),

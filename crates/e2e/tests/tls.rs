@@ -160,13 +160,13 @@ async fn grpc_and_nats_over_mutual_tls() {
     let no_cert = match pki.channel(pool.addr.port(), false).await {
         Err(_) => true,
         Ok(c) => ResourcePoolServiceClient::new(c)
-            .list_pools(admin(rp::ListPoolsRequest {}))
+            .list_pools(admin(rp::ListPoolsRequest::default()))
             .await
             .is_err(),
     };
     assert!(no_cert, "a client without a certificate was served");
     let plain = ResourcePoolServiceClient::new(pool.channel())
-        .list_pools(admin(rp::ListPoolsRequest {}))
+        .list_pools(admin(rp::ListPoolsRequest::default()))
         .await;
     assert!(plain.is_err(), "a plaintext client was served");
     // NATS refuses a client without TLS.

@@ -18,6 +18,7 @@ use tonic::server::NamedService;
 pub mod engine;
 mod error;
 mod handler;
+pub mod mask;
 pub mod ops;
 mod quota_cache;
 mod schema;

@@ -15,6 +15,7 @@ use gpualloc_storage::{DbConnection, Native, lock};
 use crate::{
     Error,
     engine::{self, Verdict},
+    mask::{PoolMask, PoolParts, QuotaMask, QuotaParts},
     schema::{pool_resources, pools, tenant_quotas, tenant_usage},
     store::{self, GRANTED, HELD, NewReservation, REJECTED, RELEASED, ReservationRow},
 };
@@ -468,12 +469,15 @@ pub struct PoolSpec {
     pub max_hold: Option<i64>,
 }
 
-/// Creates a pool or replaces its capacity; refuses to go below what is
-/// granted. Raising capacity admits held requests at once.
+/// Creates a pool or replaces its capacity — or, with a mask, the fields
+/// it names, merged under the placement lock with what is stored; refuses
+/// to go below what is granted. Raising capacity admits held requests at
+/// once.
 pub fn put_pool(
     conn: &mut DbConnection,
     emit: &mut Emitter,
     spec: &PoolSpec,
+    mask: &PoolMask,
 ) -> Result<store::PoolRecord, Error> {
     lock::acquire(conn, store::PLACEMENT_LOCK)?;
     let now = emit.now();
@@ -481,6 +485,25 @@ pub fn put_pool(
     let existing = store::load_pools(conn)?
         .into_iter()
         .find(|p| p.row.pool_id == id);
+    let current = existing.as_ref().map(|p| PoolParts {
+        capacity: Capacity::from_lines(p.state.capacity.iter().map(|(c, v)| (c, *v))),
+        max_hold: p.row.max_hold_micros,
+    });
+    let requested = PoolParts {
+        capacity: spec.capacity.clone(),
+        max_hold: spec.max_hold,
+    };
+    let Some(merged) = mask.apply(current.as_ref(), requested) else {
+        return Err(Error::NotFound {
+            kind: "pool",
+            id: id.to_owned(),
+        });
+    };
+    let spec = &PoolSpec {
+        id: spec.id.clone(),
+        capacity: merged.capacity,
+        max_hold: merged.max_hold,
+    };
     let new: BTreeMap<Class, i64> = spec.capacity.lines().into_iter().collect();
     match &existing {
         Some(p) => {
@@ -634,16 +657,41 @@ pub struct QuotaSpec {
     pub max_hold: Option<i64>,
 }
 
-/// Sets a tenant's quota; refuses limits below what the tenant holds.
+/// Sets a tenant's quota — or, with a mask, the fields it names, merged
+/// under the placement lock with what is stored; refuses limits below what
+/// the tenant holds.
 pub fn set_quota(
     conn: &mut DbConnection,
     emit: &mut Emitter,
     spec: &QuotaSpec,
+    mask: &QuotaMask,
 ) -> Result<(), Error> {
     lock::acquire(conn, store::PLACEMENT_LOCK)?;
     let now = emit.now();
     let tenant = spec.tenant.as_str();
     let existing = store::load_tenant(conn, tenant)?;
+    let current = existing.as_ref().map(|(row, state)| QuotaParts {
+        limits: Resources::from_lines(state.limits.iter().map(|(c, v)| (c, *v))),
+        approval_above: state.approval_above.clone(),
+        max_hold: row.max_hold_micros,
+    });
+    let requested = QuotaParts {
+        limits: spec.limits.clone(),
+        approval_above: spec.approval_above.clone(),
+        max_hold: spec.max_hold,
+    };
+    let Some(merged) = mask.apply(current.as_ref(), requested) else {
+        return Err(Error::NotFound {
+            kind: "tenant quota",
+            id: tenant.to_owned(),
+        });
+    };
+    let spec = &QuotaSpec {
+        tenant: spec.tenant.clone(),
+        limits: merged.limits,
+        approval_above: merged.approval_above,
+        max_hold: merged.max_hold,
+    };
     let new: BTreeMap<Class, i64> = spec.limits.quota_lines().into_iter().collect();
     let approval = serde_json::to_string(&spec.approval_above)
         .map_err(|e| Error::Invariant(format!("encoding approval_above: {e}")))?;
@@ -752,11 +800,35 @@ pub fn pool_to_proto(p: &store::PoolRecord) -> pb::Pool {
         pool_id: p.row.pool_id.clone(),
         capacity: Some(pb::Capacity::from(&capacity)),
         usage: Some(pb::Capacity::from(&usage)),
+        free: Some(free_of(&p.state)),
         max_hold: p.row.max_hold_micros.map(time::to_duration),
         version: p.row.version,
         create_time: Some(time::to_timestamp(p.row.create_time)),
         update_time: Some(time::to_timestamp(p.row.update_time)),
     }
+}
+
+/// Capacity minus usage for every class the pool has — a GPU model or
+/// custom class that is fully used shows 0 rather than disappearing.
+fn free_of(state: &engine::PoolState) -> pb::Capacity {
+    let lines: Vec<(Class, i64)> = state
+        .capacity
+        .keys()
+        .map(|c| (c.clone(), state.free(c).max(0)))
+        .collect();
+    let mut free = pb::Capacity::from(&Capacity::from_lines(lines.iter().map(|(c, v)| (c, *v))));
+    for class in state.capacity.keys() {
+        match class {
+            Class::GpusOf(model) => {
+                free.gpus_by_model.entry(model.to_string()).or_insert(0);
+            }
+            Class::Custom(name) => {
+                free.custom.entry(name.to_string()).or_insert(0);
+            }
+            _ => {}
+        }
+    }
+    free
 }
 
 fn rejected(reason: &str, cause: ev::RejectCause) -> Payload {

@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use gpualloc_domain::{Capacity, Class, PoolId, Resources, TenantId, Violations, time};
+use gpualloc_domain::{Capacity, Class, GpuModel, PoolId, Resources, TenantId, Violations, time};
 use gpualloc_platform::{Caller, DbHandle, propagation};
 use gpualloc_proto::resourcepool::v1::{
     self as pb, resource_pool_service_server::ResourcePoolService,
@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     Error,
     engine::{self, TenantState, Verdict},
+    mask::{PoolMask, QuotaMask},
     ops::{self, PoolSpec, QuotaSpec},
     quota_cache::QuotaCache,
     store,
@@ -204,8 +205,12 @@ impl ResourcePoolService for PoolService {
     ) -> Result<Response<pb::Pool>, Status> {
         Caller::from_request(&request)?.require_admin()?;
         let headers = propagation::headers(request.metadata());
-        let pool = request.into_inner().pool.unwrap_or_default();
+        let req = request.into_inner();
+        let pool = req.pool.unwrap_or_default();
         let mut v = Violations::new();
+        let mask = PoolMask::parse(&req.update_mask.map(|m| m.paths).unwrap_or_default())
+            .map_err(|e| v.0.extend(e.0))
+            .ok();
         let id = v.check("pool.pool_id", PoolId::parse(pool.pool_id));
         let capacity = match Capacity::try_from(pool.capacity.unwrap_or_default()) {
             Ok(c) => Some(c),
@@ -215,19 +220,19 @@ impl ResourcePoolService for PoolService {
             }
         };
         let max_hold = optional_duration("pool.max_hold", pool.max_hold, &mut v);
-        let (Some(id), Some(capacity)) = (id, capacity) else {
+        let (Some(id), Some(capacity), Some(mask), true) = (id, capacity, mask, v.is_empty())
+        else {
             return Err(gpualloc_platform::status::invalid_argument(&v));
         };
-        if !v.is_empty() {
-            return Err(gpualloc_platform::status::invalid_argument(&v));
-        }
         let spec = PoolSpec {
             id,
             capacity,
             max_hold,
         };
         let record = self
-            .write(headers, move |conn, emit| ops::put_pool(conn, emit, &spec))
+            .write(headers, move |conn, emit| {
+                ops::put_pool(conn, emit, &spec, &mask)
+            })
             .await?;
         Ok(Response::new(ops::pool_to_proto(&record)))
     }
@@ -257,9 +262,26 @@ impl ResourcePoolService for PoolService {
         request: Request<pb::ListPoolsRequest>,
     ) -> Result<Response<pb::ListPoolsResponse>, Status> {
         Caller::from_request(&request)?;
+        let model = request.into_inner().gpu_model;
+        let model = if model.is_empty() {
+            None
+        } else {
+            let parsed = GpuModel::parse(model).map_err(|e| {
+                gpualloc_platform::status::invalid_argument(&Violations::single("gpu_model", e))
+            })?;
+            Some(Class::GpusOf(parsed))
+        };
         let pools = self.read(store::load_pools).await?;
         Ok(Response::new(pb::ListPoolsResponse {
-            pools: pools.iter().map(ops::pool_to_proto).collect(),
+            pools: pools
+                .iter()
+                .filter(|p| {
+                    model
+                        .as_ref()
+                        .is_none_or(|m| p.state.capacity.contains_key(m))
+                })
+                .map(ops::pool_to_proto)
+                .collect(),
         }))
     }
 
@@ -294,8 +316,11 @@ impl ResourcePoolService for PoolService {
             .map_err(|e| v.extend_prefixed("approval_above", e))
             .ok();
         let max_hold = optional_duration("max_hold", req.max_hold, &mut v);
-        let (Some(tenant), Some(limits), Some(approval_above), true) =
-            (tenant, limits, approval_above, v.is_empty())
+        let mask = QuotaMask::parse(&req.update_mask.map(|m| m.paths).unwrap_or_default())
+            .map_err(|e| v.0.extend(e.0))
+            .ok();
+        let (Some(tenant), Some(limits), Some(approval_above), Some(mask), true) =
+            (tenant, limits, approval_above, mask, v.is_empty())
         else {
             return Err(gpualloc_platform::status::invalid_argument(&v));
         };
@@ -308,7 +333,7 @@ impl ResourcePoolService for PoolService {
         let t = tenant.clone();
         let quota = self
             .write(headers, move |conn, emit| {
-                ops::set_quota(conn, emit, &spec)?;
+                ops::set_quota(conn, emit, &spec, &mask)?;
                 store::load_tenant(conn, t.as_str())
             })
             .await?;

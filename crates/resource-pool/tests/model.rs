@@ -26,6 +26,7 @@ use gpualloc_domain::{Capacity, Class, GpuModel, PoolId, Resources, TenantId, ti
 use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as pb};
 use gpualloc_resource_pool::{
     Error, MIGRATIONS,
+    mask::{PoolMask, QuotaMask},
     ops::{self, PoolSpec, QuotaSpec},
     store,
 };
@@ -304,6 +305,7 @@ impl Harness {
                         approval_above: Resources::default(),
                         max_hold: None,
                     },
+                    &QuotaMask::Replace,
                 )
             })
             .unwrap();
@@ -346,7 +348,7 @@ impl Harness {
             capacity,
             max_hold: None,
         };
-        self.run(move |c, e| ops::put_pool(c, e, &spec))
+        self.run(move |c, e| ops::put_pool(c, e, &spec, &PoolMask::Replace))
             .map(|r| r.1)
     }
 

@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 
 use diesel::{RunQueryDsl, sql_query};
-use gpualloc_domain::{Capacity, GpuModel, PoolId, Resources, TenantId, time};
+use gpualloc_domain::{Capacity, Class, GpuModel, PoolId, Resources, TenantId, time};
 use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as pb};
 use gpualloc_resource_pool::{
     Error, MIGRATIONS,
+    mask::{PoolMask, QuotaMask},
     ops::{self, PoolSpec, QuotaSpec},
     store,
 };
@@ -110,6 +111,7 @@ async fn setup(db: &Db, pool_gpus: i64, quota_gpus: i64) {
                 capacity: a100(pool_gpus),
                 max_hold: None,
             },
+            &PoolMask::Replace,
         )
     })
     .await
@@ -124,6 +126,7 @@ async fn setup(db: &Db, pool_gpus: i64, quota_gpus: i64) {
                 approval_above: Resources::default(),
                 max_hold: None,
             },
+            &QuotaMask::Replace,
         )
     })
     .await
@@ -222,6 +225,7 @@ async fn shrinking_below_usage_is_refused(url: String) {
                 capacity: a100(2),
                 max_hold: None,
             },
+            &PoolMask::Replace,
         )
     })
     .await
@@ -246,6 +250,7 @@ async fn shrinking_below_usage_is_refused(url: String) {
                 approval_above: Resources::default(),
                 max_hold: None,
             },
+            &QuotaMask::Replace,
         )
     })
     .await
@@ -286,6 +291,7 @@ async fn shrinking_below_usage_is_refused(url: String) {
                 capacity: a100(8),
                 max_hold: None,
             },
+            &PoolMask::Replace,
         )
     })
     .await
@@ -320,9 +326,103 @@ async fn the_database_refuses_over_allocation(url: String) {
     assert!(negative.is_err(), "negative usage accepted");
 }
 
+/// A masked update changes only what it names, against the stored value,
+/// and still refuses to go below what is in use.
+async fn masked_updates_change_only_what_they_name(url: String) {
+    let db = open(&url).await;
+    setup(&db, 4, 4).await;
+    apply(&db, request("a", "t", &gpus(3))).await;
+    let quota = |limits: Resources, max_hold: Option<i64>, paths: &[&str]| {
+        let spec = QuotaSpec {
+            tenant: TenantId::parse("t").unwrap(),
+            limits,
+            approval_above: gpus(2),
+            max_hold,
+        };
+        let mask =
+            QuotaMask::parse(&paths.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>()).unwrap();
+        move |c: &mut gpualloc_storage::DbConnection, emit: &mut Emitter| {
+            ops::set_quota(c, emit, &spec, &mask)?;
+            store::load_tenant(c, "t")
+        }
+    };
+    // Storage and the hold limit set, GPUs untouched (still 4).
+    let l = Resources {
+        storage_gib: 500,
+        ..Default::default()
+    };
+    let (row, state) = op(&db, quota(l, Some(7), &["limits.storage_gib", "max_hold"]))
+        .await
+        .unwrap()
+        .0
+        .unwrap();
+    assert_eq!(state.limits.get(&Class::Gpus), Some(&4));
+    assert_eq!(state.limits.get(&Class::StorageGib), Some(&500));
+    assert_eq!(row.max_hold_micros, Some(7));
+    assert_eq!(
+        state.approval_above,
+        Resources::default(),
+        "not named: kept"
+    );
+    // GPUs below what is in use: refused, nothing changed.
+    let err = op(&db, quota(gpus(1), None, &["limits.gpus"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Precondition {
+                reason: "QUOTA_BELOW_USAGE",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // A mask on a quota that does not exist: not found, not created.
+    let spec = QuotaSpec {
+        tenant: TenantId::parse("nobody").unwrap(),
+        limits: gpus(1),
+        approval_above: Resources::default(),
+        max_hold: None,
+    };
+    let mask = QuotaMask::parse(&["limits".to_owned()]).unwrap();
+    let err = op(&db, move |c, emit| ops::set_quota(c, emit, &spec, &mask))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+    // A pool's CPU changed, its GPUs kept.
+    let mask = PoolMask::parse(&["capacity.cpu_millis".to_owned()]).unwrap();
+    let pool = op(&db, move |c, emit| {
+        ops::put_pool(
+            c,
+            emit,
+            &PoolSpec {
+                id: PoolId::parse("p").unwrap(),
+                capacity: Capacity {
+                    cpu_millis: 99_000,
+                    ..Default::default()
+                },
+                max_hold: None,
+            },
+            &mask,
+        )
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(pool.state.capacity.get(&Class::CpuMillis), Some(&99_000));
+    assert_eq!(
+        pool.state
+            .capacity
+            .get(&Class::GpusOf(GpuModel::parse("A100").unwrap())),
+        Some(&4)
+    );
+}
+
 gpualloc_testkit::backend_tests!(
     grant_hold_release_and_counters,
     a_cancel_before_its_request_wins,
     shrinking_below_usage_is_refused,
     the_database_refuses_over_allocation,
+    masked_updates_change_only_what_they_name,
 );
