@@ -14,6 +14,8 @@ const FILES: &[&str] = &[
     "gpualloc/events/v1/events.proto",
 ];
 
+const RPC_FILES: &[&str] = &["google/rpc/status.proto", "google/rpc/error_details.proto"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let out = PathBuf::from(env::var("OUT_DIR")?);
@@ -24,6 +26,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let fds = protox::compile(FILES, [&root])?;
     fs::write(out.join("gpualloc_descriptor.bin"), fds.encode_to_vec())?;
+
+    // google.rpc's status and error details: descriptors only (tonic-types
+    // has the Rust types), for reflection, so grpcurl decodes details.
+    let rpc = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?).join("rpc");
+    println!("cargo:rerun-if-changed={}", rpc.display());
+    let details = protox::compile(RPC_FILES, [&rpc])?;
+    fs::write(out.join("rpc_descriptor.bin"), details.encode_to_vec())?;
 
     tonic_prost_build::configure()
         .build_client(true)

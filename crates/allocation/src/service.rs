@@ -141,20 +141,26 @@ fn quota_refusal(r: rp::CheckQuotaResponse) -> Option<Error> {
     match rp::Verdict::try_from(r.verdict).unwrap_or(rp::Verdict::Unspecified) {
         rp::Verdict::ExceedsQuota => Some(Error::Quota {
             reason: "EXCEEDS_QUOTA",
-            message: format!("over quota: {}", r.reason),
+            // The pool's reason already says "over quota: …".
+            message: r.reason.clone(),
             violations: if r.violations.is_empty() {
                 vec![("tenant".into(), r.reason)]
             } else {
                 r.violations
                     .iter()
                     .map(|v| {
-                        (
-                            v.resource_class.clone(),
+                        let description = if v.limit == 0 {
+                            format!(
+                                "the tenant's quota has no {} ({} requested)",
+                                v.resource_class, v.requested
+                            )
+                        } else {
                             format!(
                                 "{} requested, {} of {} in use",
                                 v.requested, v.used, v.limit
-                            ),
-                        )
+                            )
+                        };
+                        (v.resource_class.clone(), description)
                     })
                     .collect()
             },

@@ -295,10 +295,12 @@ impl Platform {
             .await;
 
         // Every gpualloc file is registered (so `describe` resolves every
-        // type), but only the services this process serves are listed.
+        // type), and google.rpc's error details (so grpcurl decodes them),
+        // but only the services this process serves are listed.
         let reflection = || {
             tonic_reflection::server::Builder::configure()
                 .register_encoded_file_descriptor_set(gpualloc_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(gpualloc_proto::RPC_DETAILS_DESCRIPTOR_SET)
                 .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
                 .with_service_name(self.grpc_name)
                 .with_service_name("grpc.health.v1.Health")

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use gpualloc_domain::Violations;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, FieldViolation, QuotaViolation, StatusExt};
+use tonic_types::{ErrorDetails, FieldViolation, PreconditionViolation, QuotaViolation, StatusExt};
 
 /// The ErrorInfo domain of every gpualloc error.
 pub const DOMAIN: &str = "gpualloc.dev";
@@ -78,16 +78,23 @@ pub fn not_found(resource_type: &str, name: &str) -> Status {
 
 /// FAILED_PRECONDITION with an ErrorInfo `reason` (UPPER_SNAKE_CASE) that
 /// programs can branch on.
+/// A PreconditionFailure names the same reason as its `type` and what the
+/// precondition is about (`pool_id:gpu-h100`) as its subject (AIP-193).
 pub fn failed_precondition(
     reason: &str,
     message: impl Into<String>,
     metadata: HashMap<String, String>,
 ) -> Status {
-    Status::with_error_details(
-        Code::FailedPrecondition,
-        message,
-        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
-    )
+    let message = message.into();
+    let mut about: Vec<String> = metadata.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+    about.sort();
+    let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
+    details.set_precondition_failure(vec![PreconditionViolation::new(
+        reason,
+        about.join(","),
+        message.clone(),
+    )]);
+    Status::with_error_details(Code::FailedPrecondition, message, details)
 }
 
 /// FAILED_PRECONDITION with QuotaFailure (`subject` = resource class) and

@@ -13,6 +13,12 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gpualloc_descriptor.bin"));
 
+/// Encoded `FileDescriptorSet` of `google/rpc/status.proto` and
+/// `google/rpc/error_details.proto`: served through reflection so that
+/// clients such as grpcurl decode the error details gpualloc sends.
+pub const RPC_DETAILS_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/rpc_descriptor.bin"));
+
 /// `gpualloc.resourcepool.v1`
 pub mod resourcepool {
     /// Version 1.

@@ -13,7 +13,10 @@
 //! 2. then least leftover CPU, then memory;
 //! 3. then the pool id, so that every replica decides alike.
 
-use std::{cmp::Ordering, collections::BTreeMap};
+use std::{
+    cmp::Ordering,
+    collections::{BTreeMap, BTreeSet},
+};
 
 use gpualloc_domain::{Class, GpuModel, PoolId, Resources};
 
@@ -175,7 +178,15 @@ pub struct QuotaViolation {
 }
 
 impl QuotaViolation {
+    /// One line per class. A class the quota does not grant at all says
+    /// so, instead of the puzzling "0 of 0".
     pub fn describe(&self) -> String {
+        if self.limit == 0 {
+            return format!(
+                "{}: the tenant's quota has no {} ({} requested); an administrator must grant some",
+                self.class, self.class, self.requested
+            );
+        }
         format!(
             "{}: {} requested, {} of {} already in use",
             self.class, self.requested, self.used, self.limit
@@ -212,6 +223,53 @@ pub enum Verdict {
     Unsatisfiable(String),
 }
 
+/// Why no pool could ever hold `demand`: a GPU model or custom class no
+/// pool has is named, with the ones that exist (and the one that differs
+/// only in case, the usual slip).
+pub fn unsatisfiable_reason(demand: &Resources, pools: &[PoolState]) -> String {
+    if pools.is_empty() {
+        return "there are no pools".into();
+    }
+    let mut models = BTreeSet::new();
+    let mut customs = BTreeSet::new();
+    for class in pools.iter().flat_map(|p| p.capacity.keys()) {
+        match class {
+            Class::GpusOf(m) => {
+                models.insert(m.to_string());
+            }
+            Class::Custom(c) => {
+                customs.insert(c.to_string());
+            }
+            _ => {}
+        }
+    }
+    let unknown = |kind: &str, name: &str, known: &BTreeSet<String>| {
+        let hint = known
+            .iter()
+            .find(|k| k.eq_ignore_ascii_case(name))
+            .map(|k| format!(" (names are case-sensitive: did you mean \"{k}\"?)"))
+            .unwrap_or_default();
+        let known = if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.iter().cloned().collect::<Vec<_>>().join(", ")
+        };
+        format!(
+            "no pool has {kind} {}{hint}; known: {known}",
+            gpualloc_domain::shown(name)
+        )
+    };
+    if let Some(m) = &demand.gpu_model
+        && !models.contains(m.as_str())
+    {
+        return unknown("GPU model", m.as_str(), &models);
+    }
+    if let Some(c) = demand.custom.keys().find(|c| !customs.contains(c.as_str())) {
+        return unknown("custom class", c.as_str(), &customs);
+    }
+    "no pool is large enough for this request, even when empty".into()
+}
+
 /// Decides a request the way the saga does. The order matters: a tenant
 /// without quota is told so first; a request no pool could ever hold is
 /// UNSATISFIABLE even if it is also over quota (no quota change would help).
@@ -223,11 +281,7 @@ pub fn decide(demand: &Resources, tenant: Option<&TenantState>, pools: &[PoolSta
         };
     };
     if !ever_fits(demand, pools) {
-        return Verdict::Unsatisfiable(if pools.is_empty() {
-            "there are no pools".into()
-        } else {
-            "no pool is large enough for this request, even when empty".into()
-        });
+        return Verdict::Unsatisfiable(unsatisfiable_reason(demand, pools));
     }
     let violations = quota_violations(demand, tenant);
     if !violations.is_empty() {
@@ -329,6 +383,59 @@ mod tests {
             gpu_model: (!model.is_empty()).then(|| GpuModel::parse(model).unwrap()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn an_unknown_model_or_class_is_named_with_the_known_ones() {
+        let pools = [
+            pool("a", &[("A100", 4)], 8_000),
+            pool("h", &[("H100", 2)], 8_000),
+        ];
+        assert_eq!(
+            unsatisfiable_reason(&gpus(1, "B200"), &pools),
+            "no pool has GPU model \"B200\"; known: A100, H100"
+        );
+        assert_eq!(
+            unsatisfiable_reason(&gpus(1, "a100"), &pools),
+            "no pool has GPU model \"a100\" (names are case-sensitive: did you mean \"A100\"?); known: A100, H100"
+        );
+        let seats = Resources {
+            custom: BTreeMap::from([(CustomClass::parse("SEAT").unwrap(), 1)]),
+            ..Default::default()
+        };
+        assert_eq!(
+            unsatisfiable_reason(&seats, &pools),
+            "no pool has custom class \"SEAT\"; known: none"
+        );
+        assert_eq!(
+            unsatisfiable_reason(&gpus(5, "A100"), &pools),
+            "no pool is large enough for this request, even when empty"
+        );
+        assert_eq!(
+            unsatisfiable_reason(&gpus(1, ""), &[]),
+            "there are no pools"
+        );
+        // decide gives the same reason.
+        assert_eq!(
+            decide(&gpus(1, "B200"), Some(&TenantState::default()), &pools),
+            Verdict::Unsatisfiable(unsatisfiable_reason(&gpus(1, "B200"), &pools))
+        );
+    }
+
+    #[test]
+    fn a_class_the_quota_lacks_is_named_not_counted() {
+        let v = QuotaViolation {
+            class: Class::StorageGib,
+            limit: 0,
+            used: 0,
+            requested: 500,
+        };
+        assert!(
+            v.describe().contains("quota has no storage_gib"),
+            "{}",
+            v.describe()
+        );
+        assert!(!v.describe().contains("0 of 0"));
     }
 
     #[test]

@@ -16,12 +16,14 @@
 
 pub mod auth;
 mod db;
+mod grpcurl;
 mod http;
 mod nats;
 
 use std::{future::Future, time::Duration};
 
 pub use db::{TestDb, postgres_admin_url};
+pub use grpcurl::grpcurl;
 pub use http::{HttpReceiver, Received};
 pub use nats::{
     NatsServer, free_port, nats_config, nats_connect_as, nats_password, nats_url, nats_url_as,

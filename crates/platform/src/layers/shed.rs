@@ -51,11 +51,20 @@ pub struct Shed<S> {
     max: usize,
 }
 
-/// RESOURCE_EXHAUSTED telling the client when to come back.
+/// RESOURCE_EXHAUSTED telling the client when to come back, twice: in the
+/// `grpc-retry-pushback-ms` trailer that gRPC's own retry policy reads,
+/// and as a RetryInfo detail that people and other clients read.
 pub fn exhausted(message: String, pushback_ms: u64) -> Status {
     let mut md = MetadataMap::new();
     md.insert(PUSHBACK_HEADER, pushback_ms.into());
-    Status::with_metadata(tonic::Code::ResourceExhausted, message, md)
+    <Status as tonic_types::StatusExt>::with_error_details_and_metadata(
+        tonic::Code::ResourceExhausted,
+        message,
+        tonic_types::ErrorDetails::with_retry_info(Some(std::time::Duration::from_millis(
+            pushback_ms,
+        ))),
+        md,
+    )
 }
 
 impl<S> tower::Service<Req> for Shed<S>
