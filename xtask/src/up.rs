@@ -135,13 +135,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         fs::remove_dir_all(&state)?;
     }
     fs::create_dir_all(state.join("logs"))?;
+    fs::create_dir_all(state.join("pids"))?;
     let issuer = dev_issuer(&state)?;
     for svc in &SERVICES {
         if !procs::port_free(svc.port) {
+            let holder = procs::holder_of(svc.port).map_or_else(
+                || "by a process this user cannot see".to_owned(),
+                |h| format!("by {h}"),
+            );
             bail!(
-                "port {} ({}) is taken: is another `cargo xtask up` running?",
+                "port {} ({}) is taken {holder}: another `cargo xtask up`, or a service started by hand with run-{}.sh? Stop it (kill <PID>) and run again",
                 svc.port,
-                svc.name
+                svc.name,
+                svc.name,
             );
         }
     }
@@ -208,13 +214,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         // A script to start this one service again by hand after stopping it.
         let log = state.join("logs").join(format!("{}.log", svc.name));
+        // It registers its PID (kept by `exec`) so that this `up` stops
+        // it on Ctrl-C like the processes it started itself.
+        let pid_file = state.join("pids").join(format!("{}.pid", svc.name));
         let script: String = std::iter::once("#!/bin/sh\n".to_owned())
             .chain(env.iter().map(|(k, v)| format!("export {k}='{v}'\n")))
-            .chain([format!(
-                "exec '{}' >>'{}' 2>&1\n",
-                binary.display(),
-                log.display()
-            )])
+            .chain([
+                format!("echo $$ >'{}'\n", pid_file.display()),
+                format!("exec '{}' >>'{}' 2>&1\n", binary.display(), log.display()),
+            ])
             .collect();
         // It holds the service's NATS password: readable by its owner only.
         let run_script = state.join(format!("run-{}.sh", svc.name));
@@ -253,7 +261,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(())
     });
     eprintln!("\nxtask: stopping the services, then NATS");
-    // Services first (they flush their outboxes to NATS), NATS last.
+    // Services first (they flush their outboxes to NATS), NATS last;
+    // services restarted by hand with their run script are services too.
+    for svc in &SERVICES {
+        let pid_file = state.join("pids").join(format!("{}.pid", svc.name));
+        if let Some(pid) = procs::stop_registered(&pid_file, svc.binary, Duration::from_secs(30)) {
+            eprintln!(
+                "xtask: stopped {} (PID {pid}, started with run-{}.sh)",
+                svc.binary, svc.name
+            );
+        }
+    }
     for child in children.iter_mut().rev() {
         child.stop(Duration::from_secs(30));
     }

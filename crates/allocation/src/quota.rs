@@ -86,7 +86,7 @@ impl QuotaClient {
     ) -> Advice {
         let start = Instant::now();
         let Some(ticket) = self.breaker.admit() else {
-            observe("rejected", start);
+            observe("breaker_open", start);
             return Advice::Unreachable("circuit breaker open".into());
         };
         let span = tracing::info_span!(

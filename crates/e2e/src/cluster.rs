@@ -46,6 +46,15 @@ pub struct Node {
 }
 
 impl Node {
+    /// Where this process serves `/metrics`.
+    pub fn metrics_addr(&self) -> String {
+        self.env
+            .iter()
+            .find(|(k, _)| k == "GPUALLOC_METRICS_LISTEN")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -80,7 +80,7 @@ async fn requests_are_accepted_while_the_pool_is_down_and_the_breaker_spares_it(
     let rejected = metric(
         &open,
         "gpualloc_check_quota_total",
-        &[("outcome", "rejected")],
+        &[("outcome", "breaker_open")],
     );
     assert!(rejected >= 5.0, "{rejected} rejected");
     // Refusing a call costs nothing measurable: every rejection took less
@@ -88,7 +88,7 @@ async fn requests_are_accepted_while_the_pool_is_down_and_the_breaker_spares_it(
     let fast = metric(
         &open,
         "gpualloc_check_quota_duration_seconds_bucket",
-        &[("outcome", "rejected"), ("le", "0.0008")],
+        &[("outcome", "breaker_open"), ("le", "0.0008")],
     );
     assert_eq!(fast, rejected, "{open}");
 

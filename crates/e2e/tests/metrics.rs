@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use gpualloc_e2e::{Backend, Mesh, Tuning, fixtures::*};
+use gpualloc_e2e::{Backend, Mesh, Svc, Tuning, cluster::Cluster, fixtures::*, tenant};
 use gpualloc_proto::allocation::v1::State;
 use gpualloc_testkit::eventually;
 use tonic::Code;
@@ -38,7 +38,6 @@ async fn the_metrics_endpoints_serve_what_operators_alert_on() {
             "gpualloc_rpc_requests_total",
             "gpualloc_rpc_duration_seconds_bucket",
             "gpualloc_saga_transitions_total",
-            "gpualloc_hold_queue_depth",
             "gpualloc_outbox_backlog",
             "gpualloc_outbox_oldest_age_seconds",
             "gpualloc_consumer_pending",
@@ -103,4 +102,76 @@ async fn the_metrics_endpoints_serve_what_operators_alert_on() {
             ]
         ) >= 1.0
     );
+}
+
+/// Capacity at a glance comes from the resource pool alone — in separate
+/// processes, the allocation service and the viewer export none of it —
+/// and health checks and reflection are not counted as API requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn capacity_metrics_come_from_the_resource_pool_only() {
+    use gpualloc_proto::allocation::v1 as apb;
+    let mut cluster = Cluster::start(env!("CARGO_BIN_EXE_mesh-node"), 1).await;
+    cluster.put_pool("p", gpu_capacity(&[("A100", 4)])).await;
+    cluster.set_quota("t", gpus(8, "")).await;
+    cluster.allocations()[0]
+        .create_allocation(tenant(
+            "t",
+            apb::CreateAllocationRequest {
+                tenant: "t".into(),
+                resources: Some(gpus(3, "A100")),
+                request_id: "capacity-1".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    let pool = cluster.node(Svc::ResourcePool, 0).metrics_addr();
+    let text = eventually(DEADLINE, "capacity sampled after the grant", || async {
+        let text = scrape(&pool).await;
+        let free = metric(
+            &text,
+            "gpualloc_pool_free",
+            &[("pool", "p"), ("class", "gpus.A100")],
+        );
+        (has_metric(&text, "gpualloc_pool_free") && free == 1.0).then_some(text)
+    })
+    .await;
+    let gpu = [("pool", "p"), ("class", "gpus.A100")];
+    assert_eq!(metric(&text, "gpualloc_pool_capacity", &gpu), 4.0, "{text}");
+    assert_eq!(metric(&text, "gpualloc_pool_usage", &gpu), 3.0, "{text}");
+    let quota = [("tenant", "t"), ("class", "gpus")];
+    assert_eq!(
+        metric(&text, "gpualloc_tenant_quota", &quota),
+        8.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "gpualloc_tenant_usage", &quota),
+        3.0,
+        "{text}"
+    );
+    assert!(has_metric(&text, "gpualloc_hold_queue_depth"), "{text}");
+
+    for kind in [Svc::Allocation, Svc::Viewer] {
+        let addr = cluster.node(kind, 0).metrics_addr();
+        // A health check first: it must not show up as an API request.
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(cluster.node(kind, 0).channel());
+        health
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .unwrap();
+        let text = scrape(&addr).await;
+        for name in [
+            "gpualloc_hold_queue_depth",
+            "gpualloc_pool_",
+            "gpualloc_tenant_",
+        ] {
+            assert!(!text.contains(name), "{kind:?} exports {name}:\n{text}");
+        }
+        assert!(
+            !text.contains("grpc.health"),
+            "{kind:?} counts health checks:\n{text}"
+        );
+    }
 }

@@ -120,7 +120,7 @@ pub async fn run(
         let (db, relay, origin) = (ready.db.clone(), ready.relay.clone(), ready.origin.clone());
         ready.spawn(move |cancel| sweeper::run(db, relay, origin, sweep_interval, cancel));
         let db = ready.db.clone();
-        ready.spawn(move |cancel| sample_hold_queue(db, cancel));
+        ready.spawn(move |cancel| sample_capacity(db, cancel));
     });
     let max_message = config.common.max_message_bytes;
     platform
@@ -134,21 +134,65 @@ pub async fn run(
         .await
 }
 
-/// Keeps `gpualloc_hold_queue_depth` current (all replicas report the same
-/// shared queue).
-async fn sample_hold_queue(db: gpualloc_storage::Db, cancel: tokio_util::sync::CancellationToken) {
+/// Keeps the capacity metrics current: the hold queue, every pool's
+/// capacity, usage and free room, every tenant's quota and usage, per
+/// class. Every replica reads the same shared tables, so every replica
+/// reports the same values (aggregate with `max`, not `sum`).
+async fn sample_capacity(db: gpualloc_storage::Db, cancel: tokio_util::sync::CancellationToken) {
     use diesel::prelude::*;
+    use gpualloc_storage::Native as _;
+    use gpualloc_telemetry::{labels, replace_gauges};
+    let m = gpualloc_telemetry::capacity_metrics();
+    let mut previous: [Vec<gpualloc_telemetry::Labels>; 6] = Default::default();
     loop {
-        let depth = db
+        let snapshot = db
             .read(|c| {
-                schema::reservations::table
-                    .filter(schema::reservations::state.eq("HELD"))
+                let depth = schema::reservations::table
+                    .filter(schema::reservations::state.eq(store::HELD))
                     .count()
-                    .get_result::<i64>(c)
+                    .get_result::<i64>(c)?;
+                let pools = store::load_pools(c)?;
+                let tenants: Vec<(String, String, i64, i64, i64)> = schema::tenant_usage::table
+                    .select((
+                        schema::tenant_usage::tenant,
+                        schema::tenant_usage::class,
+                        schema::tenant_usage::quota_limit,
+                        schema::tenant_usage::granted,
+                        schema::tenant_usage::charged,
+                    ))
+                    .load_native(c)?;
+                Ok::<_, Error>((depth, pools, tenants))
             })
             .await;
-        if let Ok(n) = depth {
-            gpualloc_telemetry::METRICS.hold_queue_depth.set(n);
+        match snapshot {
+            Ok((depth, pools, tenants)) => {
+                m.hold_queue_depth.set(depth);
+                let (mut capacity, mut usage, mut free) = (Vec::new(), Vec::new(), Vec::new());
+                for p in &pools {
+                    for (class, cap) in &p.state.capacity {
+                        let l = labels([("pool", &p.row.pool_id), ("class", &class.to_string())]);
+                        let used = p.state.used.get(class).copied().unwrap_or(0);
+                        capacity.push((l.clone(), *cap));
+                        usage.push((l.clone(), used));
+                        free.push((l, p.state.free(class).max(0)));
+                    }
+                }
+                let (mut quota, mut granted, mut charged) = (Vec::new(), Vec::new(), Vec::new());
+                for (tenant, class, limit, g, ch) in &tenants {
+                    let l = labels([("tenant", tenant), ("class", class)]);
+                    quota.push((l.clone(), *limit));
+                    granted.push((l.clone(), *g));
+                    charged.push((l, *ch));
+                }
+                let [p0, p1, p2, p3, p4, p5] = &mut previous;
+                replace_gauges(&m.pool_capacity, p0, capacity);
+                replace_gauges(&m.pool_usage, p1, usage);
+                replace_gauges(&m.pool_free, p2, free);
+                replace_gauges(&m.tenant_quota, p3, quota);
+                replace_gauges(&m.tenant_usage, p4, granted);
+                replace_gauges(&m.tenant_charged, p5, charged);
+            }
+            Err(e) => tracing::debug!(error = %e, "capacity metrics not sampled"),
         }
         tokio::select! {
             _ = cancel.cancelled() => return,

@@ -6,4 +6,4 @@
 pub mod metrics;
 pub mod trace;
 
-pub use metrics::{METRICS, labels};
+pub use metrics::{Labels, METRICS, capacity_metrics, labels, replace_gauges};

@@ -8,7 +8,7 @@
 use std::{
     fmt::Write as _,
     net::SocketAddr,
-    sync::{LazyLock, atomic::AtomicU64},
+    sync::{LazyLock, OnceLock, atomic::AtomicU64},
 };
 
 use prometheus_client::{
@@ -27,7 +27,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-type Labels = Vec<(&'static str, String)>;
+/// A metric's labels.
+pub type Labels = Vec<(&'static str, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 fn latency() -> Histogram {
@@ -44,8 +45,6 @@ pub struct Metrics {
     pub rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
     /// Allocation state transitions, by the state entered.
     pub saga_transitions: Family<Labels, Counter>,
-    /// Requests in the hold queue.
-    pub hold_queue_depth: Gauge,
     /// Unpublished outbox rows, and the age of the oldest, by service.
     pub outbox_backlog: Family<Labels, Gauge>,
     pub outbox_oldest_age: Family<Labels, FloatGauge>,
@@ -67,8 +66,8 @@ pub struct Metrics {
     /// Circuit breaker state per target: 0 closed, 1 open, 2 half-open.
     pub breaker_state: Family<Labels, Gauge>,
     pub breaker_transitions: Family<Labels, Counter>,
-    /// CheckQuota calls by outcome (verdict, unreachable, rejected by the
-    /// open breaker) and their duration.
+    /// CheckQuota calls by outcome (verdict, timeout, error, or
+    /// breaker_open: held back by the open breaker) and their duration.
     pub check_quota: Family<Labels, Counter>,
     pub check_quota_duration: Family<Labels, Histogram, fn() -> Histogram>,
     /// Notification delivery attempts by channel and outcome.
@@ -82,7 +81,6 @@ impl Metrics {
             rpc_requests: Family::default(),
             rpc_duration: Family::new_with_constructor(latency),
             saga_transitions: Family::default(),
-            hold_queue_depth: Gauge::default(),
             outbox_backlog: Family::default(),
             outbox_oldest_age: Family::default(),
             outbox_published: Family::default(),
@@ -115,11 +113,6 @@ impl Metrics {
             "saga_transitions",
             "Allocation state transitions by the state entered",
             m.saga_transitions.clone(),
-        );
-        r.register(
-            "hold_queue_depth",
-            "Requests waiting in the hold queue",
-            m.hold_queue_depth.clone(),
         );
         r.register(
             "outbox_backlog",
@@ -188,7 +181,7 @@ impl Metrics {
         );
         r.register(
             "check_quota_duration_seconds",
-            "CheckQuota time by outcome (rejected: refused by the open breaker)",
+            "CheckQuota time by outcome (breaker_open: held back by the open breaker)",
             m.check_quota_duration.clone(),
         );
         r.register(
@@ -199,14 +192,118 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// The Prometheus text exposition of everything.
+    /// The Prometheus text exposition of everything, with the capacity
+    /// metrics when this process keeps them.
     pub fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");
         }
+        if let Some(capacity) = CAPACITY.get() {
+            // One exposition: the first registry's end marker goes.
+            if let Some(body) = out.strip_suffix("# EOF\n") {
+                out.truncate(body.len());
+            }
+            if encode(&mut out, &capacity.registry).is_err() {
+                let _ = writeln!(out, "# encoding failed");
+            }
+        }
         out
     }
+}
+
+/// What the resource pool knows: capacity, usage and what is free per
+/// pool and class; quota and usage per tenant and class; the hold queue.
+/// Only a process that calls [`capacity_metrics`] (the resource pool)
+/// exports them, so no other service reports a meaningless 0.
+pub struct CapacityMetrics {
+    registry: Registry,
+    /// Requests in the hold queue.
+    pub hold_queue_depth: Gauge,
+    /// Per pool and class (`gpus.A100`, `cpu_millis`, `custom.SEAT`, …).
+    pub pool_capacity: Family<Labels, Gauge>,
+    pub pool_usage: Family<Labels, Gauge>,
+    pub pool_free: Family<Labels, Gauge>,
+    /// Per tenant and class: the quota's limit, what is granted, and what
+    /// is charged (granted plus held).
+    pub tenant_quota: Family<Labels, Gauge>,
+    pub tenant_usage: Family<Labels, Gauge>,
+    pub tenant_charged: Family<Labels, Gauge>,
+}
+
+static CAPACITY: OnceLock<CapacityMetrics> = OnceLock::new();
+
+/// The capacity metrics, registered on first use.
+pub fn capacity_metrics() -> &'static CapacityMetrics {
+    CAPACITY.get_or_init(|| {
+        let mut registry = Registry::with_prefix("gpualloc");
+        let m = CapacityMetrics {
+            registry: Registry::default(),
+            hold_queue_depth: Gauge::default(),
+            pool_capacity: Family::default(),
+            pool_usage: Family::default(),
+            pool_free: Family::default(),
+            tenant_quota: Family::default(),
+            tenant_usage: Family::default(),
+            tenant_charged: Family::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "hold_queue_depth",
+            "Requests waiting in the hold queue",
+            m.hold_queue_depth.clone(),
+        );
+        r.register(
+            "pool_capacity",
+            "A pool's capacity by class",
+            m.pool_capacity.clone(),
+        );
+        r.register(
+            "pool_usage",
+            "What is granted on a pool, by class",
+            m.pool_usage.clone(),
+        );
+        r.register(
+            "pool_free",
+            "Capacity minus usage on a pool, by class",
+            m.pool_free.clone(),
+        );
+        r.register(
+            "tenant_quota",
+            "A tenant's quota limit by class",
+            m.tenant_quota.clone(),
+        );
+        r.register(
+            "tenant_usage",
+            "What is granted to a tenant, by class",
+            m.tenant_usage.clone(),
+        );
+        r.register(
+            "tenant_charged",
+            "What counts against a tenant's quota (granted plus held), by class",
+            m.tenant_charged.clone(),
+        );
+        CapacityMetrics { registry, ..m }
+    })
+}
+
+/// Sets `family` to exactly `values`: series that are gone since the last
+/// call (`previous`: a deleted pool, a class no longer granted) are
+/// removed, so no stale value lingers.
+pub fn replace_gauges(
+    family: &Family<Labels, Gauge>,
+    previous: &mut Vec<Labels>,
+    values: Vec<(Labels, i64)>,
+) {
+    for labels in previous.iter() {
+        if !values.iter().any(|(l, _)| l == labels) {
+            family.remove(labels);
+        }
+    }
+    for (labels, v) in &values {
+        family.get_or_create(labels).set(*v);
+    }
+    *previous = values.into_iter().map(|(l, _)| l).collect();
 }
 
 /// The process's metrics.
@@ -285,7 +382,7 @@ mod tests {
             .rpc_requests
             .get_or_create(&labels([("method", "/x.Y/Z"), ("code", "OK")]))
             .inc();
-        METRICS.hold_queue_depth.set(3);
+        capacity_metrics().hold_queue_depth.set(3);
         METRICS
             .rpc_duration
             .get_or_create(&labels([("method", "/x.Y/Z")]))

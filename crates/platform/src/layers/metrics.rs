@@ -116,6 +116,12 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         let path = req.uri().path();
+        // Probes and grpcurl's reflection are not API traffic: counting
+        // them would bury the requests people make.
+        if path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.") {
+            let fut = self.inner.call(req);
+            return Box::pin(async move { fut.await.map_err(Into::into) });
+        }
         let method = if self.known.contains(path) {
             path.to_owned()
         } else {
