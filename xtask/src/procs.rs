@@ -177,6 +177,13 @@ mod tests {
         let dir = tempdir();
         let file = dir.join("svc.pid");
         let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        // Until it has exec'd, the child still has the test's name.
+        let comm = format!("/proc/{}/comm", child.id());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&comm).unwrap_or_default().trim() != "sleep" {
+            assert!(Instant::now() < deadline, "sleep did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::fs::write(&file, child.id().to_string()).unwrap();
         // A PID file pointing at another program (a reused PID) is ignored.
         assert_eq!(

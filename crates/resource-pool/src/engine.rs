@@ -357,6 +357,71 @@ pub fn admit(held: &mut [Held], pools: &mut [PoolState]) -> Vec<(String, Placeme
     out
 }
 
+/// Capacity a granted allocation gives back when its lease ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    pub at: i64,
+    pub pool: PoolId,
+    pub lines: Vec<(Class, i64)>,
+}
+
+/// When each held request would be admitted if nothing but time passed:
+/// the queue is admitted exactly as [`admit`] does, at the current time
+/// and then at every lease end (`releases`, and the ends of the leases of
+/// requests admitted along the way, `leases` by allocation id). A request
+/// still waiting when no lease is left to end gets no estimate: it waits
+/// for capacity held without a lease, which nothing says the end of.
+pub fn estimate_starts(
+    held: &[Held],
+    leases: &BTreeMap<String, i64>,
+    pools: &[PoolState],
+    releases: &[Release],
+    now: i64,
+) -> BTreeMap<String, i64> {
+    let mut pools = pools.to_vec();
+    let mut waiting = held.to_vec();
+    let mut pending: Vec<Release> = releases.iter().filter(|r| r.at > now).cloned().collect();
+    // Leases already over are released by the sweeper any moment now.
+    for r in releases.iter().filter(|r| r.at <= now) {
+        if let Some(p) = pools.iter_mut().find(|p| p.id == r.pool) {
+            p.give_back(&r.lines);
+        }
+    }
+    let mut out = BTreeMap::new();
+    let mut t = now;
+    loop {
+        for (id, placement) in admit(&mut waiting, &mut pools) {
+            if let Some(lease) = leases.get(&id) {
+                pending.push(Release {
+                    at: t.saturating_add(*lease),
+                    pool: placement.pool.clone(),
+                    lines: placement.lines.clone(),
+                });
+            }
+            out.insert(id, t);
+        }
+        waiting.retain(|h| !out.contains_key(&h.allocation_id));
+        if waiting.is_empty() {
+            break;
+        }
+        let Some(next) = pending.iter().map(|r| r.at).min() else {
+            break;
+        };
+        t = next;
+        pending.retain(|r| {
+            if r.at == next {
+                if let Some(p) = pools.iter_mut().find(|p| p.id == r.pool) {
+                    p.give_back(&r.lines);
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use gpualloc_domain::{CustomClass, GpuModel};
@@ -383,6 +448,53 @@ mod tests {
             gpu_model: (!model.is_empty()).then(|| GpuModel::parse(model).unwrap()),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn starts_are_estimated_from_the_leases_that_end() {
+        let a100 = |n| vec![(Class::GpusOf(GpuModel::parse("A100").unwrap()), n)];
+        let mut p = pool("a", &[("A100", 4)], 0);
+        p.used = a100(4).into_iter().collect();
+        let held = |id: &str, prio: i32, t: i64, n: i64| Held {
+            allocation_id: id.into(),
+            priority: prio,
+            request_time: t,
+            demand: gpus(n, "A100"),
+        };
+        // 4 used: 2 end at 100, 2 at 300 (two leases); nothing else ends.
+        let releases = [
+            Release {
+                at: 100,
+                pool: p.id.clone(),
+                lines: a100(2),
+            },
+            Release {
+                at: 300,
+                pool: p.id.clone(),
+                lines: a100(2),
+            },
+        ];
+        // "first" (priority 10) gets the two GPUs freed at 100; its own
+        // 50-long lease frees them again at 150 for "second"; "third"
+        // waits for the ones freed at 300.
+        let queue = [
+            held("second", 0, 1, 2),
+            held("first", 10, 2, 2),
+            held("third", 0, 3, 2),
+        ];
+        let leases = BTreeMap::from([("first".to_owned(), 50)]);
+        let got = estimate_starts(&queue, &leases, &[p.clone()], &releases, 10);
+        assert_eq!(got.get("first"), Some(&100));
+        assert_eq!(got.get("second"), Some(&150), "{got:?}");
+        assert_eq!(got.get("third"), Some(&300), "{got:?}");
+        // Without lease ends, nothing can be promised.
+        let got = estimate_starts(&queue, &BTreeMap::new(), &[p.clone()], &[], 10);
+        assert!(got.is_empty(), "{got:?}");
+        // What fits now starts now.
+        let mut empty = p;
+        empty.used.clear();
+        let got = estimate_starts(&queue[..1], &BTreeMap::new(), &[empty], &[], 10);
+        assert_eq!(got.get("second"), Some(&10));
     }
 
     #[test]

@@ -238,7 +238,9 @@ fn announce(conn: &mut DbConnection, emit: &mut Emitter, r: &ReservationRow) -> 
             let position = store::position(conn, r)?;
             Payload::ReservationHeld(ev::ReservationHeld {
                 position,
-                reason: format!("waiting for capacity; position {position} in the hold queue"),
+                // The position changes as others join and leave the queue:
+                // the reason says where to see it current.
+                reason: "waiting for capacity in the hold queue; ResourcePoolService/ListHeld shows its current position and estimated start".into(),
             })
         }
         REJECTED => rejected(

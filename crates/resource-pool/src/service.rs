@@ -386,9 +386,22 @@ impl ResourcePoolService for PoolService {
         } else {
             Some(parse_pool_id(req.pool_id)?)
         };
-        let (rows, pools) = self
-            .read(|conn| Ok((store::held(conn)?, store::pool_states(conn)?)))
+        let (rows, pools, releases) = self
+            .read(|conn| {
+                Ok((
+                    store::held(conn)?,
+                    store::pool_states(conn)?,
+                    store::lease_ends(conn)?,
+                ))
+            })
             .await?;
+        let queue = store::held_queue(&rows).map_err(Status::from)?;
+        let leases: BTreeMap<String, i64> = rows
+            .iter()
+            .filter_map(|r| Some((r.allocation_id.clone(), r.lease_micros?)))
+            .collect();
+        let starts =
+            engine::estimate_starts(&queue, &leases, &pools, &releases, time::now_micros());
         let pool_state = match &pool {
             Some(id) => Some(pools.iter().find(|p| &p.id == id).cloned().ok_or_else(|| {
                 Status::from(Error::NotFound {
@@ -417,6 +430,7 @@ impl ResourcePoolService for PoolService {
                 position: i as i64 + 1,
                 request_time: Some(time::to_timestamp(r.request_time)),
                 hold_deadline: r.hold_deadline.map(time::to_timestamp),
+                estimated_start_time: starts.get(&r.allocation_id).map(|t| time::to_timestamp(*t)),
             });
         }
         Ok(Response::new(pb::ListHeldResponse { held }))

@@ -373,6 +373,25 @@ pub fn held_queue(rows: &[ReservationRow]) -> Result<Vec<Held>, Error> {
         .collect()
 }
 
+/// The capacity granted reservations give back when their leases end.
+pub fn lease_ends(conn: &mut DbConnection) -> Result<Vec<crate::engine::Release>, Error> {
+    let rows: Vec<ReservationRow> = gpualloc_storage::native!(conn, |c| reservations::table
+        .filter(reservations::state.eq(GRANTED))
+        .filter(reservations::expire_time.is_not_null())
+        .select(ReservationRow::as_select())
+        .load(c))?;
+    rows.iter()
+        .filter_map(|r| Some((r, r.expire_time?, r.pool_id.as_deref()?)))
+        .map(|(r, at, pool)| {
+            Ok(crate::engine::Release {
+                at,
+                pool: PoolId::parse(pool.to_owned()).map_err(Error::Invariant)?,
+                lines: r.pool_lines()?,
+            })
+        })
+        .collect()
+}
+
 /// 1-based admission position of a held request among all held requests.
 pub fn position(conn: &mut DbConnection, r: &ReservationRow) -> Result<i64, Error> {
     let ahead: i64 = reservations::table

@@ -91,20 +91,30 @@ impl ViewerService for ViewerApi {
         let id = request.into_inner().allocation_id;
         AllocationId::parse(&id).map_err(|e| status::invalid_field("allocation_id", e))?;
         let key = id.clone();
-        let row = self
+        let found = self
             .db
             .get()?
-            .read(move |conn| store::get(conn, &key))
+            .read(move |conn| {
+                let row = store::get(conn, &key)?;
+                let positions = match &row {
+                    Some(r) if r.state == State::Held.as_str() => store::hold_positions(conn)?,
+                    _ => Default::default(),
+                };
+                Ok::<_, Error>(row.map(|r| (r, positions)))
+            })
             .await?;
-        match row {
-            Some(row)
+        match found {
+            Some((row, positions))
                 if caller.admin
                     || caller
                         .tenant
                         .as_ref()
                         .is_some_and(|t| t.as_str() == row.tenant) =>
             {
-                Ok(Response::new(row.to_proto()?))
+                Ok(Response::new(store::with_position(
+                    row.to_proto()?,
+                    &positions,
+                )))
             }
             _ => Err(not_found(&id)),
         }
@@ -150,17 +160,23 @@ impl ViewerService for ViewerApi {
         if !v.is_empty() {
             return Err(status::invalid_argument(&v));
         }
-        let mut rows = self
+        let (mut rows, positions) = self
             .db
             .get()?
             .read(move |conn| {
-                store::list(
+                let rows = store::list(
                     conn,
                     tenant.as_ref(),
                     &states,
                     cursor.as_ref(),
                     page_size + 1,
-                )
+                )?;
+                let positions = if rows.iter().any(|r| r.state == State::Held.as_str()) {
+                    store::hold_positions(conn)?
+                } else {
+                    Default::default()
+                };
+                Ok::<_, Error>((rows, positions))
             })
             .await?;
         let more = rows.len() as i64 > page_size;
@@ -175,7 +191,7 @@ impl ViewerService for ViewerApi {
         };
         let allocations = rows
             .iter()
-            .map(|r| r.to_proto())
+            .map(|r| Ok(store::with_position(r.to_proto()?, &positions)))
             .collect::<Result<_, Error>>()?;
         Ok(Response::new(pb::ListAllocationViewsResponse {
             allocations,

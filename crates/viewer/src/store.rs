@@ -41,6 +41,55 @@ impl ViewRow {
     }
 }
 
+/// The current 1-based position of every HELD allocation the viewer knows,
+/// in the pool's admission order (priority, then request time, then id),
+/// so that a view shows where it stands now, not where it was queued.
+pub fn hold_positions(
+    conn: &mut DbConnection,
+) -> Result<std::collections::HashMap<String, i64>, Error> {
+    let rows: Vec<(String, i64, Vec<u8>)> = allocation_views::table
+        .filter(allocation_views::state.eq(State::Held.as_str()))
+        .select((
+            allocation_views::allocation_id,
+            allocation_views::create_time,
+            allocation_views::snapshot,
+        ))
+        .load_native(conn)?;
+    let mut queue: Vec<(i32, i64, String)> = rows
+        .into_iter()
+        .map(|(id, created, snapshot)| {
+            let priority = apb::Allocation::decode(snapshot.as_slice())
+                .map(|a| a.priority)
+                .unwrap_or(0);
+            (priority, created, id)
+        })
+        .collect();
+    queue.sort_by(|a, b| {
+        b.0.cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then_with(|| a.2.cmp(&b.2))
+    });
+    Ok(queue
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, _, id))| (id, i as i64 + 1))
+        .collect())
+}
+
+/// `view` with its hold position made current, when it is HELD.
+pub fn with_position(
+    mut view: pb::AllocationView,
+    positions: &std::collections::HashMap<String, i64>,
+) -> pb::AllocationView {
+    if view.hold_position > 0
+        && let Some(id) = view.allocation.as_ref().map(|a| &a.allocation_id)
+        && let Some(p) = positions.get(id)
+    {
+        view.hold_position = *p;
+    }
+    view
+}
+
 pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<ViewRow>, Error> {
     Ok(gpualloc_storage::native!(conn, |c| allocation_views::table
         .find(id)
