@@ -36,10 +36,16 @@ pub const SERVICE_NAME: &str = <AllocationServiceServer<AllocationApi> as NamedS
 /// Durable consumer name, shared by all replicas.
 pub const CONSUMER: &str = "allocation";
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: "allocation_0001_allocations",
-    up: include_str!("../migrations/0001_allocations.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: "allocation_0001_allocations",
+        up: include_str!("../migrations/0001_allocations.sql"),
+    },
+    Migration {
+        version: "allocation_0002_display_name",
+        up: include_str!("../migrations/0002_display_name.sql"),
+    },
+];
 
 /// Settings of the allocation service.
 #[derive(clap::Parser, Clone, Debug)]

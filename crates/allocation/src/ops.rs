@@ -31,6 +31,10 @@ pub struct NewAllocation {
     pub priority: i32,
     pub lease: Option<i64>,
     pub labels: BTreeMap<String, String>,
+    /// Left out of the fingerprint when empty, so that requests made
+    /// before names existed still match their replays.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub display_name: String,
 }
 
 impl NewAllocation {
@@ -95,6 +99,7 @@ pub fn create(
         expire_time: None,
         redrives: 0,
         redrive_time: None,
+        display_name: new.display_name.clone(),
     };
     // Every change of the allocation travels whole in an event: one the
     // broker would refuse must not be accepted (the per-field limits keep
@@ -563,4 +568,28 @@ pub fn redrive(
         n += 1;
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn an_unnamed_request_keeps_the_fingerprint_it_had_before_names() {
+        let mut new = NewAllocation {
+            tenant: TenantId::parse("t").unwrap(),
+            resources: Resources::default(),
+            request_id: Some("r".into()),
+            priority: 0,
+            lease: None,
+            labels: BTreeMap::new(),
+            display_name: String::new(),
+        };
+        // What rows stored before display names existed hold.
+        let before = r#"{"tenant":"t","resources":{"cpu_millis":0,"memory_mib":0,"gpus":0,"gpu_model":null,"storage_gib":0,"custom":{}},"request_id":"r","priority":0,"lease":null,"labels":{}}"#;
+        assert_eq!(new.fingerprint(), before);
+        new.display_name = "run".into();
+        assert_ne!(new.fingerprint(), before, "a name is a parameter");
+    }
 }

@@ -19,6 +19,7 @@ diesel::table! {
         expire_time -> Nullable<BigInt>,
         redrives -> Integer,
         redrive_time -> Nullable<BigInt>,
+        display_name -> Text,
     }
 }
 

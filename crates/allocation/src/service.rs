@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use gpualloc_domain::{AllocationId, Resources, TenantId, Violations, time};
+use gpualloc_domain::{AllocationId, Resources, Violations, time};
 use gpualloc_platform::{Caller, DbHandle, propagation, status};
 use gpualloc_proto::{
     allocation::v1::{self as pb, allocation_service_server::AllocationService},
@@ -73,9 +73,23 @@ fn parse_id(s: &str) -> Result<AllocationId, Status> {
     AllocationId::parse(s).map_err(|e| status::invalid_field("allocation_id", e))
 }
 
-fn parse_create(req: pb::CreateAllocationRequest) -> Result<NewAllocation, Violations> {
+/// Longest display name.
+const MAX_DISPLAY_NAME: usize = 128;
+
+fn parse_create(
+    req: pb::CreateAllocationRequest,
+    caller: &Caller,
+) -> Result<NewAllocation, Violations> {
     let mut v = Violations::new();
-    let tenant = v.check("tenant", TenantId::parse(req.tenant));
+    let tenant = v.check("tenant", caller.tenant_or_own(&req.tenant));
+    if req.display_name.chars().count() > MAX_DISPLAY_NAME {
+        v.add(
+            "display_name",
+            format!("at most {MAX_DISPLAY_NAME} characters"),
+        );
+    } else if req.display_name.chars().any(char::is_control) {
+        v.add("display_name", "no control characters");
+    }
     let resources = Resources::parse_request(req.resources)
         .map_err(|e| v.extend_prefixed("resources", e))
         .ok();
@@ -132,6 +146,7 @@ fn parse_create(req: pb::CreateAllocationRequest) -> Result<NewAllocation, Viola
             priority: req.priority,
             lease,
             labels: req.labels.into_iter().collect(),
+            display_name: req.display_name,
         }),
         _ => Err(v),
     }
@@ -207,7 +222,8 @@ impl AllocationService for AllocationApi {
     ) -> Result<Response<pb::Allocation>, Status> {
         let caller = Caller::from_request(&request)?;
         let headers = propagation::headers(request.metadata());
-        let new = parse_create(request.into_inner()).map_err(|v| status::invalid_argument(&v))?;
+        let new = parse_create(request.into_inner(), &caller)
+            .map_err(|v| status::invalid_argument(&v))?;
         if !caller.may_access(&new.tenant) {
             return Err(Status::permission_denied(format!(
                 "a tenant may only allocate for itself, not for {}",

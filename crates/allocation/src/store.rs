@@ -33,6 +33,7 @@ pub struct AllocRow {
     pub expire_time: Option<i64>,
     pub redrives: i32,
     pub redrive_time: Option<i64>,
+    pub display_name: String,
 }
 
 impl AllocRow {
@@ -66,6 +67,7 @@ impl AllocRow {
             update_time: Some(time::to_timestamp(self.update_time)),
             expire_time: self.expire_time.map(time::to_timestamp),
             lease: self.lease_micros.map(time::to_duration),
+            display_name: self.display_name.clone(),
         })
     }
 }

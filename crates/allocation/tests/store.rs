@@ -48,6 +48,7 @@ fn new(request_id: Option<&str>, gpus: i64) -> NewAllocation {
         priority: 0,
         lease: None,
         labels: BTreeMap::new(),
+        display_name: String::new(),
     }
 }
 

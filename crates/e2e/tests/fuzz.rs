@@ -190,9 +190,10 @@ fn request(path: &str) -> BoxedStrategy<Vec<u8>> {
                 int32(),
                 duration(),
                 prop::collection::btree_map(text(), text(), 0..40),
+                text(),
             )
                 .prop_map(
-                    |(tenant, resources, request_id, priority, lease, labels)| {
+                    |(tenant, resources, request_id, priority, lease, labels, display_name)| {
                         apb::CreateAllocationRequest {
                             tenant,
                             resources,
@@ -200,6 +201,7 @@ fn request(path: &str) -> BoxedStrategy<Vec<u8>> {
                             priority,
                             lease,
                             labels,
+                            display_name,
                         }
                     },
                 ),
@@ -271,13 +273,15 @@ fn request(path: &str) -> BoxedStrategy<Vec<u8>> {
                 prop::collection::vec(int32(), 0..10),
                 int32(),
                 text(),
+                text(),
             )
-                .prop_map(|(tenant, states, page_size, page_token)| {
+                .prop_map(|(tenant, states, page_size, page_token, label_selector)| {
                     vpb::ListAllocationViewsRequest {
                         tenant,
                         states,
                         page_size,
                         page_token,
+                        label_selector,
                     }
                 }),
         ),

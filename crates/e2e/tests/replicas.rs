@@ -144,6 +144,7 @@ async fn worker(
                 nanos: 0,
             }),
             labels: Default::default(),
+            display_name: String::new(),
         };
         // Retried with the same request id on the other replica: the
         // idempotency key makes that safe.

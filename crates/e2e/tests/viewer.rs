@@ -149,6 +149,7 @@ async fn current_versions(
                     states: vec![],
                     page_size: 500,
                     page_token: token.clone(),
+                    label_selector: String::new(),
                 },
             ))
             .await
@@ -710,6 +711,7 @@ async fn page(
                 states: states.iter().map(|s| *s as i32).collect(),
                 page_size,
                 page_token: token.into(),
+                label_selector: String::new(),
             },
         ))
         .await

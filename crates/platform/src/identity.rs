@@ -58,6 +58,18 @@ impl Caller {
             .ok_or_else(|| Status::unauthenticated("no verified caller"))
     }
 
+    /// The tenant a request names, or the caller's own when it names none,
+    /// so that a tenant need not repeat what its token says. An
+    /// administrator without a tenant of its own must name one.
+    pub fn tenant_or_own(&self, requested: &str) -> Result<TenantId, String> {
+        if requested.is_empty() {
+            return self.tenant.clone().ok_or_else(|| {
+                "tenant is required: the caller has no tenant of its own".to_owned()
+            });
+        }
+        TenantId::parse(requested)
+    }
+
     /// Administrators act for everyone, tenants for themselves.
     pub fn may_access(&self, tenant: &TenantId) -> bool {
         self.admin || self.tenant.as_ref() == Some(tenant)

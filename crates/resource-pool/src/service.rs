@@ -126,7 +126,7 @@ impl ResourcePoolService for PoolService {
         let caller = Caller::from_request(&request)?;
         let req = request.into_inner();
         let mut v = Violations::new();
-        let tenant = v.check("tenant", TenantId::parse(req.tenant));
+        let tenant = v.check("tenant", caller.tenant_or_own(&req.tenant));
         let demand = match Resources::parse_request(req.resources) {
             Ok(d) => Some(d),
             Err(e) => {
@@ -346,7 +346,9 @@ impl ResourcePoolService for PoolService {
         request: Request<pb::GetTenantQuotaRequest>,
     ) -> Result<Response<pb::TenantQuota>, Status> {
         let caller = Caller::from_request(&request)?;
-        let tenant = parse_tenant("tenant", request.into_inner().tenant)?;
+        let tenant = caller
+            .tenant_or_own(&request.into_inner().tenant)
+            .map_err(|e| gpualloc_platform::status::invalid_field("tenant", e))?;
         if !caller.may_access(&tenant) {
             // Another tenant's quota is as invisible as a missing one.
             return Err(not_found_tenant(&tenant));

@@ -64,6 +64,68 @@ fn not_found(id: &str) -> Status {
 
 /// The tenant a listing is for: a tenant lists itself; an administrator
 /// names one or lists all.
+/// Rows read at most per call when a label selector filters them: a rare
+/// label must not turn one call into a scan of every allocation.
+const MAX_SCANNED: i64 = 5_000;
+
+fn cursor_of(row: &store::ViewRow) -> Cursor {
+    Cursor {
+        create_time: row.create_time,
+        allocation_id: row.allocation_id.clone(),
+    }
+}
+
+/// A page (newest first) of at most `page_size` rows, and where the next
+/// page starts if there may be one. With a label selector, batches are
+/// read and filtered until the page is full or [`MAX_SCANNED`] rows were
+/// read; then the next page starts after the last row read, so a page may
+/// hold fewer matches while more follow.
+fn select(
+    conn: &mut gpualloc_storage::DbConnection,
+    tenant: Option<&TenantId>,
+    states: &[State],
+    mut cursor: Option<Cursor>,
+    page_size: i64,
+    selector: &store::Selector,
+) -> Result<(Vec<store::ViewRow>, Option<Cursor>), Error> {
+    if selector.is_empty() {
+        let mut rows = store::list(conn, tenant, states, cursor.as_ref(), page_size + 1)?;
+        let more = rows.len() as i64 > page_size;
+        rows.truncate(page_size as usize);
+        let next = if more {
+            rows.last().map(cursor_of)
+        } else {
+            None
+        };
+        return Ok((rows, next));
+    }
+    let mut matched: Vec<store::ViewRow> = Vec::new();
+    let mut scanned = 0;
+    loop {
+        let batch = store::list(conn, tenant, states, cursor.as_ref(), page_size + 1)?;
+        let exhausted = (batch.len() as i64) <= page_size;
+        for row in batch {
+            scanned += 1;
+            let last = cursor_of(&row);
+            if selector.matches(&store::labels_of(&row)) {
+                if matched.len() as i64 == page_size {
+                    // A match beyond the page: there is a next page.
+                    let next = matched.last().map(cursor_of);
+                    return Ok((matched, next));
+                }
+                matched.push(row);
+            }
+            cursor = Some(last);
+        }
+        if exhausted {
+            return Ok((matched, None));
+        }
+        if scanned >= MAX_SCANNED {
+            return Ok((matched, cursor));
+        }
+    }
+}
+
 fn listing_tenant(caller: &Caller, requested: &str) -> Result<Option<TenantId>, Status> {
     if requested.is_empty() {
         return match (&caller.tenant, caller.admin) {
@@ -146,6 +208,13 @@ impl ViewerService for ViewerApi {
                 None => v.add(format!("states[{i}]"), format!("{s} is not a state")),
             }
         }
+        let selector = match store::Selector::parse(&req.label_selector) {
+            Ok(s) => s,
+            Err(e) => {
+                v.add("label_selector", e);
+                store::Selector::default()
+            }
+        };
         let cursor = if req.page_token.is_empty() {
             None
         } else {
@@ -160,35 +229,27 @@ impl ViewerService for ViewerApi {
         if !v.is_empty() {
             return Err(status::invalid_argument(&v));
         }
-        let (mut rows, positions) = self
+        let (rows, next, positions) = self
             .db
             .get()?
             .read(move |conn| {
-                let rows = store::list(
+                let (rows, next) = select(
                     conn,
                     tenant.as_ref(),
                     &states,
-                    cursor.as_ref(),
-                    page_size + 1,
+                    cursor.clone(),
+                    page_size,
+                    &selector,
                 )?;
                 let positions = if rows.iter().any(|r| r.state == State::Held.as_str()) {
                     store::hold_positions(conn)?
                 } else {
                     Default::default()
                 };
-                Ok::<_, Error>((rows, positions))
+                Ok::<_, Error>((rows, next, positions))
             })
             .await?;
-        let more = rows.len() as i64 > page_size;
-        rows.truncate(page_size as usize);
-        let next_page_token = match rows.last() {
-            Some(last) if more => Cursor {
-                create_time: last.create_time,
-                allocation_id: last.allocation_id.clone(),
-            }
-            .encode(),
-            _ => String::new(),
-        };
+        let next_page_token = next.map(|c| c.encode()).unwrap_or_default();
         let allocations = rows
             .iter()
             .map(|r| Ok(store::with_position(r.to_proto()?, &positions)))

@@ -161,6 +161,47 @@ pub fn list(
     .load(conn)?)
 }
 
+/// A parsed `label_selector`: every `key=value` must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector(pub Vec<(String, String)>);
+
+impl Selector {
+    /// At most this many pairs.
+    pub const MAX_PAIRS: usize = 32;
+
+    pub fn parse(text: &str) -> Result<Selector, String> {
+        let mut pairs = Vec::new();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((k, v)) = part.split_once('=') else {
+                return Err(format!("{} is not key=value", gpualloc_domain::shown(part)));
+            };
+            if k.trim().is_empty() {
+                return Err(format!("{} has no key", gpualloc_domain::shown(part)));
+            }
+            pairs.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+        if pairs.len() > Self::MAX_PAIRS {
+            return Err(format!("at most {} key=value pairs", Self::MAX_PAIRS));
+        }
+        Ok(Selector(pairs))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn matches(&self, labels: &std::collections::BTreeMap<String, String>) -> bool {
+        self.0.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+}
+
+/// The labels of a stored view (from its snapshot).
+pub fn labels_of(row: &ViewRow) -> std::collections::BTreeMap<String, String> {
+    apb::Allocation::decode(row.snapshot.as_slice())
+        .map(|a| a.labels)
+        .unwrap_or_default()
+}
+
 pub fn history(conn: &mut DbConnection, id: &str) -> Result<Vec<pb::HistoryEntry>, Error> {
     let rows: Vec<(i64, String, String, String, String, i64)> = allocation_history::table
         .filter(allocation_history::allocation_id.eq(id))
