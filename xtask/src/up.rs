@@ -33,6 +33,10 @@ pub struct Args {
     /// Wipe the state folder first.
     #[arg(long)]
     fresh: bool,
+    /// Prices for the viewer's usage reports (a JSON rate card, see
+    /// docs/operations.md); reports carry no costs without one.
+    #[arg(long)]
+    rate_card: Option<PathBuf>,
     /// Do not create the demo pools and quota (they are only ever created
     /// when missing; this skips even that).
     #[arg(long)]
@@ -208,6 +212,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if args.nats.is_none() {
             env.push(("GPUALLOC_NATS_USER", svc.name.to_owned()));
             env.push(("GPUALLOC_NATS_PASSWORD", nats_passwords[svc.name].clone()));
+        }
+        if svc.name == "viewer"
+            && let Some(card) = &args.rate_card
+        {
+            let card = fs::canonicalize(card)
+                .with_context(|| format!("the rate card {}", card.display()))?;
+            env.push(("GPUALLOC_RATE_CARD", card.display().to_string()));
         }
         if let Some(otlp) = &args.otlp {
             env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()));

@@ -174,6 +174,7 @@ impl World {
             "GetUsageReport" => vpb::GetUsageReportRequest {
                 tenant: target.into(),
                 month: "2026-11".into(),
+                ..Default::default()
             }
             .encode_to_vec(),
             other => panic!("the matrix test has no request for {other}: add one"),

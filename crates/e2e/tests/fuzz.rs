@@ -291,10 +291,14 @@ fn request(path: &str) -> BoxedStrategy<Vec<u8>> {
                 allocation_id,
             }
         })),
-        "GetUsageReport" => encoded(
-            (text(), text())
-                .prop_map(|(tenant, month)| vpb::GetUsageReportRequest { tenant, month }),
-        ),
+        "GetUsageReport" => encoded((text(), text(), int32()).prop_map(
+            |(tenant, month, format)| vpb::GetUsageReportRequest {
+                tenant,
+                month,
+                format,
+                ..Default::default()
+            },
+        )),
         other => panic!("the fuzzer has no request for {other}: add one"),
     }
 }

@@ -499,6 +499,8 @@ async fn usage_splits_at_the_month_boundary_and_is_priced_by_the_rate_card() {
         version: 1,
         create_time: Some(time::to_timestamp(requested)),
         update_time: Some(time::to_timestamp(requested)),
+        labels: BTreeMap::from([("cost-centre".to_owned(), "cc-42".to_owned())]),
+        display_name: "nightly, \"big\"".into(),
         ..Default::default()
     };
     let v1 = crafted_change(&a, State::Unspecified, "usage-v1");
@@ -560,6 +562,7 @@ async fn usage_splits_at_the_month_boundary_and_is_priced_by_the_rate_card() {
                     vpb::GetUsageReportRequest {
                         tenant: t.into(),
                         month,
+                        ..Default::default()
                     },
                 ))
                 .await
@@ -587,20 +590,82 @@ async fn usage_splits_at_the_month_boundary_and_is_priced_by_the_rate_card() {
         // 2 GPU-h × 2.5 + 4 core-h × 0.04 + 8 GiB-h × 0.005
         // + 100 GiB-h × 0.0001 + 3 seat-h × 0.5, per hour.
         let per_hour = 5.0 + 0.16 + 0.04 + 0.01 + 1.5;
+        // Costs are rounded to cents (docs/operations.md).
+        let cents = |a: f64, b: f64| (a - b).abs() <= 0.005 + 1e-9;
         assert!(
-            close(r.total_cost, per_hour * hours),
+            cents(r.total_cost, per_hour * hours),
             "{month}: {}",
             r.total_cost
         );
-        assert!(close(line.cost, per_hour * hours));
+        assert!(cents(line.cost, per_hour * hours));
+        assert_eq!(r.total_cost, line.cost, "the total is the sum of the lines");
         assert_eq!(r.currency, "EUR");
     }
     let empty = report("2025-12").await.unwrap().into_inner();
     assert!(empty.lines.is_empty() && empty.total_cost == 0.0);
-    for bad in ["2025-13", "November", ""] {
+    for bad in ["2025-13", "November"] {
         let err = report(bad).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{bad:?}: {err:?}");
     }
+    // No month: the current one.
+    let current = report("").await.unwrap().into_inner();
+    assert_eq!(
+        current.month,
+        gpualloc_viewer::usage::month_of(time::now_micros())
+    );
+
+    // Any range, with what each line counted, its labels and name; an
+    // administrator without a tenant gets every tenant, and CSV.
+    let range = |start: i64, end: i64, who: &str, format: vpb::ReportFormat| {
+        let mut client = mesh.viewer();
+        let request = vpb::GetUsageReportRequest {
+            tenant: who.into(),
+            start_time: Some(time::to_timestamp(start)),
+            end_time: Some(time::to_timestamp(end)),
+            format: format as i32,
+            ..Default::default()
+        };
+        async move { client.get_usage_report(admin(request)).await }
+    };
+    let r = range(requested, cancelled + 1, t, vpb::ReportFormat::Unspecified)
+        .await
+        .unwrap()
+        .into_inner();
+    let line = &r.lines[0];
+    assert!(close(line.hours, 2.5), "{line:?}");
+    assert_eq!(line.start_time, Some(time::to_timestamp(allocated)));
+    assert_eq!(line.end_time, Some(time::to_timestamp(cancelled)));
+    assert_eq!(
+        line.labels.get("cost-centre").map(String::as_str),
+        Some("cc-42")
+    );
+    assert_eq!(line.display_name, "nightly, \"big\"");
+    assert!(r.rounding.contains("0.001"), "{}", r.rounding);
+    let all = range(requested, cancelled + 1, "", vpb::ReportFormat::Csv)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.tenants.len(), 1, "{all:?}");
+    assert_eq!(all.tenants[0].tenant, t);
+    assert!(close(all.total_cost, all.tenants[0].total_cost));
+    let csv: Vec<&str> = all.csv.lines().collect();
+    assert!(
+        csv[0].starts_with("tenant,allocation_id,display_name"),
+        "{}",
+        all.csv
+    );
+    assert!(
+        csv[1].starts_with(&format!("{t},{id},\"nightly, \"\"big\"\"\",p,A100,2025-10-31T23:00:00Z,2025-11-01T01:30:00Z,2.5,")),
+        "{}",
+        all.csv
+    );
+    assert!(csv[1].contains("cost-centre=cc-42"), "{}", all.csv);
+    assert!(csv.last().unwrap().starts_with("*,TOTAL,"), "{}", all.csv);
+    // A range that ends before it starts, or a month and a range at once.
+    let err = range(cancelled, requested, t, vpb::ReportFormat::Unspecified)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
 }
 
 #[derive(QueryableByName)]

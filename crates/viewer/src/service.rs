@@ -343,26 +343,70 @@ impl ViewerService for ViewerApi {
     ) -> Result<Response<pb::UsageReport>, Status> {
         let caller = Caller::from_request(&request)?;
         let req = request.into_inner();
-        let tenant = match listing_tenant(&caller, &req.tenant)? {
-            Some(t) => t,
-            None => return Err(status::invalid_field("tenant", "tenant is required")),
+        // None: every tenant (an administrator who named none).
+        let tenant = listing_tenant(&caller, &req.tenant)?;
+        let now = gpualloc_domain::time::now_micros();
+        let (month, bounds) = match (req.month.as_str(), &req.start_time, &req.end_time) {
+            ("", None, None) => {
+                let month = usage::month_of(now);
+                let bounds = usage::month_bounds(&month)
+                    .map_err(|e| status::internal("the current month", &e))?;
+                (month, bounds)
+            }
+            (m, None, None) => (
+                m.to_owned(),
+                usage::month_bounds(m).map_err(|e| status::invalid_field("month", e))?,
+            ),
+            ("", Some(s), Some(e)) => {
+                let (from, to) = (
+                    gpualloc_domain::time::from_timestamp(s),
+                    gpualloc_domain::time::from_timestamp(e),
+                );
+                if to <= from {
+                    return Err(status::invalid_field(
+                        "end_time",
+                        "must be after start_time",
+                    ));
+                }
+                (String::new(), (from, to))
+            }
+            ("", _, _) => {
+                return Err(status::invalid_field(
+                    "start_time",
+                    "start_time and end_time go together",
+                ));
+            }
+            (_, _, _) => {
+                return Err(status::invalid_field(
+                    "month",
+                    "give a month or start_time and end_time, not both",
+                ));
+            }
         };
-        let bounds =
-            usage::month_bounds(&req.month).map_err(|e| status::invalid_field("month", e))?;
-        let key = tenant.to_string();
-        let rows = self
+        let rates = self.rates.clone();
+        let m = month.clone();
+        let mut report = self
             .db
             .get()?
-            .read(move |conn| store::usage_history(conn, &key, bounds))
+            .read(move |conn| {
+                let tenants = match &tenant {
+                    Some(t) => vec![t.to_string()],
+                    None => store::usage_tenants(conn, bounds)?,
+                };
+                let mut reports = Vec::new();
+                for t in &tenants {
+                    let rows = store::usage_history(conn, t, bounds)?;
+                    reports.push(usage::report(t, &m, bounds, &rows, now, rates.as_deref())?);
+                }
+                Ok::<_, Error>(match tenant {
+                    Some(_) => reports.pop().unwrap_or_default(),
+                    None => usage::combine(&m, bounds, reports, rates.as_deref()),
+                })
+            })
             .await?;
-        let report = usage::report(
-            tenant.as_str(),
-            &req.month,
-            bounds,
-            &rows,
-            gpualloc_domain::time::now_micros(),
-            self.rates.as_deref(),
-        )?;
+        if req.format == pb::ReportFormat::Csv as i32 {
+            report.csv = usage::to_csv(&report);
+        }
         Ok(Response::new(report))
     }
 }

@@ -437,6 +437,30 @@ pub fn change_keys_since(
 /// before `to` of each allocation that changed on or after `from` or is
 /// allocated now — the others ended before the month began. Old finished
 /// allocations, the bulk of a long history, are never read.
+/// Tenants with something to bill in `[from, to)`: a change before `to`
+/// since `from`, or an allocation running now.
+pub fn usage_tenants(
+    conn: &mut DbConnection,
+    (from, to): (i64, i64),
+) -> Result<Vec<String>, Error> {
+    let mut tenants: Vec<String> = allocation_history::table
+        .filter(allocation_history::change_time.ge(from))
+        .filter(allocation_history::change_time.lt(to))
+        .select(allocation_history::tenant)
+        .distinct()
+        .load_native(conn)?;
+    tenants.extend(
+        allocation_views::table
+            .filter(allocation_views::state.eq(State::Allocated.as_str()))
+            .select(allocation_views::tenant)
+            .distinct()
+            .load_native::<String>(conn)?,
+    );
+    tenants.sort();
+    tenants.dedup();
+    Ok(tenants)
+}
+
 pub fn usage_history(
     conn: &mut DbConnection,
     tenant: &str,

@@ -1,7 +1,11 @@
-//! Monthly usage reports, from the history of state changes: an allocation
-//! is billed for the time it spent `ALLOCATED` (from the change into that
-//! state to the next change, or now), clipped to the month in UTC, with the
-//! resources it was granted (the GPU model the pool chose included).
+//! Usage reports people can bill from, from the history of state changes:
+//! an allocation is billed for the time it spent `ALLOCATED` (from the
+//! change into that state to the next change, or now), clipped to a UTC
+//! month or any range, with the resources it was granted (the GPU model
+//! the pool chose included). Amounts are rounded per line ([`ROUNDING`])
+//! and totals are sums of rounded lines, so that a bill adds up; every
+//! tenant's report can be combined into one with grand totals, and
+//! rendered as CSV for spreadsheets.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -113,9 +117,18 @@ pub fn month_bounds(month: &str) -> Result<(i64, i64), String> {
     ))
 }
 
+/// How a report rounds, as the report states it.
+pub const ROUNDING: &str = "hours to 0.001 and costs to 0.01, half away from zero, per line; totals are sums of the rounded lines";
+
+fn round_to(x: f64, places: i32) -> f64 {
+    let f = 10f64.powi(places);
+    // `+ 0.0` turns -0.0 (an empty sum) into 0.
+    (x * f).round() / f + 0.0
+}
+
 /// Builds the report of `tenant` for `[from, to)` from its history rows
 /// (ordered by allocation, then version), counting open intervals up to
-/// `now`.
+/// `now`. `month` names the range when it is one.
 pub fn report(
     tenant: &str,
     month: &str,
@@ -124,7 +137,8 @@ pub fn report(
     now: i64,
     rates: Option<&RateCard>,
 ) -> Result<pb::UsageReport, Error> {
-    let mut lines: BTreeMap<String, pb::UsageLine> = BTreeMap::new();
+    // Per allocation: the line, and the first and last moment counted.
+    let mut lines: BTreeMap<String, (pb::UsageLine, i64, i64)> = BTreeMap::new();
     for (i, row) in rows.iter().enumerate() {
         if row.state != State::Allocated.as_str() {
             continue;
@@ -145,18 +159,27 @@ pub fn report(
         })?;
         let r = Resources::try_from(a.resources.clone().unwrap_or_default())
             .map_err(|e| Error::BadEvent(format!("stored resources: {e}")))?;
-        let line = lines
-            .entry(row.allocation_id.clone())
-            .or_insert_with(|| pb::UsageLine {
-                allocation_id: row.allocation_id.clone(),
-                pool: a.pool.clone(),
-                gpu_model: r
-                    .gpu_model
-                    .as_ref()
-                    .map(|m| m.to_string())
-                    .unwrap_or_default(),
-                ..Default::default()
-            });
+        let (line, first, last) = lines.entry(row.allocation_id.clone()).or_insert_with(|| {
+            (
+                pb::UsageLine {
+                    allocation_id: row.allocation_id.clone(),
+                    pool: a.pool.clone(),
+                    gpu_model: r
+                        .gpu_model
+                        .as_ref()
+                        .map(|m| m.to_string())
+                        .unwrap_or_default(),
+                    labels: a.labels.clone(),
+                    display_name: a.display_name.clone(),
+                    tenant: tenant.to_owned(),
+                    ..Default::default()
+                },
+                start,
+                end,
+            )
+        });
+        *first = (*first).min(start);
+        *last = (*last).max(end);
         line.hours += hours;
         line.gpu_hours += r.gpus as f64 * hours;
         line.cpu_core_hours += r.cpu_millis as f64 / 1000.0 * hours;
@@ -170,30 +193,202 @@ pub fn report(
         tenant: tenant.to_owned(),
         month: month.to_owned(),
         currency: rates.map(|r| r.currency.clone()).unwrap_or_default(),
+        start_time: Some(gpualloc_domain::time::to_timestamp(from)),
+        end_time: Some(gpualloc_domain::time::to_timestamp(to)),
+        rounding: ROUNDING.to_owned(),
         ..Default::default()
     };
-    let mut gpu: BTreeMap<String, f64> = BTreeMap::new();
-    for mut line in lines.into_values() {
-        if line.gpu_hours > 0.0 {
-            *gpu.entry(line.gpu_model.clone()).or_default() += line.gpu_hours;
+    for (mut line, first, last) in lines.into_values() {
+        line.start_time = Some(gpualloc_domain::time::to_timestamp(first));
+        line.end_time = Some(gpualloc_domain::time::to_timestamp(last));
+        line.hours = round_to(line.hours, 3);
+        line.gpu_hours = round_to(line.gpu_hours, 3);
+        line.cpu_core_hours = round_to(line.cpu_core_hours, 3);
+        line.memory_gib_hours = round_to(line.memory_gib_hours, 3);
+        line.storage_gib_hours = round_to(line.storage_gib_hours, 3);
+        for h in line.custom_unit_hours.values_mut() {
+            *h = round_to(*h, 3);
         }
-        out.cpu_core_hours += line.cpu_core_hours;
-        out.memory_gib_hours += line.memory_gib_hours;
-        out.storage_gib_hours += line.storage_gib_hours;
-        for (c, h) in &line.custom_unit_hours {
-            *out.custom_unit_hours.entry(c.clone()).or_default() += h;
-        }
+        // Priced on the rounded quantities: what the bill shows.
         if let Some(r) = rates {
-            line.cost = r.cost(&line);
-            out.total_cost += line.cost;
+            line.cost = round_to(r.cost(&line), 2);
         }
         out.lines.push(line);
     }
+    add_up(&mut out);
+    Ok(out)
+}
+
+/// Sets a report's totals to the sums of its lines (rounded again only to
+/// drop floating-point noise).
+fn add_up(out: &mut pb::UsageReport) {
+    let mut gpu: BTreeMap<String, f64> = BTreeMap::new();
+    let (mut cpu, mut mem, mut storage, mut cost) = (0.0, 0.0, 0.0, 0.0);
+    let mut custom: BTreeMap<String, f64> = BTreeMap::new();
+    for line in &out.lines {
+        if line.gpu_hours > 0.0 {
+            *gpu.entry(line.gpu_model.clone()).or_default() += line.gpu_hours;
+        }
+        cpu += line.cpu_core_hours;
+        mem += line.memory_gib_hours;
+        storage += line.storage_gib_hours;
+        cost += line.cost;
+        for (c, h) in &line.custom_unit_hours {
+            *custom.entry(c.clone()).or_default() += h;
+        }
+    }
     out.gpu_hours = gpu
         .into_iter()
-        .map(|(gpu_model, hours)| pb::GpuHours { gpu_model, hours })
+        .map(|(gpu_model, hours)| pb::GpuHours {
+            gpu_model,
+            hours: round_to(hours, 3),
+        })
         .collect();
-    Ok(out)
+    out.cpu_core_hours = round_to(cpu, 3);
+    out.memory_gib_hours = round_to(mem, 3);
+    out.storage_gib_hours = round_to(storage, 3);
+    out.total_cost = round_to(cost, 2);
+    out.custom_unit_hours = custom
+        .into_iter()
+        .map(|(c, h)| (c, round_to(h, 3)))
+        .collect();
+}
+
+/// Every tenant's report in one: a section per tenant, and the grand
+/// totals (sums of every tenant's lines) in the outer report.
+pub fn combine(
+    month: &str,
+    (from, to): (i64, i64),
+    tenants: Vec<pb::UsageReport>,
+    rates: Option<&RateCard>,
+) -> pb::UsageReport {
+    let mut out = pb::UsageReport {
+        month: month.to_owned(),
+        currency: rates.map(|r| r.currency.clone()).unwrap_or_default(),
+        start_time: Some(gpualloc_domain::time::to_timestamp(from)),
+        end_time: Some(gpualloc_domain::time::to_timestamp(to)),
+        rounding: ROUNDING.to_owned(),
+        lines: tenants.iter().flat_map(|t| t.lines.clone()).collect(),
+        ..Default::default()
+    };
+    add_up(&mut out);
+    // The sections carry the lines; the grand total need not repeat them.
+    out.lines.clear();
+    out.tenants = tenants;
+    out
+}
+
+/// Microseconds since the epoch as RFC 3339 in UTC, to the second.
+pub fn rfc3339(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The civil date of a day count since 1970-01-01 (Howard Hinnant).
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// The UTC month ("YYYY-MM") that `micros` falls in.
+pub fn month_of(micros: i64) -> String {
+    let (y, m, _) = civil_from_days(micros.div_euclid(86_400_000_000));
+    format!("{y:04}-{m:02}")
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+fn pairs<V: std::fmt::Display>(m: &BTreeMap<String, V>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// The report as CSV: a header, one row per line, and a `TOTAL` row per
+/// tenant (and a grand `TOTAL` row for every tenant's report).
+pub fn to_csv(report: &pb::UsageReport) -> String {
+    let mut out = String::from(
+        "tenant,allocation_id,display_name,pool,gpu_model,start_time,end_time,hours,gpu_hours,cpu_core_hours,memory_gib_hours,storage_gib_hours,custom_unit_hours,labels,cost,currency\n",
+    );
+    let sections: Vec<&pb::UsageReport> = if report.tenants.is_empty() {
+        vec![report]
+    } else {
+        report.tenants.iter().collect()
+    };
+    let ts = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref()
+            .map(|t| rfc3339(gpualloc_domain::time::from_timestamp(t)))
+            .unwrap_or_default()
+    };
+    let total = |out: &mut String, tenant: &str, r: &pb::UsageReport| {
+        let gpu: f64 = r.gpu_hours.iter().map(|g| g.hours).sum();
+        let custom: BTreeMap<String, f64> = r.custom_unit_hours.clone().into_iter().collect();
+        out.push_str(&format!(
+            "{},TOTAL,,,,{},{},,{},{},{},{},{},,{},{}\n",
+            csv_field(tenant),
+            ts(&r.start_time),
+            ts(&r.end_time),
+            round_to(gpu, 3),
+            r.cpu_core_hours,
+            r.memory_gib_hours,
+            r.storage_gib_hours,
+            csv_field(&pairs(&custom)),
+            r.total_cost,
+            csv_field(&r.currency),
+        ));
+    };
+    for section in &sections {
+        for l in &section.lines {
+            let custom: BTreeMap<String, f64> = l.custom_unit_hours.clone().into_iter().collect();
+            let labels: BTreeMap<String, String> = l.labels.clone().into_iter().collect();
+            out.push_str(&format!(
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                csv_field(&l.tenant),
+                csv_field(&l.allocation_id),
+                csv_field(&l.display_name),
+                csv_field(&l.pool),
+                csv_field(&l.gpu_model),
+                ts(&l.start_time),
+                ts(&l.end_time),
+                l.hours,
+                l.gpu_hours,
+                l.cpu_core_hours,
+                l.memory_gib_hours,
+                l.storage_gib_hours,
+                csv_field(&pairs(&custom)),
+                csv_field(&pairs(&labels)),
+                l.cost,
+                csv_field(&section.currency),
+            ));
+        }
+        total(&mut out, &section.tenant, section);
+    }
+    if !report.tenants.is_empty() {
+        total(&mut out, "*", report);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -215,5 +410,72 @@ mod tests {
         for bad in ["2026-13", "2026-1", "26-11", "2026/11", "", "abcd-ef"] {
             assert!(month_bounds(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn dates_round_trip() {
+        let (a, _) = month_bounds("2026-11").unwrap();
+        assert_eq!(rfc3339(a), "2026-11-01T00:00:00Z");
+        assert_eq!(rfc3339(a + 3_723_000_000), "2026-11-01T01:02:03Z");
+        assert_eq!(month_of(a), "2026-11");
+        assert_eq!(month_of(a - 1), "2026-10");
+        let (_, end) = month_bounds("2024-02").unwrap();
+        assert_eq!(rfc3339(end - 1_000_000), "2024-02-29T23:59:59Z");
+    }
+
+    #[test]
+    fn amounts_round_half_away_from_zero_and_totals_add_up() {
+        assert_eq!(round_to(0.0015, 3), 0.002);
+        assert_eq!(round_to(2.345_49, 2), 2.35);
+        let line = |id: &str, hours: f64, cost: f64| pb::UsageLine {
+            allocation_id: id.into(),
+            tenant: "t".into(),
+            hours,
+            cpu_core_hours: hours,
+            cost,
+            ..Default::default()
+        };
+        let mut r = pb::UsageReport {
+            lines: vec![
+                line("a", 0.333, 0.33),
+                line("b", 0.333, 0.33),
+                line("c", 0.333, 0.33),
+            ],
+            ..Default::default()
+        };
+        add_up(&mut r);
+        // The sum of what each line shows, not a re-rounded grand figure.
+        assert_eq!(r.cpu_core_hours, 0.999);
+        assert_eq!(r.total_cost, 0.99);
+    }
+
+    #[test]
+    fn csv_quotes_what_needs_quoting_and_totals_each_tenant() {
+        let line = pb::UsageLine {
+            allocation_id: "a1".into(),
+            tenant: "t".into(),
+            display_name: "run, \"seven\"".into(),
+            hours: 1.5,
+            labels: [("team".to_owned(), "ml".to_owned())].into_iter().collect(),
+            ..Default::default()
+        };
+        let mut t = pb::UsageReport {
+            tenant: "t".into(),
+            lines: vec![line],
+            ..Default::default()
+        };
+        add_up(&mut t);
+        let all = combine("2026-11", month_bounds("2026-11").unwrap(), vec![t], None);
+        let csv = to_csv(&all);
+        let rows: Vec<&str> = csv.lines().collect();
+        assert_eq!(rows.len(), 4, "{csv}");
+        assert!(rows[1].starts_with("t,a1,\"run, \"\"seven\"\"\","), "{csv}");
+        assert!(rows[1].contains("team=ml"), "{csv}");
+        assert!(rows[2].starts_with("t,TOTAL,"), "{csv}");
+        assert!(
+            rows[3].starts_with("*,TOTAL,,,,2026-11-01T00:00:00Z,2026-12-01T00:00:00Z,"),
+            "{csv}"
+        );
+        assert!(!csv.contains(",-0,"), "{csv}");
     }
 }
