@@ -262,7 +262,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .token("xtask", None, &["admin"], BANNER_TTL)
             .map_err(anyhow::Error::msg)?;
         if !args.no_seed {
-            seed(&admin_token).await?;
+            seed("http://127.0.0.1:50052", &admin_token).await?;
         }
         let tenant_token = issuer
             .token("demo-user", Some("demo"), &[], BANNER_TTL)
@@ -391,10 +391,8 @@ fn admin<T>(token: &str, message: T) -> anyhow::Result<Request<T>> {
 /// yet: what an operator changed (a pool's size, a quota's threshold) or
 /// filled is never reverted on the next start, and no start fails because
 /// of it.
-async fn seed(token: &str) -> anyhow::Result<()> {
-    let channel = Channel::from_static("http://127.0.0.1:50052")
-        .connect()
-        .await?;
+async fn seed(pool_url: &str, token: &str) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(pool_url.to_owned())?.connect().await?;
     let mut pools = ResourcePoolServiceClient::new(channel);
     let pool =
         |id: &str, cpu: i64, mem: i64, storage: i64, gpus: &[(&str, i32)]| rp::PutPoolRequest {
@@ -580,5 +578,75 @@ async fn supervise(children: &mut [Guard]) {
                 reported[i] = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use gpualloc_e2e::{Backend, Mesh, admin, fixtures::*};
+
+    use super::*;
+
+    /// A start never undoes an operator, and never fails because of what an
+    /// operator did: the demo objects are created once, then left alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn seeding_creates_what_is_missing_and_leaves_the_rest_alone() {
+        let mesh = Mesh::start(Backend::Sqlite).await;
+        let url = mesh.pool.url();
+        let token = gpualloc_testkit::auth::admin_token();
+        seed(&url, &token).await.unwrap();
+        let pool = get_pool(&mesh, "gpu-h100").await;
+        assert_eq!(pool.capacity.unwrap().gpus_by_model["H100"], 4);
+
+        // An administrator grows the pool, fills it, and changes the demo
+        // quota's approval threshold.
+        put_pool(&mesh, "gpu-h100", gpu_capacity(&[("H100", 16)])).await;
+        let mut quota = mesh
+            .pools()
+            .get_tenant_quota(admin(rp::GetTenantQuotaRequest {
+                tenant: "demo".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        quota.approval_above = Some(rp::Resources {
+            gpus: 12,
+            ..Default::default()
+        });
+        mesh.pools()
+            .set_tenant_quota(admin(rp::SetTenantQuotaRequest {
+                tenant: "demo".into(),
+                approval_above: quota.approval_above.clone(),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["approval_above".into()],
+                }),
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
+        set_quota(&mesh, "big", gpus(16, "")).await;
+        let a = create(&mesh, "big", gpus(10, "H100")).await;
+        wait_state(
+            &mesh,
+            "big",
+            &a.allocation_id,
+            gpualloc_proto::allocation::v1::State::Allocated,
+        )
+        .await;
+
+        // The next start: nothing reverted, nothing refused.
+        seed(&url, &token).await.unwrap();
+        let pool = get_pool(&mesh, "gpu-h100").await;
+        assert_eq!(pool.capacity.unwrap().gpus_by_model["H100"], 16);
+        let quota = mesh
+            .pools()
+            .get_tenant_quota(admin(rp::GetTenantQuotaRequest {
+                tenant: "demo".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(quota.approval_above.unwrap().gpus, 12);
     }
 }

@@ -112,7 +112,7 @@ pub fn create(
         )));
     }
     store::insert(conn, &row)?;
-    announce_change(emit, None, &row)?;
+    announce_change(emit, None, &row, "")?;
     count_transition(state);
     if state == State::Pending {
         request_placement(emit, &row)?;
@@ -124,6 +124,7 @@ fn announce_change(
     emit: &mut Emitter,
     previous: Option<State>,
     row: &AllocRow,
+    actor: &str,
 ) -> Result<(), Error> {
     emit.emit(
         &row.allocation_id,
@@ -132,6 +133,7 @@ fn announce_change(
         Payload::AllocationStateChanged(ev::AllocationStateChanged {
             previous_state: previous.map(|s| s.to_proto() as i32).unwrap_or(0),
             allocation: Some(row.to_proto()?),
+            actor: actor.to_owned(),
         }),
     );
     Ok(())
@@ -177,6 +179,20 @@ fn transition(
     reason: &str,
     edit: impl FnOnce(&mut AllocRow),
 ) -> Result<AllocRow, Error> {
+    transition_by(conn, emit, row, to, reason, "", edit)
+}
+
+/// [`transition`] caused by a person: `actor` (the verified caller's
+/// subject) goes into the event, and so into the viewer's history.
+fn transition_by(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    row: &AllocRow,
+    to: State,
+    reason: &str,
+    actor: &str,
+    edit: impl FnOnce(&mut AllocRow),
+) -> Result<AllocRow, Error> {
     let from = row.state()?;
     if !from.can_move_to(to) {
         return Err(Error::Invariant(format!(
@@ -193,7 +209,7 @@ fn transition(
     next.redrive_time = None;
     edit(&mut next);
     store::update(conn, &next, row.version)?;
-    announce_change(emit, Some(from), &next)?;
+    announce_change(emit, Some(from), &next, actor)?;
     count_transition(to);
     Ok(next)
 }
@@ -245,9 +261,25 @@ pub fn cancel(
     match row.state()? {
         State::Cancelling | State::Cancelled => Ok(row),
         // Nothing was asked of the pool yet.
-        State::AwaitingApproval => transition(conn, emit, &row, State::Cancelled, reason, |_| {}),
+        State::AwaitingApproval => transition_by(
+            conn,
+            emit,
+            &row,
+            State::Cancelled,
+            reason,
+            &caller.subject,
+            |_| {},
+        ),
         State::Pending | State::Held | State::Allocated => {
-            let next = transition(conn, emit, &row, State::Cancelling, reason, |_| {})?;
+            let next = transition_by(
+                conn,
+                emit,
+                &row,
+                State::Cancelling,
+                reason,
+                &caller.subject,
+                |_| {},
+            )?;
             request_release(emit, &next);
             Ok(next)
         }
@@ -285,12 +317,13 @@ pub fn approve(
                 &decided_by(caller),
                 now,
             )?;
-            let next = transition(
+            let next = transition_by(
                 conn,
                 emit,
                 &row,
                 State::Pending,
                 "approved; waiting for the resource pool's decision",
+                &caller.subject,
                 |r| r.approved_time = Some(now),
             )?;
             request_placement(emit, &next)?;
@@ -328,7 +361,15 @@ pub fn reject(
                 &decided_by(caller),
                 emit.now(),
             )?;
-            transition(conn, emit, &row, State::Rejected, reason, |_| {})
+            transition_by(
+                conn,
+                emit,
+                &row,
+                State::Rejected,
+                reason,
+                &caller.subject,
+                |_| {},
+            )
         }
         State::Rejected
             if store::decision(conn, &row.allocation_id)?.as_deref() == Some("REJECTED") =>

@@ -52,11 +52,15 @@ impl AllocRow {
     }
 
     pub fn to_proto(&self) -> Result<pb::Allocation, Error> {
+        let state = self.state()?;
+        // Terminal states never change again: their last update is the end.
+        let ended = matches!(state, State::Cancelled | State::Expired | State::Rejected);
+        let early = matches!(state, State::Cancelled | State::Rejected);
         Ok(pb::Allocation {
             allocation_id: self.allocation_id.clone(),
             tenant: self.tenant.clone(),
             resources: Some(rp::Resources::from(&self.resources()?)),
-            state: self.state()?.to_proto() as i32,
+            state: state.to_proto() as i32,
             reason: self.reason.clone(),
             pool: self.pool_id.clone().unwrap_or_default(),
             priority: self.priority,
@@ -65,9 +69,10 @@ impl AllocRow {
             version: self.version,
             create_time: Some(time::to_timestamp(self.create_time)),
             update_time: Some(time::to_timestamp(self.update_time)),
-            expire_time: self.expire_time.map(time::to_timestamp),
+            expire_time: self.expire_time.filter(|_| !early).map(time::to_timestamp),
             lease: self.lease_micros.map(time::to_duration),
             display_name: self.display_name.clone(),
+            end_time: ended.then(|| time::to_timestamp(self.update_time)),
         })
     }
 }

@@ -410,7 +410,7 @@ fn forged(real: Vec<(String, String)>) -> BoxedStrategy<(String, ev::Event)> {
             })
         ),
         text().prop_map(|reason| Payload::AllocationCancelled(ev::AllocationCancelled { reason })),
-        (int32(), int64(), text()).prop_map(|(state, version, tenant)| {
+        (int32(), int64(), text(), text()).prop_map(|(state, version, tenant, actor)| {
             Payload::AllocationStateChanged(ev::AllocationStateChanged {
                 previous_state: 0,
                 allocation: Some(apb::Allocation {
@@ -419,6 +419,7 @@ fn forged(real: Vec<(String, String)>) -> BoxedStrategy<(String, ev::Event)> {
                     tenant,
                     ..Default::default()
                 }),
+                actor,
             })
         }),
         (text(), text()).prop_map(|(pool_id, gpu_model)| Payload::ReservationGranted(

@@ -448,6 +448,7 @@ fn crafted_change(a: &apb::Allocation, previous: State, event_id: &str) -> ev::E
             ev::AllocationStateChanged {
                 previous_state: previous as i32,
                 allocation: Some(a.clone()),
+                actor: String::new(),
             },
         )),
     }

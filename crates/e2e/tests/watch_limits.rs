@@ -103,6 +103,7 @@ async fn a_snapshot_larger_than_the_buffer_arrives_whole() {
                         update_time: Some(now),
                         ..Default::default()
                     }),
+                    actor: String::new(),
                 },
             )),
         };

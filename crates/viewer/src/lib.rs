@@ -48,6 +48,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: "viewer_0003_watch_keys",
         up: include_str!("../migrations/0003_watch_keys.sql"),
     },
+    Migration {
+        version: "viewer_0004_history_actor",
+        up: include_str!("../migrations/0004_history_actor.sql"),
+    },
 ];
 
 /// Settings of the viewer service.

@@ -292,6 +292,7 @@ fn apply_change(
                 allocation_history::change_time.eq(change_time),
                 allocation_history::snapshot.eq(&snapshot),
                 allocation_history::project_time.eq(now),
+                allocation_history::actor.eq(&c.actor),
             ))
             .execute_native(conn)?;
     }

@@ -25,6 +25,7 @@ diesel::table! {
         change_time -> BigInt,
         snapshot -> Binary,
         project_time -> BigInt,
+        actor -> Text,
     }
 }
 

@@ -203,7 +203,8 @@ pub fn labels_of(row: &ViewRow) -> std::collections::BTreeMap<String, String> {
 }
 
 pub fn history(conn: &mut DbConnection, id: &str) -> Result<Vec<pb::HistoryEntry>, Error> {
-    let rows: Vec<(i64, String, String, String, String, i64)> = allocation_history::table
+    type Entry = (i64, String, String, String, String, i64, String);
+    let rows: Vec<Entry> = allocation_history::table
         .filter(allocation_history::allocation_id.eq(id))
         .order(allocation_history::version)
         .select((
@@ -213,12 +214,13 @@ pub fn history(conn: &mut DbConnection, id: &str) -> Result<Vec<pb::HistoryEntry
             allocation_history::state,
             allocation_history::reason,
             allocation_history::change_time,
+            allocation_history::actor,
         ))
         .load_native(conn)?;
     Ok(rows
         .into_iter()
         .map(
-            |(version, event_id, previous, state, reason, t)| pb::HistoryEntry {
+            |(version, event_id, previous, state, reason, t, actor)| pb::HistoryEntry {
                 event_id,
                 version,
                 previous_state: State::parse(&previous)
@@ -229,6 +231,7 @@ pub fn history(conn: &mut DbConnection, id: &str) -> Result<Vec<pb::HistoryEntry
                     .unwrap_or(0),
                 reason,
                 change_time: Some(time::to_timestamp(t)),
+                actor,
             },
         )
         .collect())
