@@ -498,8 +498,8 @@ pub fn rfc3339(micros: i64) -> String {
     )
 }
 
-// Howard Hinnant's civil_from_days.
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
+/// The civil date of a day count since 1970-01-01 (Howard Hinnant).
+pub(crate) fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let z = z + 719_468;
     let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
     let doe = z - era * 146_097;
