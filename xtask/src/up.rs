@@ -37,6 +37,10 @@ pub struct Args {
     /// docs/operations.md); reports carry no costs without one.
     #[arg(long)]
     rate_card: Option<PathBuf>,
+    /// Where the viewer sends notifications (webhook, Slack, KakaoTalk; a
+    /// JSON settings file, see docs/notifications.md).
+    #[arg(long)]
+    notify_config: Option<PathBuf>,
     /// Do not create the demo pools and quota (they are only ever created
     /// when missing; this skips even that).
     #[arg(long)]
@@ -220,6 +224,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .with_context(|| format!("the rate card {}", card.display()))?;
             env.push(("GPUALLOC_RATE_CARD", card.display().to_string()));
         }
+        if svc.name == "viewer"
+            && let Some(settings) = &args.notify_config
+        {
+            let settings = fs::canonicalize(settings)
+                .with_context(|| format!("the notification settings {}", settings.display()))?;
+            env.push(("GPUALLOC_NOTIFY_CONFIG", settings.display().to_string()));
+        }
         if let Some(otlp) = &args.otlp {
             env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()));
         }
@@ -248,7 +259,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        children.push(Guard::spawn(svc.name, &mut cmd)?);
+        let child = Guard::spawn(svc.name, &mut cmd)?;
+        // Registered like a run-script start, so that
+        // `kill $(cat .gpualloc/pids/<service>.pid)` stops either.
+        fs::write(&pid_file, format!("{}\n", child.pid()))?;
+        children.push(child);
     }
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -274,8 +289,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("\nxtask: stopping the services, then NATS");
     // Services first (they flush their outboxes to NATS), NATS last;
     // services restarted by hand with their run script are services too.
+    let own: Vec<String> = children.iter().map(|c| c.pid().to_string()).collect();
     for svc in &SERVICES {
         let pid_file = state.join("pids").join(format!("{}.pid", svc.name));
+        // Our own child is stopped below (and reaped, which a kill of a
+        // PID alone cannot do).
+        let registered = fs::read_to_string(&pid_file).unwrap_or_default();
+        if own.iter().any(|p| p == registered.trim()) {
+            let _ = fs::remove_file(&pid_file);
+            continue;
+        }
         if let Some(pid) = procs::stop_registered(&pid_file, svc.binary, Duration::from_secs(30)) {
             eprintln!(
                 "xtask: stopped {} (PID {pid}, started with run-{}.sh)",
@@ -510,7 +533,8 @@ gpualloc is up.
   NATS           {nats_url}
   state          {state}
   processes      {pids}
-Stop one with `kill <pid>` and start it again with `sh {state}/run-<service>.sh`.
+Stop one with `kill $(cat {state}/pids/<service>.pid)` and start it again with
+`sh {state}/run-<service>.sh &` (this command still stops it on Ctrl-C).
 Demo: pools gpu-a100 (8x A100), gpu-h100 (4x H100), cpu-only; tenant "demo"
 (8 GPUs, 64 cores; more than 4 GPUs needs an administrator's approval).
 

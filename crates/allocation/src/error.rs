@@ -19,6 +19,8 @@ pub enum Error {
         state: State,
         action: &'static str,
     },
+    #[error("allocation {0} was granted without a lease: there is nothing to renew")]
+    NoLease(String),
     #[error("request_id {0:?} was already used with different parameters")]
     IdempotencyKeyReused(String),
     /// The quota check refused the request (reason EXCEEDS_QUOTA or
@@ -64,6 +66,11 @@ impl From<Error> for Status {
                     ("allocation_id".into(), id.clone()),
                     ("state".into(), state.to_string()),
                 ]),
+            ),
+            Error::NoLease(ref id) => status::failed_precondition(
+                "NO_LEASE",
+                e.to_string(),
+                HashMap::from([("allocation_id".into(), id.clone())]),
             ),
             Error::IdempotencyKeyReused(ref id) => status::failed_precondition(
                 "IDEMPOTENCY_KEY_REUSED",

@@ -199,6 +199,34 @@ fn transition_by(
             "{from} -> {to} is not a transition"
         )));
     }
+    write_change(conn, emit, row, to, reason, actor, edit)
+}
+
+/// A change of an allocation that keeps its state (a lease renewal): a
+/// new version, announced like a transition so that the viewer and the
+/// history see it.
+fn amend_by(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    row: &AllocRow,
+    reason: &str,
+    actor: &str,
+    edit: impl FnOnce(&mut AllocRow),
+) -> Result<AllocRow, Error> {
+    let state = row.state()?;
+    write_change(conn, emit, row, state, reason, actor, edit)
+}
+
+fn write_change(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    row: &AllocRow,
+    to: State,
+    reason: &str,
+    actor: &str,
+    edit: impl FnOnce(&mut AllocRow),
+) -> Result<AllocRow, Error> {
+    let from = row.state()?;
     let mut next = row.clone();
     next.state = to.as_str().to_owned();
     next.reason = reason.to_owned();
@@ -210,7 +238,9 @@ fn transition_by(
     edit(&mut next);
     store::update(conn, &next, row.version)?;
     announce_change(emit, Some(from), &next, actor)?;
-    count_transition(to);
+    if from != to {
+        count_transition(to);
+    }
     Ok(next)
 }
 
@@ -289,6 +319,46 @@ pub fn cancel(
             action: "cancel",
         }),
     }
+}
+
+/// Asks the pool to end the lease of an ALLOCATED allocation `lease` from
+/// now. The allocation records the request (who asked, to when) at once;
+/// its `expire_time` moves when the pool confirms ([`on_pool_event`]). A
+/// renewal that would not move the end later changes nothing.
+pub fn renew(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    id: &AllocationId,
+    caller: &Caller,
+    lease: i64,
+) -> Result<AllocRow, Error> {
+    let row = load_for(conn, id, caller)?;
+    let state = row.state()?;
+    if state != State::Allocated {
+        return Err(Error::WrongState {
+            id: row.allocation_id,
+            state,
+            action: "renew",
+        });
+    }
+    let Some(current) = row.expire_time else {
+        return Err(Error::NoLease(row.allocation_id));
+    };
+    let end = emit.now().saturating_add(lease);
+    if end <= current {
+        return Ok(row);
+    }
+    let reason = format!("lease renewal requested: to end at {}", time::rfc3339(end));
+    let next = amend_by(conn, emit, &row, &reason, &caller.subject, |_| {})?;
+    emit.emit(
+        &next.allocation_id,
+        &next.tenant,
+        next.version,
+        Payload::AllocationRenewalRequested(ev::AllocationRenewalRequested {
+            expire_time: Some(time::to_timestamp(end)),
+        }),
+    );
+    Ok(next)
 }
 
 fn decided_by(caller: &Caller) -> String {
@@ -488,6 +558,24 @@ pub fn on_pool_event(
             r.reason.clone()
         };
         transition(conn, emit, &granted, State::Expired, &reason, |_| {})?;
+        return Ok(Outcome::Applied);
+    }
+    if let Some(Payload::ReservationRenewed(r)) = &event.payload {
+        let end = r.expire_time.as_ref().map(time::from_timestamp);
+        match end {
+            Some(end) if state == State::Allocated && row.expire_time < Some(end) => {
+                let reason = format!("lease renewed: it ends at {}", time::rfc3339(end));
+                amend_by(conn, emit, &row, &reason, "", |n| {
+                    n.pool_version = v;
+                    n.expire_time = Some(end);
+                })?;
+            }
+            _ => {
+                let mut seen = row.clone();
+                seen.pool_version = v;
+                store::update(conn, &seen, row.version)?;
+            }
+        }
         return Ok(Outcome::Applied);
     }
     let target = match &event.payload {

@@ -332,6 +332,23 @@ impl AllocationService for AllocationApi {
         respond(row)
     }
 
+    async fn renew_allocation(
+        &self,
+        request: Request<pb::RenewAllocationRequest>,
+    ) -> Result<Response<pb::Allocation>, Status> {
+        let caller = Caller::from_request(&request)?;
+        let headers = propagation::headers(request.metadata());
+        let req = request.into_inner();
+        let id = parse_id(&req.allocation_id)?;
+        let lease = parse_lease(req.lease)?;
+        let row = self
+            .write(headers, move |conn, emit| {
+                ops::renew(conn, emit, &id, &caller, lease)
+            })
+            .await?;
+        respond(row)
+    }
+
     async fn reject_allocation(
         &self,
         request: Request<pb::RejectAllocationRequest>,
@@ -351,6 +368,12 @@ impl AllocationService for AllocationApi {
             .await?;
         respond(row)
     }
+}
+
+/// A renewal's lease: required, 1 s to 366 days.
+fn parse_lease(d: Option<prost_types::Duration>) -> Result<i64, Status> {
+    let d = d.ok_or_else(|| status::invalid_field("lease", "required: how long from now"))?;
+    time::parse_duration(&d).map_err(|e| status::invalid_field("lease", e))
 }
 
 /// How long CheckQuota may take by default.

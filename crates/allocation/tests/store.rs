@@ -301,7 +301,140 @@ async fn terminal_states_refuse_and_tenants_are_isolated(url: String) {
     assert_eq!(get(&db, &id).await.state().unwrap(), State::Expired);
 }
 
+fn renewed(end: i64) -> Payload {
+    Payload::ReservationRenewed(ev::ReservationRenewed {
+        expire_time: Some(time::to_timestamp(end)),
+    })
+}
+
+async fn renewals_are_asked_of_the_pool_and_applied_once(url: String) {
+    let db = open(&url).await;
+    let mut leased = new(None, 1);
+    leased.lease = Some(60_000_000);
+    let (row, _) = op(&db, move |c, emit| ops::create(c, emit, &leased, false))
+        .await
+        .unwrap();
+    let id = row.allocation_id.clone();
+    let aid = AllocationId::parse(&id).unwrap();
+    let renew = |lease: i64| {
+        let db = db.clone();
+        async move {
+            op(&db, move |c, emit| {
+                ops::renew(c, emit, &aid, &tenant(), lease)
+            })
+            .await
+        }
+    };
+    // Not granted yet: nothing to renew.
+    let err = renew(3_600_000_000).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::WrongState {
+                state: State::Pending,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+
+    let first_end = time::now_micros() + 60_000_000;
+    apply(
+        &db,
+        decision(
+            &id,
+            1,
+            Payload::ReservationGranted(ev::ReservationGranted {
+                pool_id: "p".into(),
+                gpu_model: "A100".into(),
+                expire_time: Some(time::to_timestamp(first_end)),
+            }),
+        ),
+    )
+    .await;
+    let before = get(&db, &id).await;
+
+    // A renewal that would not end it later changes nothing.
+    let (same, events) = renew(1_000_000).await.unwrap();
+    assert_eq!(same.version, before.version);
+    assert!(events.is_empty());
+
+    // The request: a new version naming who asked, and the ask to the pool.
+    let (asked, events) = renew(3_600_000_000).await.unwrap();
+    assert_eq!(asked.state, "ALLOCATED");
+    assert_eq!(asked.version, before.version + 1);
+    assert_eq!(
+        asked.expire_time, before.expire_time,
+        "not before the pool agrees"
+    );
+    assert!(
+        asked.reason.starts_with("lease renewal requested"),
+        "{}",
+        asked.reason
+    );
+    let kinds: Vec<_> = events
+        .iter()
+        .map(|e| subjects::of(e.payload.as_ref().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            subjects::ALLOCATION_CHANGED,
+            subjects::ALLOCATION_RENEWAL_REQUESTED
+        ]
+    );
+    let Some(Payload::AllocationStateChanged(c)) = &events[0].payload else {
+        panic!()
+    };
+    assert_eq!(c.actor, tenant().subject);
+    let Some(Payload::AllocationRenewalRequested(r)) = &events[1].payload else {
+        panic!()
+    };
+    let end = time::from_timestamp(r.expire_time.as_ref().unwrap());
+
+    // The pool's confirmation moves the end, once.
+    let events = apply(&db, decision(&id, 2, renewed(end))).await;
+    let after = get(&db, &id).await;
+    assert_eq!(after.expire_time, Some(end));
+    assert_eq!(after.version, asked.version + 1);
+    assert_eq!(events.len(), 1);
+    assert!(apply(&db, decision(&id, 2, renewed(end))).await.is_empty());
+    // An older confirmation never moves it back.
+    assert!(
+        apply(&db, decision(&id, 1, renewed(first_end)))
+            .await
+            .is_empty()
+    );
+    assert_eq!(get(&db, &id).await.expire_time, Some(end));
+
+    // The lease ends: expired; renewing now is refused.
+    apply(&db, decision(&id, 3, released(ev::ReleaseCause::Expired))).await;
+    assert_eq!(get(&db, &id).await.state, "EXPIRED");
+    let err = renew(3_600_000_000).await.unwrap_err();
+    assert!(matches!(
+        err,
+        Error::WrongState {
+            state: State::Expired,
+            ..
+        }
+    ));
+
+    // Granted without a lease: nothing to renew.
+    let (plain, _) = op(&db, |c, emit| ops::create(c, emit, &new(None, 1), false))
+        .await
+        .unwrap();
+    apply(&db, decision(&plain.allocation_id, 1, granted("p"))).await;
+    let pid = AllocationId::parse(&plain.allocation_id).unwrap();
+    let err = op(&db, move |c, emit| {
+        ops::renew(c, emit, &pid, &tenant(), 3_600_000_000)
+    })
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::NoLease(_)), "{err:?}");
+}
+
 gpualloc_testkit::backend_tests!(
+    renewals_are_asked_of_the_pool_and_applied_once,
     create_and_replay,
     the_state_machine_ignores_stale_and_duplicate_decisions,
     an_expiry_that_overtakes_its_grant_still_ends_the_allocation,

@@ -51,9 +51,45 @@ pub fn to_duration(micros: i64) -> prost_types::Duration {
     }
 }
 
+/// `2026-11-22T10:04:05Z` (UTC, seconds).
+pub fn rfc3339(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The civil date of a day count since 1970-01-01 (Howard Hinnant).
+pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        // 2024-02-29T23:59:59Z, a leap day.
+        assert_eq!(rfc3339(1_709_251_199_000_000), "2024-02-29T23:59:59Z");
+        assert_eq!(rfc3339(1_709_251_200_000_000), "2024-03-01T00:00:00Z");
+    }
 
     #[test]
     fn timestamps_round_trip() {

@@ -107,6 +107,38 @@ impl World {
                 reason: String::new(),
             }
             .encode_to_vec(),
+            "RenewAllocation" => {
+                let leased = self
+                    .mesh
+                    .allocations()
+                    .create_allocation(admin(apb::CreateAllocationRequest {
+                        tenant: target.into(),
+                        resources: Some(gpus(1, "A100")),
+                        lease: Some(prost_types::Duration {
+                            seconds: 3600,
+                            nanos: 0,
+                        }),
+                        ..Default::default()
+                    }))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                wait_view(
+                    &self.mesh,
+                    target,
+                    &leased.allocation_id,
+                    apb::State::Allocated,
+                )
+                .await;
+                apb::RenewAllocationRequest {
+                    allocation_id: leased.allocation_id,
+                    lease: Some(prost_types::Duration {
+                        seconds: 7200,
+                        nanos: 0,
+                    }),
+                }
+                .encode_to_vec()
+            }
             "ApproveAllocation" | "RejectAllocation" => {
                 let awaiting = self.create_for(target, 5).await;
                 assert_eq!(awaiting.state, apb::State::AwaitingApproval as i32);

@@ -174,6 +174,12 @@ fn duration() -> BoxedStrategy<Option<prost_types::Duration>> {
     .boxed()
 }
 
+fn timestamp() -> BoxedStrategy<prost_types::Timestamp> {
+    (int64(), int32())
+        .prop_map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos })
+        .boxed()
+}
+
 fn encoded<M: Message + 'static>(s: impl Strategy<Value = M> + 'static) -> BoxedStrategy<Vec<u8>> {
     s.prop_map(|m| m.encode_to_vec()).boxed()
 }
@@ -217,6 +223,12 @@ fn request(path: &str) -> BoxedStrategy<Vec<u8>> {
                 }
             }))
         }
+        "RenewAllocation" => encoded((text(), duration()).prop_map(|(allocation_id, lease)| {
+            apb::RenewAllocationRequest {
+                allocation_id,
+                lease,
+            }
+        })),
         "ApproveAllocation" => encoded(
             text().prop_map(|allocation_id| apb::ApproveAllocationRequest { allocation_id }),
         ),
@@ -410,6 +422,12 @@ fn forged(real: Vec<(String, String)>) -> BoxedStrategy<(String, ev::Event)> {
             })
         ),
         text().prop_map(|reason| Payload::AllocationCancelled(ev::AllocationCancelled { reason })),
+        prop::option::of(timestamp()).prop_map(|expire_time| Payload::AllocationRenewalRequested(
+            ev::AllocationRenewalRequested { expire_time }
+        )),
+        prop::option::of(timestamp()).prop_map(|expire_time| Payload::ReservationRenewed(
+            ev::ReservationRenewed { expire_time }
+        )),
         (int32(), int64(), text(), text()).prop_map(|(state, version, tenant, actor)| {
             Payload::AllocationStateChanged(ev::AllocationStateChanged {
                 previous_state: 0,

@@ -656,7 +656,7 @@ async fn usage_splits_at_the_month_boundary_and_is_priced_by_the_rate_card() {
         all.csv
     );
     assert!(
-        csv[1].starts_with(&format!("{t},{id},\"nightly, \"\"big\"\"\",p,A100,2025-10-31T23:00:00Z,2025-11-01T01:30:00Z,2.5,")),
+        csv[1].starts_with(&format!("{t},{id},\"nightly, \"\"big\"\"\",p,A100,2025-10-31T23:00:00Z,2025-11-01T01:30:00Z,2.500,")),
         "{}",
         all.csv
     );

@@ -38,6 +38,7 @@ pub const SERVICES: [ServiceAcl; 3] = [
         publishes: &[
             subjects::ALLOCATION_REQUESTED,
             subjects::ALLOCATION_CANCELLED,
+            subjects::ALLOCATION_RENEWAL_REQUESTED,
             subjects::ALLOCATION_CHANGED,
         ],
     },
@@ -49,6 +50,7 @@ pub const SERVICES: [ServiceAcl; 3] = [
             subjects::RESERVATION_REJECTED,
             subjects::RESERVATION_RELEASED,
             subjects::RESERVATION_NEEDS_APPROVAL,
+            subjects::RESERVATION_RENEWED,
             subjects::QUOTA_CHANGED,
             subjects::POOL_CHANGED,
         ],
@@ -348,12 +350,14 @@ mod tests {
         for s in [
             subjects::ALLOCATION_REQUESTED,
             subjects::ALLOCATION_CANCELLED,
+            subjects::ALLOCATION_RENEWAL_REQUESTED,
             subjects::ALLOCATION_CHANGED,
             subjects::RESERVATION_GRANTED,
             subjects::RESERVATION_HELD,
             subjects::RESERVATION_REJECTED,
             subjects::RESERVATION_RELEASED,
             subjects::RESERVATION_NEEDS_APPROVAL,
+            subjects::RESERVATION_RENEWED,
             subjects::QUOTA_CHANGED,
             subjects::POOL_CHANGED,
         ] {

@@ -4,7 +4,8 @@ use gpualloc_storage::DbConnection;
 
 use crate::{Error, ops};
 
-/// Applies the allocation service's saga events: requests and cancels.
+/// Applies the allocation service's saga events: requests, cancels and
+/// lease renewals.
 #[derive(Debug, Default)]
 pub struct AllocationEvents;
 
@@ -24,10 +25,13 @@ impl Handler for AllocationEvents {
         match &event.payload {
             Some(Payload::AllocationRequested(req)) => ops::on_requested(conn, emit, event, req)?,
             Some(Payload::AllocationCancelled(req)) => ops::on_cancelled(conn, emit, event, req)?,
+            Some(Payload::AllocationRenewalRequested(req)) => {
+                ops::on_renewal_requested(conn, emit, event, req)?
+            }
             _ => {
                 return Ok(Outcome::poison(
                     "subject",
-                    "not an allocation request or cancel",
+                    "not an allocation request, cancel or renewal",
                 ));
             }
         }
@@ -52,6 +56,11 @@ fn validate(conn: &mut DbConnection, event: &Event) -> Result<Option<Outcome>, E
             "invalid",
             format!("priority {} is outside 0..=1000", r.priority),
         )));
+    }
+    if let Some(Payload::AllocationRenewalRequested(r)) = &event.payload
+        && r.expire_time.is_none()
+    {
+        return Ok(Some(Outcome::poison("invalid", "a renewal without an end")));
     }
     if let Some(r) = crate::store::get_reservation(conn, &event.allocation_id)?
         && r.tenant != event.tenant

@@ -339,6 +339,61 @@ pub fn on_cancelled(
     Ok(())
 }
 
+/// AllocationRenewalRequested: move the end of a granted lease later. The
+/// pool owns lease ends (its sweeper releases them), so a renewal that
+/// arrives after the lease ran out changes nothing: the release already
+/// told the allocation. An end that is not later than the current one
+/// changes nothing either (a retried or reordered renewal never shortens a
+/// lease); both re-announce the current decision, so that a confirmation
+/// lost on the way is delivered again.
+pub fn on_renewal_requested(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    event: &Event,
+    req: &ev::AllocationRenewalRequested,
+) -> Result<(), Error> {
+    lock::acquire(conn, store::PLACEMENT_LOCK)?;
+    let Some(r) = store::get_reservation(conn, &event.allocation_id)? else {
+        // A renewal is only sent for an ALLOCATED allocation, whose grant
+        // this pool made; with no reservation there is nothing to extend.
+        tracing::warn!(allocation_id = %event.allocation_id, "renewal for an unknown reservation ignored");
+        return Ok(());
+    };
+    let wanted = req.expire_time.as_ref().map(time::from_timestamp);
+    let end = match (r.state.as_str(), r.expire_time, wanted) {
+        (GRANTED, Some(current), Some(wanted)) if wanted > current => wanted,
+        _ => return announce_renewal(conn, emit, &r),
+    };
+    let pool = r.pool_id.as_deref().unwrap_or_default();
+    let placed = Some((pool, r.gpu_model.as_deref(), Some(end)));
+    let v = store::move_reservation(conn, &r, GRANTED, "lease renewed", None, placed, emit.now())?;
+    emit.emit(&r.allocation_id, &r.tenant, v, renewed(end));
+    Ok(())
+}
+
+/// Re-announces a reservation's state in answer to a renewal: a granted
+/// lease by its current end (the allocation applies it at most once),
+/// anything else by its decision.
+fn announce_renewal(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    r: &ReservationRow,
+) -> Result<(), Error> {
+    match (r.state.as_str(), r.expire_time) {
+        (GRANTED, Some(end)) => {
+            emit.emit(&r.allocation_id, &r.tenant, r.version, renewed(end));
+            Ok(())
+        }
+        _ => announce(conn, emit, r),
+    }
+}
+
+fn renewed(end: i64) -> Payload {
+    Payload::ReservationRenewed(ev::ReservationRenewed {
+        expire_time: Some(time::to_timestamp(end)),
+    })
+}
+
 fn release_granted(conn: &mut DbConnection, r: &ReservationRow) -> Result<(), Error> {
     let pool = r.pool_id.as_deref().ok_or_else(|| {
         Error::Invariant(format!(

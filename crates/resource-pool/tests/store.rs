@@ -34,9 +34,20 @@ async fn op<T: Send + 'static>(
     + Send
     + 'static,
 ) -> Result<(T, Vec<Event>), Error> {
+    op_at(db, time::now_micros(), f).await
+}
+
+/// [`op`] with the clock at `now`.
+async fn op_at<T: Send + 'static>(
+    db: &Db,
+    now: i64,
+    f: impl FnMut(&mut gpualloc_storage::DbConnection, &mut Emitter) -> Result<T, Error>
+    + Send
+    + 'static,
+) -> Result<(T, Vec<Event>), Error> {
     let mut f = f;
     db.write(move |c| {
-        let mut emit = Emitter::new("test", time::now_micros(), BTreeMap::new());
+        let mut emit = Emitter::new("test", now, BTreeMap::new());
         let out = f(c, &mut emit)?;
         let events = emit.events().to_vec();
         emit.flush(c)?;
@@ -94,6 +105,7 @@ async fn apply(db: &Db, e: Event) -> Vec<Event> {
     op(db, move |c, emit| match &e.payload {
         Some(Payload::AllocationRequested(r)) => ops::on_requested(c, emit, &e, r),
         Some(Payload::AllocationCancelled(r)) => ops::on_cancelled(c, emit, &e, r),
+        Some(Payload::AllocationRenewalRequested(r)) => ops::on_renewal_requested(c, emit, &e, r),
         _ => Ok(()),
     })
     .await
@@ -419,7 +431,78 @@ async fn masked_updates_change_only_what_they_name(url: String) {
     );
 }
 
+fn renewal(id: &str, end: i64) -> Event {
+    Event {
+        event_id: format!("renew-{id}-{end}"),
+        allocation_id: id.into(),
+        tenant: "t".into(),
+        aggregate_version: 3,
+        event_time: None,
+        payload: Some(Payload::AllocationRenewalRequested(
+            ev::AllocationRenewalRequested {
+                expire_time: Some(time::to_timestamp(end)),
+            },
+        )),
+    }
+}
+
+fn renewed_to(e: &Event) -> (i64, i64) {
+    match &e.payload {
+        Some(Payload::ReservationRenewed(r)) => (
+            e.aggregate_version,
+            time::from_timestamp(r.expire_time.as_ref().unwrap()),
+        ),
+        other => panic!("not a renewal: {other:?}"),
+    }
+}
+
+async fn a_renewed_lease_ends_later_and_never_earlier(url: String) {
+    let db = open(&url).await;
+    setup(&db, 4, 4).await;
+    let mut req = request("r", "t", &gpus(2));
+    if let Some(Payload::AllocationRequested(r)) = &mut req.payload {
+        r.lease = Some(time::to_duration(60_000_000));
+    }
+    let e = apply(&db, req).await;
+    let Some(Payload::ReservationGranted(g)) = &e[0].payload else {
+        panic!("{e:?}")
+    };
+    let first_end = time::from_timestamp(g.expire_time.as_ref().unwrap());
+    let new_end = first_end + 3_600_000_000;
+
+    let e = apply(&db, renewal("r", new_end)).await;
+    assert_eq!(e.len(), 1);
+    assert_eq!(renewed_to(&e[0]), (2, new_end));
+    // An end that is not later (a retry, a reordered older renewal) only
+    // repeats where the lease stands.
+    let e = apply(&db, renewal("r", first_end + 1)).await;
+    assert_eq!(renewed_to(&e[0]), (2, new_end));
+
+    // The sweeper follows the new end: nothing ends at the old one.
+    let sweep = |now| {
+        let db = db.clone();
+        async move {
+            op_at(&db, now, |c, emit| ops::sweep(c, emit, 100))
+                .await
+                .unwrap()
+        }
+    };
+    let (swept, _) = sweep(first_end + 1_000_000).await;
+    assert_eq!(swept.expired, 0);
+    assert_eq!(usage(&db).await, (2, 2, 2));
+    let (swept, e) = sweep(new_end).await;
+    assert_eq!(swept.expired, 1);
+    assert_eq!(kind(&e[0]), "saga.reservation.released");
+    assert_eq!(usage(&db).await, (0, 0, 0));
+
+    // Too late: the lease ended; the pool repeats the release.
+    let e = apply(&db, renewal("r", new_end + 3_600_000_000)).await;
+    assert_eq!(kind(&e[0]), "saga.reservation.released");
+    assert_eq!(usage(&db).await, (0, 0, 0));
+}
+
 gpualloc_testkit::backend_tests!(
+    a_renewed_lease_ends_later_and_never_earlier,
     grant_hold_release_and_counters,
     a_cancel_before_its_request_wins,
     shrinking_below_usage_is_refused,

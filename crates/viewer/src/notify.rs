@@ -182,6 +182,7 @@ pub enum Kind {
     Cancelled,
     Expired,
     LeaseExpiring,
+    LeaseRenewed,
 }
 
 impl Kind {
@@ -193,6 +194,7 @@ impl Kind {
             Kind::Cancelled => "CANCELLED",
             Kind::Expired => "EXPIRED",
             Kind::LeaseExpiring => "LEASE_EXPIRING",
+            Kind::LeaseRenewed => "LEASE_RENEWED",
         }
     }
 
@@ -370,6 +372,13 @@ pub fn of_change(event_id: &str, kind: Kind, a: &apb::Allocation, now: i64) -> N
             "[gpualloc] {}: allocation {} EXPIRED ({what}): {}",
             a.tenant, a.allocation_id, a.reason
         ),
+        Kind::LeaseRenewed => format!(
+            "[gpualloc] {}: the lease of allocation {} on pool {} ({what}) was renewed: it ends at {}",
+            a.tenant,
+            a.allocation_id,
+            a.pool,
+            expire.map(rfc3339).unwrap_or_default()
+        ),
         _ => format!(
             "[gpualloc] {}: allocation {} was {} ({what}): {}",
             a.tenant,
@@ -383,7 +392,10 @@ pub fn of_change(event_id: &str, kind: Kind, a: &apb::Allocation, now: i64) -> N
         kind,
         tenant: a.tenant.clone(),
         allocation_id: a.allocation_id.clone(),
-        state: kind.as_str().to_owned(),
+        state: match kind {
+            Kind::LeaseRenewed => "ALLOCATED".to_owned(),
+            _ => kind.as_str().to_owned(),
+        },
         version: a.version,
         reason: a.reason.clone(),
         pool: a.pool.clone(),
@@ -484,33 +496,7 @@ fn resources_text(r: Option<&rp::Resources>) -> String {
     }
 }
 
-/// `2026-11-22T10:04:05Z` (UTC, seconds).
-pub fn rfc3339(micros: i64) -> String {
-    let secs = micros.div_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// The civil date of a day count since 1970-01-01 (Howard Hinnant).
-pub(crate) fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
+pub use gpualloc_domain::time::{civil_from_days, rfc3339};
 
 /// Stores `n` for every channel it goes to, once per (id, channel). Runs
 /// inside the caller's transaction.
@@ -564,14 +550,6 @@ pub mod status {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_utc_times() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        // 2024-02-29T23:59:59Z, a leap day.
-        assert_eq!(rfc3339(1_709_251_199_000_000), "2024-02-29T23:59:59Z");
-        assert_eq!(rfc3339(1_709_251_200_000_000), "2024-03-01T00:00:00Z");
-    }
 
     #[test]
     fn settings_resolve_secrets_and_reject_mistakes() {

@@ -296,12 +296,23 @@ fn apply_change(
             ))
             .execute_native(conn)?;
     }
-    let current: Option<i64> = allocation_views::table
+    let current: Option<(i64, Option<i64>)> = allocation_views::table
         .find(&a.allocation_id)
-        .select(allocation_views::version)
+        .select((allocation_views::version, allocation_views::expire_time))
         .get_result_native(conn)
         .optional()?;
     let expire_time = a.expire_time.as_ref().map(time::from_timestamp);
+    // A change within ALLOCATED is a lease renewal: announced as one when
+    // it moved the end, not as a second "allocated".
+    let kind = match apb::State::try_from(a.state) {
+        Ok(apb::State::Allocated) if previous == state => {
+            let before = current.and_then(|(_, e)| e);
+            (expire_time > before && before.is_some()).then_some(crate::notify::Kind::LeaseRenewed)
+        }
+        Ok(s) => crate::notify::Kind::of_state(s),
+        Err(_) => None,
+    };
+    let current = current.map(|(v, _)| v);
     let create_time = a
         .create_time
         .as_ref()
@@ -347,9 +358,6 @@ fn apply_change(
         // news — telling a tenant "allocated" after "cancelled" misleads.
         Some(_) => return Ok(()),
     }
-    let kind = apb::State::try_from(a.state)
-        .ok()
-        .and_then(crate::notify::Kind::of_state);
     if let (Some(settings), Some(kind)) = (notify, kind) {
         let n = crate::notify::of_change(&event.event_id, kind, a, now);
         crate::notify::enqueue(conn, settings, &n, now)?;

@@ -302,6 +302,21 @@ fn pairs<V: std::fmt::Display>(m: &BTreeMap<String, V>) -> String {
         .join(";")
 }
 
+/// Hours as the CSV writes them: always three decimals (the precision
+/// they are rounded to), so a column reads the same in every row.
+fn h(v: f64) -> String {
+    format!("{:.3}", v + 0.0)
+}
+
+/// Money: always two decimals.
+fn money(v: f64) -> String {
+    format!("{:.2}", v + 0.0)
+}
+
+fn hours_pairs(m: &BTreeMap<String, f64>) -> String {
+    pairs(&m.iter().map(|(k, v)| (k.clone(), h(*v))).collect())
+}
+
 /// The report as CSV: a header, one row per line, and a `TOTAL` row per
 /// tenant (and a grand `TOTAL` row for every tenant's report).
 pub fn to_csv(report: &pb::UsageReport) -> String {
@@ -326,12 +341,12 @@ pub fn to_csv(report: &pb::UsageReport) -> String {
             csv_field(tenant),
             ts(&r.start_time),
             ts(&r.end_time),
-            round_to(gpu, 3),
-            r.cpu_core_hours,
-            r.memory_gib_hours,
-            r.storage_gib_hours,
-            csv_field(&pairs(&custom)),
-            r.total_cost,
+            h(round_to(gpu, 3)),
+            h(r.cpu_core_hours),
+            h(r.memory_gib_hours),
+            h(r.storage_gib_hours),
+            csv_field(&hours_pairs(&custom)),
+            money(r.total_cost),
             csv_field(&r.currency),
         ));
     };
@@ -348,14 +363,14 @@ pub fn to_csv(report: &pb::UsageReport) -> String {
                 csv_field(&l.gpu_model),
                 ts(&l.start_time),
                 ts(&l.end_time),
-                l.hours,
-                l.gpu_hours,
-                l.cpu_core_hours,
-                l.memory_gib_hours,
-                l.storage_gib_hours,
-                csv_field(&pairs(&custom)),
+                h(l.hours),
+                h(l.gpu_hours),
+                h(l.cpu_core_hours),
+                h(l.memory_gib_hours),
+                h(l.storage_gib_hours),
+                csv_field(&hours_pairs(&custom)),
                 csv_field(&pairs(&labels)),
-                l.cost,
+                money(l.cost),
                 csv_field(&section.currency),
             ));
         }
@@ -452,6 +467,8 @@ mod tests {
             rows[3].starts_with("*,TOTAL,,,,2026-11-01T00:00:00Z,2026-12-01T00:00:00Z,"),
             "{csv}"
         );
-        assert!(!csv.contains(",-0,"), "{csv}");
+        assert!(!csv.contains(",-0"), "{csv}");
+        assert!(rows[1].contains(",1.500,0.000,"), "fixed decimals: {csv}");
+        assert!(rows[1].ends_with(",0.00,"), "cost in cents: {csv}");
     }
 }
