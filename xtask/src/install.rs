@@ -197,6 +197,15 @@ pub fn kubernetes_validate(tools: &Path) -> anyhow::Result<PathBuf> {
     pip_tool(tools, "kubernetes-validate", "kubernetes-validate==1.*")
 }
 
+/// `tmux`, which the CLI's terminal tests drive (Debian package `tmux`).
+pub fn tmux() -> anyhow::Result<PathBuf> {
+    if let Some(p) = have("tmux") {
+        return Ok(p);
+    }
+    apt_install(&["tmux"])?;
+    have("tmux").ok_or_else(|| anyhow::anyhow!("tmux is not on PATH after installing it"))
+}
+
 /// `kubectl` (with kustomize built in). Machines of this project have it;
 /// elsewhere it comes from the Kubernetes project's packages.
 pub fn kubectl() -> anyhow::Result<PathBuf> {

@@ -39,6 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let nats_bin = install::nats_server()?;
     let buf = install::buf(&root.join("target/tools"))?;
     let grpcurl = install::grpcurl(&root.join("target/tools"))?;
+    install::tmux()?;
 
     if !args.no_lint {
         procs::run(

@@ -262,11 +262,68 @@ fn json_values(text: &str) -> Result<Vec<Value>, String> {
         .map_err(|e| format!("not JSON ({e}):\n{text}"))
 }
 
+/// Text as compared: [`normalize`]d, with the CLI's short ids
+/// (`01a22a58…2cee`) and relative times (`3s ago`, `in 2h`) replaced and
+/// runs of spaces (table alignment follows the widths) made one.
 fn text_lines(s: &str) -> Vec<String> {
     normalize(s.trim())
         .lines()
-        .map(|l| l.trim_end().to_owned())
+        .map(|l| {
+            let words: Vec<String> = l
+                .split_whitespace()
+                .map(|w| {
+                    let short = w.split_once('…').is_some_and(|(a, b)| {
+                        a.len() == 8
+                            && b.len() == 4
+                            && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_hexdigit())
+                    });
+                    let rel = w.len() > 1
+                        && w[..w.len() - 1].bytes().all(|c| c.is_ascii_digit())
+                        && w.ends_with(['s', 'm', 'h', 'd']);
+                    if short {
+                        "<id>".to_owned()
+                    } else if rel {
+                        "<n>".to_owned()
+                    } else {
+                        w.to_owned()
+                    }
+                })
+                .collect();
+            words.join(" ")
+        })
         .collect()
+}
+
+/// Where the `gpualloc` binary is: beside this test's own directory
+/// (`cargo test --workspace` builds it with the CLI's tests).
+fn cli_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_owned();
+    assert!(
+        dir.join("gpualloc").exists(),
+        "no gpualloc binary in {}: build it (cargo build -p gpualloc-cli) or run cargo xtask test",
+        dir.display()
+    );
+    // A binary older than the CLI's sources would test old code.
+    let built = std::fs::metadata(dir.join("gpualloc"))
+        .and_then(|m| m.modified())
+        .unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/src");
+    let mut stack = vec![src];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if e.metadata().and_then(|m| m.modified()).unwrap() > built {
+                panic!(
+                    "{} is newer than the gpualloc binary: cargo build -p gpualloc-cli",
+                    path.display()
+                );
+            }
+        }
+    }
+    dir
 }
 
 /// Whether `printed` has the shape of the block `expected` (`json` or
@@ -339,9 +396,19 @@ struct Printed {
 
 impl Runner {
     async fn new() -> Runner {
+        let dir = tempfile::tempdir().unwrap();
+        // The CLI's `local` contexts sign their tokens with the key of the
+        // `cargo xtask up` state folder: here, the key the mesh trusts.
+        let auth = dir.path().join(".gpualloc/auth");
+        std::fs::create_dir_all(&auth).unwrap();
+        let key = auth::jwks_path()
+            .parent()
+            .unwrap()
+            .join(gpualloc_auth::DEV_KEY_FILE);
+        std::fs::copy(&key, auth.join(gpualloc_auth::DEV_KEY_FILE)).unwrap();
         Runner {
             repo: Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             vars: BTreeMap::new(),
             mesh: None,
             receiver: HttpReceiver::start().await,
@@ -453,7 +520,10 @@ impl Runner {
             s.wait_serving().await;
             return done;
         }
-        if bare.starts_with("grpcurl ") || bare.starts_with("cat >") {
+        if bare.starts_with("grpcurl ")
+            || bare.starts_with("gpualloc ")
+            || bare.starts_with("cat >")
+        {
             return None;
         }
         panic!("the runner does not know how to run {cmd:?}: add it to `builtin`");
@@ -478,12 +548,24 @@ impl Runner {
     async fn shell(&mut self, cmd: &str) -> Printed {
         let cmd = self.localize(cmd);
         let grpcurl = gpualloc_testkit::grpcurl();
+        let cli = cli_dir();
         let path = format!(
-            "{}:{}",
+            "{}:{}:{}",
             grpcurl.parent().unwrap().display(),
+            cli.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let vars = self.vars.clone();
+        let mut vars = self.vars.clone();
+        // The CLI finds the mesh where the document says it is.
+        if let Some(mesh) = &self.mesh {
+            vars.insert("GPUALLOC_ALLOCATION_ADDR".into(), mesh.allocation.url());
+            vars.insert("GPUALLOC_RESOURCE_POOL_ADDR".into(), mesh.pool.url());
+            vars.insert("GPUALLOC_VIEWER_ADDR".into(), mesh.viewer.url());
+        }
+        vars.insert(
+            "GPUALLOC_CONFIG".into(),
+            self.dir.path().join("config.toml").display().to_string(),
+        );
         let dir = self.dir.path().to_owned();
         tokio::task::spawn_blocking(move || {
             let out = Command::new("bash")
@@ -518,9 +600,25 @@ impl Runner {
         if let Some(done) = self.builtin(cmd).await {
             return done;
         }
-        let read = ["/Get", "/List", "/CheckQuota"]
+        let read = if cmd.starts_with("gpualloc ") {
+            ![
+                " create",
+                " cancel",
+                " approve",
+                " reject",
+                " renew",
+                " put",
+                " delete",
+                " set",
+                " use-context",
+            ]
             .iter()
-            .any(|m| cmd.contains(m));
+            .any(|w| cmd.contains(w))
+        } else {
+            ["/Get", "/List", "/CheckQuota"]
+                .iter()
+                .any(|m| cmd.contains(m))
+        };
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
             let printed = self.shell(cmd).await;
@@ -549,6 +647,15 @@ impl Runner {
                     if cmd.contains("/CreateAllocation")
                         && let Ok(v) = serde_json::from_str::<Value>(&printed.text)
                         && let Some(id) = v["allocationId"].as_str()
+                    {
+                        self.last_id = id.to_owned();
+                    }
+                    if cmd.starts_with("gpualloc ")
+                        && cmd.contains(" create")
+                        && let Some(id) = printed
+                            .text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("id:").map(str::trim))
                     {
                         self.last_id = id.to_owned();
                     }
@@ -645,7 +752,13 @@ async fn run_document(file: &str, marked: bool, runner: &mut Runner) -> (String,
                 .comments
                 .iter()
                 .flat_map(|l| l.split(|ch: char| !(ch.is_ascii_uppercase() || ch == '_')))
-                .find(|w| w.starts_with("STATE_") || w.starts_with("VERDICT_"));
+                .find(|w| w.starts_with("STATE_") || w.starts_with("VERDICT_"))
+                .or_else(|| {
+                    c.comments.iter().find_map(|l| {
+                        l.split_once("-> ")
+                            .and_then(|(_, rest)| rest.split_whitespace().next())
+                    })
+                });
             let printed = runner.run(&c.text, next, claim, &at).await;
             ran += 1;
             runner.capture(&b.notes, &printed);

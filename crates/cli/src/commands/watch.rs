@@ -1,0 +1,151 @@
+//! `gpualloc watch`: the viewer's stream of changes. On a terminal a live
+//! table is redrawn in place; otherwise one line per change, so it pipes
+//! into `grep` and log files.
+
+use std::collections::BTreeMap;
+
+use clap::Args;
+use gpualloc_proto::viewer::v1 as vpb;
+use tokio_stream::StreamExt;
+
+use crate::{
+    connect::Session,
+    exit::{Failure, codes},
+    output::{self, now_secs, relative, short_id, state_name},
+};
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  gpualloc watch\n  gpualloc watch 01a22a40…0f05\n  gpualloc watch -o json | jq ."
+)]
+pub struct Watch {
+    /// Follow one allocation.
+    pub id: Option<String>,
+    /// A tenant (administrators).
+    #[arg(long, default_value = "")]
+    pub tenant: String,
+}
+
+pub async fn run(session: &Session, w: Watch) -> Result<(), Failure> {
+    let p = &session.print;
+    let allocation_id = match &w.id {
+        Some(id) => crate::commands::resolve_id(session, id, &w.tenant).await?,
+        None => String::new(),
+    };
+    let mut stream = session
+        .viewer
+        .clone()
+        .watch_allocations(vpb::WatchAllocationsRequest {
+            tenant: w.tenant,
+            allocation_id,
+        })
+        .await?
+        .into_inner();
+    let live = p.tty && !p.raw();
+    let mut views: BTreeMap<String, vpb::AllocationView> = BTreeMap::new();
+    let mut drawn_lines = 0usize;
+    let mut snapshot_done = false;
+    if live {
+        output::out("\x1b[?25l");
+    }
+    let outcome = loop {
+        let next = tokio::select! {
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+            next = stream.next() => next,
+        };
+        let event = match next {
+            None => {
+                break Err(Failure {
+                    code: codes::UNAVAILABLE,
+                    message: "the viewer ended the stream".into(),
+                    details: Vec::new(),
+                });
+            }
+            Some(Err(status)) => break Err(status.into()),
+            Some(Ok(e)) => e,
+        };
+        if p.raw() {
+            p.message(&event)?;
+            continue;
+        }
+        let kind =
+            vpb::WatchEventType::try_from(event.r#type).unwrap_or(vpb::WatchEventType::Unspecified);
+        if kind == vpb::WatchEventType::SnapshotEnd {
+            snapshot_done = true;
+        }
+        let Some(view) = event.view else {
+            if live && snapshot_done {
+                drawn_lines = redraw(session, &views, drawn_lines);
+            }
+            continue;
+        };
+        let Some(a) = view.allocation.clone() else {
+            continue;
+        };
+        if live {
+            views.insert(a.allocation_id.clone(), view);
+            if snapshot_done {
+                drawn_lines = redraw(session, &views, drawn_lines);
+            }
+        } else if kind == vpb::WatchEventType::Change || kind == vpb::WatchEventType::Snapshot {
+            output::out(&format!(
+                "{} {} v{} {} {}\n",
+                short_id(&a.allocation_id),
+                state_name(a.state),
+                a.version,
+                if a.pool.is_empty() { "-" } else { &a.pool },
+                a.reason
+            ));
+        }
+    };
+    if live {
+        output::out("\x1b[?25h");
+    }
+    outcome
+}
+
+/// Moves up over the last drawing and draws the table again.
+fn redraw(session: &Session, views: &BTreeMap<String, vpb::AllocationView>, drawn: usize) -> usize {
+    let p = &session.print;
+    let now = now_secs();
+    let rows: Vec<Vec<String>> = views
+        .values()
+        .filter_map(|v| {
+            let a = v.allocation.as_ref()?;
+            let state = if v.hold_position > 0 {
+                format!("{} #{}", p.state(a.state), v.hold_position)
+            } else {
+                p.state(a.state)
+            };
+            Some(vec![
+                short_id(&a.allocation_id),
+                if a.display_name.is_empty() {
+                    "-".into()
+                } else {
+                    a.display_name.clone()
+                },
+                state,
+                output::resources(a.resources.as_ref()),
+                if a.pool.is_empty() {
+                    "-".into()
+                } else {
+                    a.pool.clone()
+                },
+                relative(a.update_time.as_ref(), now),
+            ])
+        })
+        .collect();
+    let text = output::table(
+        &["ID", "NAME", "STATE", "RESOURCES", "POOL", "CHANGED"],
+        &rows,
+        p.headers,
+    );
+    let mut s = String::new();
+    if drawn > 0 {
+        s.push_str(&format!("\x1b[{drawn}A"));
+    }
+    s.push_str("\r\x1b[J");
+    s.push_str(&text);
+    output::out(&s);
+    text.lines().count()
+}
