@@ -100,13 +100,25 @@ pub async fn run(session: &Session, cmd: Quota) -> Result<(), Failure> {
                     "nothing to set: give --gpus, --cpu, --memory, --storage, --custom or --approval-gpus",
                 ));
             }
+            // A tenant without a quota gets one made of what is given; an
+            // existing one changes only that.
+            let exists = match client
+                .get_tenant_quota(rp::GetTenantQuotaRequest {
+                    tenant: s.tenant.clone(),
+                })
+                .await
+            {
+                Ok(_) => true,
+                Err(e) if e.code() == tonic::Code::NotFound => false,
+                Err(e) => return Err(e.into()),
+            };
             client
                 .set_tenant_quota(rp::SetTenantQuotaRequest {
                     tenant: s.tenant,
                     limits: Some(limits),
                     approval_above: Some(approval),
                     max_hold: None,
-                    update_mask: Some(prost_types::FieldMask { paths }),
+                    update_mask: exists.then_some(prost_types::FieldMask { paths }),
                 })
                 .await?
                 .into_inner()
