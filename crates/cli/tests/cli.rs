@@ -109,7 +109,7 @@ fn gpus_res(n: i32) -> gpualloc_proto::resourcepool::v1::Resources {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_daily_commands_print_tables_and_the_api_messages() {
-    let mesh = mesh_with_pool(4).await;
+    let mesh = mesh_with_pool(8).await;
     let cli = Cli::new(&mesh, &auth::tenant_token("t"));
 
     // Create and wait: the steps, then the allocation.
@@ -184,7 +184,7 @@ async fn the_daily_commands_print_tables_and_the_api_messages() {
     // Pools with free capacity and a bar, the quota, the summary, usage.
     let pools = ok(&cli.run(&["pools", "list"]));
     assert!(
-        pools.contains("gpu A100") && pools.contains("[#####-----]"),
+        pools.contains("gpu A100") && pools.contains("[###-------]"),
         "{pools}"
     );
     let quota = ok(&cli.run(&["quota", "get"]));
@@ -205,6 +205,46 @@ async fn the_daily_commands_print_tables_and_the_api_messages() {
     let cancelled = ok(&cli.run(&["alloc", "cancel", &short, "--reason", "done"]));
     assert!(cancelled.contains("CANCELLING"), "{cancelled}");
     wait_state(&mesh, "t", &id, State::Cancelled).await;
+
+    // Administrators: put (only what is given changes), get, delete,
+    // reject; and the hold queue filtered by model.
+    let root = Cli::new(&mesh, &auth::admin_token());
+    let put = ok(&root.run(&["pools", "put", "spare", "--gpus", "H100=2", "--cpu", "16"]));
+    assert!(
+        put.contains("gpu H100") && put.contains("cpu (cores)"),
+        "{put}"
+    );
+    let grown = ok(&root.run(&["pools", "put", "spare", "--gpus", "A100=1"]));
+    assert!(
+        grown.contains("gpu H100") && grown.contains("gpu A100"),
+        "merged: {grown}"
+    );
+    let got = ok(&root.run(&["pools", "get", "spare", "-o", "json"]));
+    let pool: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert_eq!(pool["capacity"]["gpusByModel"]["H100"], 2);
+    assert_eq!(pool["capacity"]["cpuMillis"], "16000");
+    assert!(ok(&root.run(&["pools", "delete", "spare"])).contains("deleted"));
+    assert_eq!(root.run(&["pools", "get", "spare"]).status.code(), Some(4));
+    let awaiting = create(&mesh, "t", gpus(7, "A100")).await;
+    assert_eq!(awaiting.state, State::AwaitingApproval as i32);
+    let rejected = ok(&root.run(&[
+        "alloc",
+        "reject",
+        &awaiting.allocation_id,
+        "--reason",
+        "use the H100 pool",
+    ]));
+    assert!(
+        rejected.contains("REJECTED") && rejected.contains("use the H100 pool"),
+        "{rejected}"
+    );
+    let none = ok(&cli.run(&["held", "--model", "H100", "--no-headers"]));
+    assert!(none.trim().is_empty(), "{none}");
+    let view = ok(&cli.run(&["config", "view"]));
+    assert!(
+        view.contains("context: local") && view.contains(&mesh.viewer.url()),
+        "{view}"
+    );
 
     // Completions and the man page come from the same definitions.
     assert!(ok(&cli.run(&["completion", "bash"])).contains("alloc"));
@@ -540,6 +580,23 @@ async fn in_a_terminal_watch_redraws_in_place_and_wait_stops_cleanly() {
         "the cursor is back:\n{}",
         watch.screen()
     );
+
+    // Colour on a terminal (the state is green), none with NO_COLOR.
+    let coloured_dir = tempfile::tempdir().unwrap();
+    let coloured = Tmux::start(coloured_dir.path(), &cli, "alloc list");
+    let mut calm_cli = Cli::new(&mesh, &auth::tenant_token("t"));
+    calm_cli.env.push(("NO_COLOR".into(), "1".into()));
+    let calm_dir = tempfile::tempdir().unwrap();
+    let calm = Tmux::start(calm_dir.path(), &calm_cli, "alloc list");
+    for (t, colour) in [(&coloured, true), (&calm, false)] {
+        let screen = eventually(DEADLINE, "the list printed", || async {
+            let s = t.tmux(&["capture-pane", "-e", "-p", "-t", &t.session]);
+            s.contains("EXITED 0").then_some(s)
+        })
+        .await;
+        assert!(screen.contains("CANCELLED"), "{screen:?}");
+        assert_eq!(screen.contains("\x1b[2mCANCELLED"), colour, "{screen:?}");
+    }
 
     // create --wait: a spinner while HELD, Ctrl-C stops waiting (130) and
     // leaves the terminal as it was.
