@@ -10,7 +10,7 @@ use std::{
 };
 
 use clap::Parser;
-use gpualloc_testkit::{NatsServer, eventually, free_port};
+use gpualloc_testkit::{NatsServer, free_port};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -146,26 +146,38 @@ impl Mesh {
                 child,
             });
         }
-        let mesh = Mesh { nats, dir, procs };
-        for p in &mesh.procs {
-            let channel = mesh.channel(p.name);
-            eventually(
-                Duration::from_secs(60),
-                &format!("{} SERVING", p.name),
-                || {
-                    let mut health = HealthClient::new(channel.clone());
-                    async move {
-                        let r = health
-                            .check(HealthCheckRequest {
-                                service: String::new(),
-                            })
-                            .await
-                            .ok()?;
-                        (r.into_inner().status == ServingStatus::Serving as i32).then_some(())
-                    }
-                },
-            )
-            .await;
+        let mut mesh = Mesh { nats, dir, procs };
+        for i in 0..mesh.procs.len() {
+            let name = mesh.procs[i].name;
+            let channel = mesh.channel(name);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let serving = HealthClient::new(channel.clone())
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok_and(|r| r.into_inner().status == ServingStatus::Serving as i32);
+                if serving {
+                    break;
+                }
+                // A process that exited (a port taken meanwhile, a bad
+                // setting) or never got ready says why in its log.
+                let exited = mesh.procs[i].child.try_wait().ok().flatten();
+                if exited.is_some() || tokio::time::Instant::now() > deadline {
+                    let log = std::fs::read_to_string(mesh.dir.path().join(format!("{name}.log")))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    anyhow::bail!(
+                        "{name} is not SERVING ({}); the end of its log:\n{}",
+                        exited.map_or("still running after 60s".to_owned(), |s| format!(
+                            "exited: {s}"
+                        )),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         Ok(mesh)
     }
