@@ -200,6 +200,99 @@ async fn the_daily_commands_print_tables_and_the_api_messages() {
     assert!(csv.contains(&id), "{csv}");
     let usage = ok(&cli.run(&["usage"]));
     assert!(usage.contains("TOTAL"), "{usage}");
+    let month = ok(&cli.run(&["usage", "--month", "2026-11", "-o", "json"]));
+    assert!(month.contains("\"month\": \"2026-11\""), "{month}");
+    let range = ok(&cli.run(&[
+        "usage",
+        "--from",
+        "2020-01-01",
+        "--to",
+        "2100-01-01",
+        "-o",
+        "csv",
+    ]));
+    assert!(range.contains(&id), "{range}");
+    let everyone = ok(&Cli::new(&mesh, &auth::admin_token()).run(&["usage", "--all-tenants"]));
+    assert!(
+        everyone.contains(" t ") || everyone.contains("t   "),
+        "{everyone}"
+    );
+    // What would it cost with these prices: every line priced by the card
+    // (cents, per line), the total their sum.
+    let card = cli.home.path().join("card.json");
+    std::fs::write(&card, r#"{"currency": "CHF", "gpu_hour": {"*": 90000}}"#).unwrap();
+    let card = card.display().to_string();
+    let priced: serde_json::Value = serde_json::from_str(&ok(&cli.run(&[
+        "usage",
+        "--rate-card",
+        &card,
+        "-o",
+        "json",
+    ])))
+    .unwrap();
+    assert_eq!(priced["currency"], "CHF");
+    let lines = priced["lines"].as_array().unwrap();
+    let mut sum = 0.0;
+    for l in lines {
+        let gpu_hours = l["gpuHours"].as_f64().unwrap_or(0.0);
+        let cost = l["cost"].as_f64().unwrap_or(0.0);
+        assert!(
+            (cost - (gpu_hours * 90000.0 * 100.0).round() / 100.0).abs() < 1e-6,
+            "{l}"
+        );
+        sum += cost;
+    }
+    assert!(sum > 0.0, "{priced}");
+    assert!(
+        (priced["totalCost"].as_f64().unwrap() - sum).abs() < 1e-6,
+        "{priced}"
+    );
+    let table = ok(&cli.run(&["usage", "--rate-card", &card]));
+    assert!(table.contains("COST (CHF)"), "{table}");
+    std::fs::write(
+        cli.home.path().join("bad.json"),
+        r#"{"currency": "CHF", "cpu_core_hour": -1}"#,
+    )
+    .unwrap();
+    let bad = cli.run(&[
+        "usage",
+        "--rate-card",
+        &cli.home.path().join("bad.json").display().to_string(),
+    ]);
+    assert_eq!(bad.status.code(), Some(3), "{}", stderr(&bad));
+    assert!(stderr(&bad).contains("rate_card"), "{}", stderr(&bad));
+
+    // Every tenant's allocations, for an administrator; and `watch` in a
+    // pipe: one line per allocation, no escape sequences.
+    let all = ok(&Cli::new(&mesh, &auth::admin_token()).run(&[
+        "alloc",
+        "list",
+        "--all-tenants",
+        "-o",
+        "wide",
+    ]));
+    assert!(all.contains(&id) && all.contains(" t "), "{all}");
+    let mut watching = cli
+        .command(&["watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = watching.stdout.take().unwrap();
+    let first = tokio::task::spawn_blocking(move || {
+        let mut buf = [0u8; 4096];
+        let n = std::io::Read::read(&mut pipe, &mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+    .await
+    .unwrap();
+    let _ = watching.kill();
+    let _ = watching.wait();
+    assert!(
+        first.contains(&short) && first.contains("ALLOCATED v"),
+        "{first}"
+    );
+    assert!(!first.contains('\x1b'), "{first:?}");
 
     // Cancel by short id.
     let cancelled = ok(&cli.run(&["alloc", "cancel", &short, "--reason", "done"]));

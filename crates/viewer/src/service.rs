@@ -383,7 +383,12 @@ impl ViewerService for ViewerApi {
                 ));
             }
         };
-        let rates = self.rates.clone();
+        let rates = match req.rate_card {
+            Some(card) => Some(Arc::new(
+                RateCard::from_request(card).map_err(|e| status::invalid_field("rate_card", e))?,
+            )),
+            None => self.rates.clone(),
+        };
         let m = month.clone();
         let mut report = self
             .db

@@ -46,6 +46,33 @@ impl RateCard {
             .map_err(|e| anyhow::anyhow!("reading the rate card {}: {e}", path.display()))?;
         let card: RateCard = serde_json::from_str(&text)
             .map_err(|e| anyhow::anyhow!("the rate card {} is not valid: {e}", path.display()))?;
+        card.check()
+            .map_err(|e| anyhow::anyhow!("the rate card {} {e}", path.display()))?;
+        Ok(card)
+    }
+
+    /// A rate card sent with a request; `Err` says what is wrong with it.
+    pub fn from_request(card: pb::RateCard) -> Result<RateCard, String> {
+        if card.currency.trim().is_empty() || card.currency.len() > 16 {
+            return Err("needs a currency of at most 16 characters".into());
+        }
+        if card.gpu_hour.len() + card.custom_unit_hour.len() > 256 {
+            return Err("has more than 256 prices".into());
+        }
+        let card = RateCard {
+            currency: card.currency,
+            gpu_hour: card.gpu_hour.into_iter().collect(),
+            cpu_core_hour: card.cpu_core_hour,
+            memory_gib_hour: card.memory_gib_hour,
+            storage_gib_hour: card.storage_gib_hour,
+            custom_unit_hour: card.custom_unit_hour.into_iter().collect(),
+        };
+        card.check()?;
+        Ok(card)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let card = self;
         let prices = card
             .gpu_hour
             .values()
@@ -57,13 +84,10 @@ impl RateCard {
             ]);
         for p in prices {
             if !p.is_finite() || *p < 0.0 {
-                anyhow::bail!(
-                    "the rate card {} has a negative or invalid price",
-                    path.display()
-                );
+                return Err("has a negative or invalid price".into());
             }
         }
-        Ok(card)
+        Ok(())
     }
 
     fn cost(&self, line: &pb::UsageLine) -> f64 {

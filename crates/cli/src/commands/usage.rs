@@ -32,6 +32,42 @@ pub struct Usage {
     /// Every tenant, a section each, with grand totals (administrators).
     #[arg(long, conflicts_with = "tenant")]
     pub all_tenants: bool,
+    /// Price with this rate card (the JSON of the viewer's, see
+    /// docs/operations.md) instead of the viewer's own: what would it cost.
+    #[arg(long)]
+    pub rate_card: Option<std::path::PathBuf>,
+}
+
+/// The rate card file, as the API takes it.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CardFile {
+    currency: String,
+    #[serde(default)]
+    gpu_hour: std::collections::BTreeMap<String, f64>,
+    #[serde(default)]
+    cpu_core_hour: f64,
+    #[serde(default)]
+    memory_gib_hour: f64,
+    #[serde(default)]
+    storage_gib_hour: f64,
+    #[serde(default)]
+    custom_unit_hour: std::collections::BTreeMap<String, f64>,
+}
+
+fn rate_card(path: &std::path::Path) -> Result<vpb::RateCard, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(format!("rate card {}: {e}", path.display())))?;
+    let c: CardFile = serde_json::from_str(&text)
+        .map_err(|e| Failure::usage(format!("rate card {}: {e}", path.display())))?;
+    Ok(vpb::RateCard {
+        currency: c.currency,
+        gpu_hour: c.gpu_hour,
+        cpu_core_hour: c.cpu_core_hour,
+        memory_gib_hour: c.memory_gib_hour,
+        storage_gib_hour: c.storage_gib_hour,
+        custom_unit_hour: c.custom_unit_hour,
+    })
 }
 
 /// `2026-11-01` or `2026-11-01T10:00:00Z` as a timestamp.
@@ -65,6 +101,7 @@ pub async fn run(session: &Session, u: Usage) -> Result<(), Failure> {
             } else {
                 vpb::ReportFormat::Unspecified as i32
             },
+            rate_card: u.rate_card.as_deref().map(rate_card).transpose()?,
         })
         .await?
         .into_inner();
