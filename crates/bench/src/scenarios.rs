@@ -432,6 +432,7 @@ async fn watch_allocated(mesh: &Mesh, arrivals: Arrivals) -> anyhow::Result<()> 
         .watch_allocations(as_tenant(vpb::WatchAllocationsRequest {
             tenant: TENANT.into(),
             allocation_id: String::new(),
+            resume_versions: Default::default(),
         }))
         .await?
         .into_inner();

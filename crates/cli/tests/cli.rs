@@ -109,7 +109,7 @@ fn gpus_res(n: i32) -> gpualloc_proto::resourcepool::v1::Resources {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_daily_commands_print_tables_and_the_api_messages() {
-    let mesh = mesh_with_pool(8).await;
+    let mut mesh = mesh_with_pool(8).await;
     let cli = Cli::new(&mesh, &auth::tenant_token("t"));
 
     // Create and wait: the steps, then the allocation.
@@ -275,29 +275,63 @@ async fn the_daily_commands_print_tables_and_the_api_messages() {
     let mut watching = cli
         .command(&["watch"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut pipe = watching.stdout.take().unwrap();
-    let first = tokio::task::spawn_blocking(move || {
-        let mut buf = [0u8; 4096];
-        let n = std::io::Read::read(&mut pipe, &mut buf).unwrap();
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    })
-    .await
-    .unwrap();
-    let _ = watching.kill();
-    let _ = watching.wait();
-    assert!(
-        first.contains(&short) && first.contains("ALLOCATED v"),
-        "{first}"
-    );
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let printed = printed.clone();
+        let mut pipe = watching.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut pipe, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                printed
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let lines_with = |what: String| {
+        let printed = printed.clone();
+        async move {
+            eventually(DEADLINE, &what.clone(), || {
+                let printed = printed.clone();
+                let what = what.clone();
+                async move {
+                    let p = printed.lock().unwrap().clone();
+                    p.contains(&what).then_some(p)
+                }
+            })
+            .await
+        }
+    };
+    let first = lines_with(format!("{short} ALLOCATED v")).await;
     assert!(!first.contains('\x1b'), "{first:?}");
+
+    // The viewer restarts (a replica in a rolling upgrade): the watch
+    // reconnects with what it saw, and goes on without repeating it.
+    mesh.viewer.restart().await;
+    mesh.viewer.wait_serving().await;
 
     // Cancel by short id.
     let cancelled = ok(&cli.run(&["alloc", "cancel", &short, "--reason", "done"]));
     assert!(cancelled.contains("CANCELLING"), "{cancelled}");
     wait_state(&mesh, "t", &id, State::Cancelled).await;
+    let watched = lines_with(format!("{short} CANCELLED v")).await;
+    let _ = watching.kill();
+    let _ = watching.wait();
+    reader.join().unwrap();
+    let mine: Vec<&str> = watched.lines().filter(|l| l.starts_with(&short)).collect();
+    assert_eq!(
+        mine.iter().filter(|l| l.contains(" ALLOCATED ")).count(),
+        1,
+        "nothing repeated after the reconnect: {mine:#?}"
+    );
+    assert!(mine.iter().any(|l| l.contains(" CANCELLING ")), "{mine:#?}");
 
     // Administrators: put (only what is given changes), get, delete,
     // reject; and the hold queue filtered by model.

@@ -193,6 +193,7 @@ impl World {
             "WatchAllocations" => vpb::WatchAllocationsRequest {
                 tenant: target.into(),
                 allocation_id: String::new(),
+                resume_versions: Default::default(),
             }
             .encode_to_vec(),
             "ListAllocationHistory" => vpb::ListAllocationHistoryRequest {

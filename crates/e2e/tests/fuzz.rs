@@ -301,6 +301,7 @@ fn request(path: &str) -> BoxedStrategy<Vec<u8>> {
             vpb::WatchAllocationsRequest {
                 tenant,
                 allocation_id,
+                resume_versions: Default::default(),
             }
         })),
         "GetUsageReport" => encoded((text(), text(), int32()).prop_map(

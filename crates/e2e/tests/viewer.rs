@@ -34,6 +34,7 @@ async fn watch(
             vpb::WatchAllocationsRequest {
                 tenant: t.into(),
                 allocation_id: String::new(),
+                resume_versions: Default::default(),
             },
         ))
         .await
@@ -269,6 +270,7 @@ async fn a_watcher_gets_a_snapshot_then_every_change_once_in_order() {
             vpb::WatchAllocationsRequest {
                 tenant: t.into(),
                 allocation_id: ids[1].clone(),
+                resume_versions: Default::default(),
             },
         ))
         .await
@@ -285,6 +287,7 @@ async fn a_watcher_gets_a_snapshot_then_every_change_once_in_order() {
             vpb::WatchAllocationsRequest {
                 tenant: t.into(),
                 allocation_id: String::new(),
+                resume_versions: Default::default(),
             },
         ))
         .await

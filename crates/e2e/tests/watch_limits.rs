@@ -24,6 +24,7 @@ async fn watch(
             vpb::WatchAllocationsRequest {
                 tenant: t.into(),
                 allocation_id: String::new(),
+                resume_versions: Default::default(),
             },
         ))
         .await

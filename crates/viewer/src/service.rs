@@ -276,12 +276,39 @@ impl ViewerService for ViewerApi {
                 .map_err(|e| status::invalid_field("allocation_id", e))?;
             Some(id.to_string())
         };
+        if req.resume_versions.len() > watch::MAX_RESUME {
+            return Err(status::invalid_field(
+                "resume_versions",
+                format!(
+                    "at most {} entries (got {}); reconnect without it for a fresh snapshot",
+                    watch::MAX_RESUME,
+                    req.resume_versions.len()
+                ),
+            ));
+        }
+        let mut resume = std::collections::HashMap::new();
+        for (id, version) in req.resume_versions {
+            let id = AllocationId::parse(&id).map_err(|e| {
+                status::invalid_field(
+                    &format!("resume_versions[{}]", gpualloc_platform::truncate(&id, 64)),
+                    e,
+                )
+            })?;
+            if version < 0 {
+                return Err(status::invalid_field(
+                    &format!("resume_versions[{id}]"),
+                    "a version is at least 0",
+                ));
+            }
+            resume.insert(id.to_string(), version);
+        }
         let db = self.db.get()?.clone();
         let key = tenant.as_ref().map_or("*".to_owned(), |t| t.to_string());
         let slot = self.watchers.acquire(&key)?;
         let filter = watch::Filter {
             tenant: tenant.map(|t| t.to_string()),
             allocation_id,
+            resume,
         };
         Ok(Response::new(watch::start(
             db,

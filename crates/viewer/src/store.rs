@@ -410,6 +410,25 @@ pub fn changes_since(
     ))?)
 }
 
+/// The versions of `id` after `after` up to `upto`, in order: what a
+/// reconnecting watcher missed.
+pub fn history_after(
+    conn: &mut DbConnection,
+    id: &str,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<HistoryRow>, Error> {
+    Ok(gpualloc_storage::native!(conn, |c| {
+        allocation_history::table
+            .filter(allocation_history::allocation_id.eq(id))
+            .filter(allocation_history::version.gt(after))
+            .filter(allocation_history::version.le(upto))
+            .order(allocation_history::version)
+            .select(HistoryRow::as_select())
+            .load(c)
+    })?)
+}
+
 /// Which versions [`changes_since`] would return, and when each was
 /// projected: `(allocation_id, version, project_time)`, read from the
 /// covering index alone.

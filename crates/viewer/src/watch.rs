@@ -10,6 +10,11 @@
 //! or other watchers. Its buffer is bounded; a watcher that falls
 //! [`BUFFER`] messages behind is ended with `RESOURCE_EXHAUSTED`.
 //!
+//! A reconnecting client names the last version it received of each
+//! allocation (`resume_versions`): those are not in its snapshot, and
+//! what it missed follows the snapshot as changes from the history, so a
+//! watcher that moves to another replica sees every version once.
+//!
 //! Exactly once and in order: the watcher remembers the last version sent
 //! per allocation, skips what it has sent and holds back a version until
 //! the one before it has been sent. Rows are read again from a little
@@ -140,7 +145,12 @@ pub struct Filter {
     /// `None`: every tenant (administrators only).
     pub tenant: Option<String>,
     pub allocation_id: Option<String>,
+    /// A reconnecting client's last version per allocation.
+    pub resume: HashMap<String, i64>,
 }
+
+/// Most entries a resume point may have.
+pub const MAX_RESUME: usize = 10_000;
 
 /// Wakes watchers when this replica has projected something.
 #[derive(Clone, Debug, Default)]
@@ -229,6 +239,8 @@ async fn follow(
     // the buffer is not. Changes meanwhile are picked up after it, from
     // `start` on, and what a page already showed is not sent again.
     let mut after: Option<(i64, String)> = None;
+    // Resumed allocations that changed meanwhile: (id, seen, current).
+    let mut catch_up: Vec<(String, i64, i64)> = Vec::new();
     loop {
         let f = filter.clone();
         let cursor = after.clone();
@@ -246,14 +258,23 @@ async fn follow(
             .map_err(Status::from)?;
         let full = page.len() as i64 == SNAPSHOT_PAGE;
         for row in &page {
+            let resumed = filter.resume.get(&row.allocation_id).copied();
             last.insert(
                 row.allocation_id.clone(),
                 LastSent {
-                    version: row.version,
+                    version: row.version.max(resumed.unwrap_or(0)),
                     terminal: is_terminal(&row.state),
                     project_time: row.project_time,
                 },
             );
+            // A resumed allocation is brought up to date after the
+            // snapshot, version by version, instead of re-sent.
+            if let Some(seen) = resumed {
+                if row.version > seen {
+                    catch_up.push((row.allocation_id.clone(), seen, row.version));
+                }
+                continue;
+            }
             let message = pb::WatchAllocationsResponse {
                 r#type: pb::WatchEventType::Snapshot as i32,
                 view: Some(row.to_proto().map_err(Status::from)?),
@@ -276,6 +297,21 @@ async fn follow(
     };
     if let Sent::Stop = send(tx, overflow, end) {
         return Ok(());
+    }
+    for (id, seen, current) in catch_up {
+        let rows = db
+            .read(move |c| store::history_after(c, &id, seen, current))
+            .await
+            .map_err(Status::from)?;
+        for row in rows {
+            let message = change(history_view(&row).map_err(Status::from)?);
+            tokio::select! {
+                sent = tx.send(Ok(message)) => if sent.is_err() { return Ok(()) },
+                _ = stopping.cancelled() => {
+                    return Err(Status::unavailable("the viewer is shutting down; reconnect to another replica"));
+                }
+            }
+        }
     }
 
     // Versions read but not sendable yet (the one before is missing).

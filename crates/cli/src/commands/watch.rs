@@ -1,8 +1,10 @@
 //! `gpualloc watch`: the viewer's stream of changes. On a terminal a live
 //! table is redrawn in place; otherwise one line per change, so it pipes
-//! into `grep` and log files.
+//! into `grep` and log files. When the stream breaks (a viewer replica
+//! stopping), it reconnects with the last version it saw of each
+//! allocation, so nothing is missed or shown twice.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use clap::Args;
 use gpualloc_proto::viewer::v1 as vpb;
@@ -10,7 +12,7 @@ use tokio_stream::StreamExt;
 
 use crate::{
     connect::Session,
-    exit::{Failure, codes},
+    exit::Failure,
     output::{self, now_secs, relative, short_id, state_name},
 };
 
@@ -32,15 +34,21 @@ pub async fn run(session: &Session, w: Watch) -> Result<(), Failure> {
         Some(id) => crate::commands::resolve_id(session, id, &w.tenant).await?,
         None => String::new(),
     };
+    let request = |resume: &BTreeMap<String, i64>| vpb::WatchAllocationsRequest {
+        tenant: w.tenant.clone(),
+        allocation_id: allocation_id.clone(),
+        resume_versions: resume.clone().into_iter().collect(),
+    };
+    // The last version received of each allocation: the resume point when
+    // the stream breaks (a viewer replica stopping, a network blip).
+    let mut resume: BTreeMap<String, i64> = BTreeMap::new();
     let mut stream = session
         .viewer
         .clone()
-        .watch_allocations(vpb::WatchAllocationsRequest {
-            tenant: w.tenant,
-            allocation_id,
-        })
+        .watch_allocations(request(&resume))
         .await?
         .into_inner();
+    let mut retry = Duration::from_millis(200);
     let live = p.tty && !p.raw();
     let mut views: BTreeMap<String, vpb::AllocationView> = BTreeMap::new();
     let mut drawn_lines = 0usize;
@@ -54,16 +62,40 @@ pub async fn run(session: &Session, w: Watch) -> Result<(), Failure> {
             next = stream.next() => next,
         };
         let event = match next {
+            // Ended or unavailable: reconnect from where it stood, so
+            // nothing is missed and nothing repeated.
             None => {
-                break Err(Failure {
-                    code: codes::UNAVAILABLE,
-                    message: "the viewer ended the stream".into(),
-                    details: Vec::new(),
-                });
+                if !reconnect(session, &mut stream, request(&resume), &mut retry).await {
+                    break Ok(());
+                }
+                continue;
+            }
+            // A replica going away, a reset connection, a watcher that fell
+            // behind: all resume; a refusal of the request itself does not.
+            Some(Err(status))
+                if !matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::NotFound
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::Unimplemented
+                ) =>
+            {
+                if !reconnect(session, &mut stream, request(&resume), &mut retry).await {
+                    break Ok(());
+                }
+                continue;
             }
             Some(Err(status)) => break Err(status.into()),
             Some(Ok(e)) => e,
         };
+        retry = Duration::from_millis(200);
+        if let Some(a) = event.view.as_ref().and_then(|v| v.allocation.as_ref()) {
+            let v = resume.entry(a.allocation_id.clone()).or_default();
+            *v = (*v).max(a.version);
+        }
         if p.raw() {
             p.message(&event)?;
             continue;
@@ -102,6 +134,34 @@ pub async fn run(session: &Session, w: Watch) -> Result<(), Failure> {
         output::out("\x1b[?25h");
     }
     outcome
+}
+
+/// Opens the stream again with the resume point, waiting longer after
+/// each failure (up to 5 s); says so on stderr.
+/// `false` when Ctrl-C ended the wait.
+async fn reconnect(
+    session: &Session,
+    stream: &mut tonic::Streaming<vpb::WatchAllocationsResponse>,
+    request: vpb::WatchAllocationsRequest,
+    retry: &mut Duration,
+) -> bool {
+    loop {
+        eprintln!("watch: the stream broke; reconnecting…");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return false,
+            _ = tokio::time::sleep(*retry) => {}
+        }
+        *retry = (*retry * 2).min(Duration::from_secs(5));
+        if let Ok(s) = session
+            .viewer
+            .clone()
+            .watch_allocations(request.clone())
+            .await
+        {
+            *stream = s.into_inner();
+            return true;
+        }
+    }
 }
 
 /// Moves up over the last drawing and draws the table again.

@@ -14,3 +14,4 @@ mod hold_queue;
 mod less_to_type;
 mod partial_updates;
 mod renewal;
+mod resume;
