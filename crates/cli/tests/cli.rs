@@ -67,6 +67,30 @@ impl Cli {
     }
 }
 
+/// What `child` prints, collected as it comes (the test polls it).
+fn collect_stdout(
+    child: &mut std::process::Child,
+) -> (
+    std::sync::Arc<std::sync::Mutex<String>>,
+    std::thread::JoinHandle<()>,
+) {
+    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut pipe = child.stdout.take().unwrap();
+    let sink = printed.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut pipe, &mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    (printed, reader)
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -278,23 +302,7 @@ async fn the_daily_commands_print_tables_and_the_api_messages() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let printed = printed.clone();
-        let mut pipe = watching.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = std::io::Read::read(&mut pipe, &mut buf) {
-                if n == 0 {
-                    break;
-                }
-                printed
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    };
+    let (printed, reader) = collect_stdout(&mut watching);
     let lines_with = |what: String| {
         let printed = printed.clone();
         async move {
@@ -397,23 +405,7 @@ async fn wait_follows_the_hold_queue_and_exit_codes_follow_the_status() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let printed = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let reader = {
-        let printed = printed.clone();
-        let mut pipe = waiting.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = std::io::Read::read(&mut pipe, &mut buf) {
-                if n == 0 {
-                    break;
-                }
-                printed
-                    .lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        })
-    };
+    let (printed, reader) = collect_stdout(&mut waiting);
     eventually(DEADLINE, "the CLI to show the hold", || async {
         printed
             .lock()

@@ -397,3 +397,11 @@ pub fn has_metric(text: &str, name: &str) -> bool {
     text.lines()
         .any(|l| l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{")))
 }
+
+/// A protobuf duration of `s` seconds (leases, hold limits).
+pub fn seconds(s: i64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    }
+}

@@ -290,6 +290,11 @@ impl Mesh {
         Self::start_custom(backend, nats_url, Tuning::default(), |_| {}).await
     }
 
+    /// Starts the mesh against the shared test NATS server with `tuning`.
+    pub async fn start_tuned(backend: Backend, tuning: Tuning) -> Mesh {
+        Self::start_custom(backend, gpualloc_testkit::nats_url(), tuning, |_| {}).await
+    }
+
     /// Starts the mesh with `tuning` and settings changed by `configure`.
     pub async fn start_custom(
         backend: Backend,

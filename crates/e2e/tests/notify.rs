@@ -35,7 +35,7 @@ async fn mesh_with(backend: Backend, notify: PathBuf) -> Mesh {
         notify_config: Some(notify),
         ..Tuning::default()
     };
-    Mesh::start_custom(backend, gpualloc_testkit::nats_url(), tuning, |_| {}).await
+    Mesh::start_tuned(backend, tuning).await
 }
 
 fn json(r: &Received) -> serde_json::Value {
@@ -78,13 +78,6 @@ async fn received_on(r: &HttpReceiver, path: &str, n: usize) -> Vec<Received> {
         (got.len() >= n).then_some(got)
     })
     .await
-}
-
-fn seconds(s: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: s,
-        nanos: 0,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -44,13 +44,7 @@ async fn own_writes_show_at_once_even_when_answers_may_be_kept_an_hour() {
         quota_cache_ttl: Duration::from_secs(3600),
         ..Tuning::default()
     };
-    let mesh = Mesh::start_custom(
-        Backend::Sqlite,
-        gpualloc_testkit::nats_url(),
-        tuning,
-        |_| {},
-    )
-    .await;
+    let mesh = Mesh::start_tuned(Backend::Sqlite, tuning).await;
     let t = "team";
     let pools = mesh.pools();
     put_pool(&mesh, "p", gpu_capacity(&[("A100", 8)])).await;

@@ -27,13 +27,6 @@ fn gpu_request(n: i32, model: &str, priority: i32) -> apb::CreateAllocationReque
     }
 }
 
-fn seconds(s: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: s,
-        nanos: 0,
-    }
-}
-
 async fn create_for(mesh: &Mesh, t: &str, mut r: apb::CreateAllocationRequest) -> apb::Allocation {
     r.tenant = t.into();
     create_request(mesh, t, r).await

@@ -472,13 +472,7 @@ async fn usage_splits_at_the_month_boundary_and_is_priced_by_the_rate_card() {
         rate_card: Some(card),
         ..Tuning::default()
     };
-    let mesh = Mesh::start_custom(
-        Backend::Sqlite,
-        gpualloc_testkit::nats_url(),
-        tuning,
-        |_| {},
-    )
-    .await;
+    let mesh = Mesh::start_tuned(Backend::Sqlite, tuning).await;
     let t = "billing";
     let id = gpualloc_domain::AllocationId::new().to_string();
     // 2025-10-31T22:00Z requested, 23:00Z allocated, 2025-11-01T01:30Z

@@ -37,13 +37,7 @@ async fn watch_streams_are_capped_per_tenant_and_in_all() {
         max_watchers: (3, 2),
         ..Tuning::default()
     };
-    let mesh = Mesh::start_custom(
-        Backend::Sqlite,
-        gpualloc_testkit::nats_url(),
-        tuning,
-        |_| {},
-    )
-    .await;
+    let mesh = Mesh::start_tuned(Backend::Sqlite, tuning).await;
     let a1 = watch(&mesh, "team-a").await.unwrap();
     let _a2 = watch(&mesh, "team-a").await.unwrap();
     let e = watch(&mesh, "team-a").await.unwrap_err();
@@ -67,13 +61,7 @@ async fn a_snapshot_larger_than_the_buffer_arrives_whole() {
         watch_buffer: 16,
         ..Tuning::default()
     };
-    let mesh = Mesh::start_custom(
-        Backend::Sqlite,
-        gpualloc_testkit::nats_url(),
-        tuning,
-        |_| {},
-    )
-    .await;
+    let mesh = Mesh::start_tuned(Backend::Sqlite, tuning).await;
     // 1,200 allocations for one tenant, as the allocation service would
     // announce them (published as the operator, to fill the read model
     // fast): more than two snapshot pages and 75 buffers.

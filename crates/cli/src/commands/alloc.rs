@@ -83,24 +83,14 @@ pub struct Renew {
 
 #[derive(Debug, Args)]
 pub struct Create {
+    #[command(flatten)]
+    pub amounts: super::Amounts,
     /// GPUs.
     #[arg(long, default_value_t = 0)]
     pub gpus: i32,
     /// GPU model (A100, H100…); any model when left out.
     #[arg(long, default_value = "")]
     pub model: String,
-    /// CPU: cores (8, 0.5) or millicores (500m).
-    #[arg(long, value_parser = input::cpu)]
-    pub cpu: Option<i64>,
-    /// Memory: 512Mi, 64Gi, 1Ti.
-    #[arg(long, value_parser = input::memory_mib)]
-    pub memory: Option<i64>,
-    /// Storage: 500Gi, 2Ti.
-    #[arg(long, value_parser = input::storage_gib)]
-    pub storage: Option<i64>,
-    /// A custom class: CLASS=COUNT (repeatable), e.g. SEAT=3.
-    #[arg(long = "custom", value_parser = input::custom)]
-    pub custom: Vec<(String, i64)>,
     /// Release it this long after it is granted (90s, 30m, 2h, 1d).
     #[arg(long, value_parser = input::duration_secs)]
     pub lease: Option<i64>,
@@ -244,12 +234,12 @@ pub async fn run(session: &Session, cmd: Alloc) -> Result<(), Failure> {
 
 fn resources_of(c: &Create) -> rp::Resources {
     rp::Resources {
-        cpu_millis: c.cpu.unwrap_or(0),
-        memory_mib: c.memory.unwrap_or(0),
+        cpu_millis: c.amounts.cpu.unwrap_or(0),
+        memory_mib: c.amounts.memory.unwrap_or(0),
         gpus: c.gpus,
         gpu_model: c.model.clone(),
-        storage_gib: c.storage.unwrap_or(0),
-        custom: c.custom.iter().cloned().collect(),
+        storage_gib: c.amounts.storage.unwrap_or(0),
+        custom: c.amounts.custom.iter().cloned().collect(),
     }
 }
 

@@ -1,5 +1,5 @@
-//! One module per command group; what they share: finding an allocation
-//! by a short id.
+//! One module per command group; what they share: the resource amount
+//! flags, and finding an allocation by a short id.
 
 pub mod alloc;
 pub mod config_cmd;
@@ -10,13 +10,33 @@ pub mod summary;
 pub mod usage;
 pub mod watch;
 
+use clap::Args;
 use gpualloc_proto::viewer::v1 as vpb;
 
 use crate::{
     connect::Session,
     exit::{Failure, codes},
+    input,
     output::short_id,
 };
+
+/// The amounts every resource-taking command accepts, typed as people
+/// write them (create, pools put, quota set).
+#[derive(Debug, Args)]
+pub struct Amounts {
+    /// CPU: cores (8, 0.5) or millicores (500m).
+    #[arg(long, value_parser = input::cpu)]
+    pub cpu: Option<i64>,
+    /// Memory: 512Mi, 64Gi, 1Ti.
+    #[arg(long, value_parser = input::memory_mib)]
+    pub memory: Option<i64>,
+    /// Storage: 500Gi, 2Ti.
+    #[arg(long, value_parser = input::storage_gib)]
+    pub storage: Option<i64>,
+    /// A custom class: CLASS=COUNT (repeatable), e.g. SEAT=3.
+    #[arg(long = "custom", value_parser = input::custom)]
+    pub custom: Vec<(String, i64)>,
+}
 
 /// The full id of the allocation `input` names: a full id, an unambiguous
 /// prefix, or the `01a22a40…0f05` form tables show (searched among the

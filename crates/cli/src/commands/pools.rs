@@ -39,22 +39,12 @@ pub enum Pools {
 
 #[derive(Debug, Args)]
 pub struct Put {
+    #[command(flatten)]
+    pub amounts: super::Amounts,
     pub pool: String,
     /// GPUs of a model: MODEL=COUNT (repeatable).
     #[arg(long = "gpus", value_parser = input::custom)]
     pub gpus: Vec<(String, i64)>,
-    /// CPU cores (or millicores: 500m).
-    #[arg(long, value_parser = input::cpu)]
-    pub cpu: Option<i64>,
-    /// Memory: 256Gi.
-    #[arg(long, value_parser = input::memory_mib)]
-    pub memory: Option<i64>,
-    /// Storage: 10Ti.
-    #[arg(long, value_parser = input::storage_gib)]
-    pub storage: Option<i64>,
-    /// A custom class: CLASS=COUNT (repeatable).
-    #[arg(long = "custom", value_parser = input::custom)]
-    pub custom: Vec<(String, i64)>,
     /// Replace the whole capacity (classes not given become 0).
     #[arg(long)]
     pub replace: bool,
@@ -88,13 +78,13 @@ pub async fn run(session: &Session, cmd: Pools) -> Result<(), Failure> {
         }
         Pools::Put(put) => {
             let mut paths = Vec::new();
-            if put.cpu.is_some() {
+            if put.amounts.cpu.is_some() {
                 paths.push("capacity.cpu_millis".to_owned());
             }
-            if put.memory.is_some() {
+            if put.amounts.memory.is_some() {
                 paths.push("capacity.memory_mib".to_owned());
             }
-            if put.storage.is_some() {
+            if put.amounts.storage.is_some() {
                 paths.push("capacity.storage_gib".to_owned());
             }
             // A mask names a map whole: the models and classes given are
@@ -121,19 +111,19 @@ pub async fn run(session: &Session, cmd: Pools) -> Result<(), Failure> {
             for (m, n) in &put.gpus {
                 gpus_by_model.insert(m.clone(), i32::try_from(*n).unwrap_or(i32::MAX));
             }
-            for (c, n) in &put.custom {
+            for (c, n) in &put.amounts.custom {
                 custom.insert(c.clone(), *n);
             }
             if !put.gpus.is_empty() {
                 paths.push("capacity.gpus_by_model".to_owned());
             }
-            if !put.custom.is_empty() {
+            if !put.amounts.custom.is_empty() {
                 paths.push("capacity.custom".to_owned());
             }
             let capacity = rp::Capacity {
-                cpu_millis: put.cpu.unwrap_or(0),
-                memory_mib: put.memory.unwrap_or(0),
-                storage_gib: put.storage.unwrap_or(0),
+                cpu_millis: put.amounts.cpu.unwrap_or(0),
+                memory_mib: put.amounts.memory.unwrap_or(0),
+                storage_gib: put.amounts.storage.unwrap_or(0),
                 gpus_by_model,
                 custom,
             };

@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand};
 use gpualloc_proto::resourcepool::v1 as rp;
 
-use crate::{connect::Session, exit::Failure, input, output::bar};
+use crate::{connect::Session, exit::Failure, output::bar};
 
 #[derive(Debug, Subcommand)]
 pub enum Quota {
@@ -25,23 +25,13 @@ pub enum Quota {
 
 #[derive(Debug, Args)]
 pub struct Set {
+    #[command(flatten)]
+    pub amounts: super::Amounts,
     #[arg(long)]
     pub tenant: String,
     /// GPUs (any model).
     #[arg(long)]
     pub gpus: Option<i32>,
-    /// CPU cores (or 500m).
-    #[arg(long, value_parser = input::cpu)]
-    pub cpu: Option<i64>,
-    /// Memory: 256Gi.
-    #[arg(long, value_parser = input::memory_mib)]
-    pub memory: Option<i64>,
-    /// Storage: 10Ti.
-    #[arg(long, value_parser = input::storage_gib)]
-    pub storage: Option<i64>,
-    /// A custom class: CLASS=COUNT (repeatable).
-    #[arg(long = "custom", value_parser = input::custom)]
-    pub custom: Vec<(String, i64)>,
     /// Requests of more GPUs than this wait for an administrator.
     #[arg(long)]
     pub approval_gpus: Option<i32>,
@@ -56,36 +46,44 @@ pub async fn run(session: &Session, cmd: Quota) -> Result<(), Failure> {
             .await?
             .into_inner(),
         Quota::Set(s) => {
+            // A tenant without a quota gets one made of what is given; an
+            // existing one changes only that (read once, for both).
+            let existing = match client
+                .get_tenant_quota(rp::GetTenantQuotaRequest {
+                    tenant: s.tenant.clone(),
+                })
+                .await
+            {
+                Ok(q) => Some(q.into_inner()),
+                Err(e) if e.code() == tonic::Code::NotFound => None,
+                Err(e) => return Err(e.into()),
+            };
             let mut paths = Vec::new();
             let mut limits = rp::Resources::default();
             if let Some(n) = s.gpus {
                 limits.gpus = n;
                 paths.push("limits.gpus".to_owned());
             }
-            if let Some(n) = s.cpu {
+            if let Some(n) = s.amounts.cpu {
                 limits.cpu_millis = n;
                 paths.push("limits.cpu_millis".to_owned());
             }
-            if let Some(n) = s.memory {
+            if let Some(n) = s.amounts.memory {
                 limits.memory_mib = n;
                 paths.push("limits.memory_mib".to_owned());
             }
-            if let Some(n) = s.storage {
+            if let Some(n) = s.amounts.storage {
                 limits.storage_gib = n;
                 paths.push("limits.storage_gib".to_owned());
             }
-            if !s.custom.is_empty() {
+            if !s.amounts.custom.is_empty() {
                 // A mask names the map whole: merge into what is set.
-                limits.custom = client
-                    .get_tenant_quota(rp::GetTenantQuotaRequest {
-                        tenant: s.tenant.clone(),
-                    })
-                    .await
-                    .ok()
-                    .and_then(|q| q.into_inner().limits)
-                    .map(|l| l.custom)
+                limits.custom = existing
+                    .as_ref()
+                    .and_then(|q| q.limits.as_ref())
+                    .map(|l| l.custom.clone())
                     .unwrap_or_default();
-                for (c, n) in &s.custom {
+                for (c, n) in &s.amounts.custom {
                     limits.custom.insert(c.clone(), *n);
                 }
                 paths.push("limits.custom".to_owned());
@@ -100,25 +98,15 @@ pub async fn run(session: &Session, cmd: Quota) -> Result<(), Failure> {
                     "nothing to set: give --gpus, --cpu, --memory, --storage, --custom or --approval-gpus",
                 ));
             }
-            // A tenant without a quota gets one made of what is given; an
-            // existing one changes only that.
-            let exists = match client
-                .get_tenant_quota(rp::GetTenantQuotaRequest {
-                    tenant: s.tenant.clone(),
-                })
-                .await
-            {
-                Ok(_) => true,
-                Err(e) if e.code() == tonic::Code::NotFound => false,
-                Err(e) => return Err(e.into()),
-            };
             client
                 .set_tenant_quota(rp::SetTenantQuotaRequest {
                     tenant: s.tenant,
                     limits: Some(limits),
                     approval_above: Some(approval),
                     max_hold: None,
-                    update_mask: exists.then_some(prost_types::FieldMask { paths }),
+                    update_mask: existing
+                        .is_some()
+                        .then_some(prost_types::FieldMask { paths }),
                 })
                 .await?
                 .into_inner()

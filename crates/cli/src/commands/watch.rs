@@ -62,34 +62,20 @@ pub async fn run(session: &Session, w: Watch) -> Result<(), Failure> {
             next = stream.next() => next,
         };
         let event = match next {
-            // Ended or unavailable: reconnect from where it stood, so
-            // nothing is missed and nothing repeated.
-            None => {
-                if !reconnect(session, &mut stream, request(&resume), &mut retry).await {
-                    break Ok(());
-                }
-                continue;
-            }
-            // A replica going away, a reset connection, a watcher that fell
-            // behind: all resume; a refusal of the request itself does not.
-            Some(Err(status))
-                if !matches!(
-                    status.code(),
-                    tonic::Code::InvalidArgument
-                        | tonic::Code::NotFound
-                        | tonic::Code::PermissionDenied
-                        | tonic::Code::Unauthenticated
-                        | tonic::Code::FailedPrecondition
-                        | tonic::Code::Unimplemented
-                ) =>
-            {
-                if !reconnect(session, &mut stream, request(&resume), &mut retry).await {
-                    break Ok(());
-                }
-                continue;
-            }
+            // Ended, a replica going away, a reset connection, a watcher
+            // that fell behind: reconnect from where it stood, so nothing
+            // is missed and nothing repeated. A refusal of the request
+            // itself is final.
+            None => None,
+            Some(Err(status)) if resumable(status.code()) => None,
             Some(Err(status)) => break Err(status.into()),
-            Some(Ok(e)) => e,
+            Some(Ok(e)) => Some(e),
+        };
+        let Some(event) = event else {
+            if !reconnect(session, &mut stream, request(&resume), &mut retry).await {
+                break Ok(());
+            }
+            continue;
         };
         retry = Duration::from_millis(200);
         if let Some(a) = event.view.as_ref().and_then(|v| v.allocation.as_ref()) {
@@ -138,6 +124,18 @@ pub async fn run(session: &Session, w: Watch) -> Result<(), Failure> {
 
 /// Opens the stream again with the resume point, waiting longer after
 /// each failure (up to 5 s); says so on stderr.
+fn resumable(code: tonic::Code) -> bool {
+    !matches!(
+        code,
+        tonic::Code::InvalidArgument
+            | tonic::Code::NotFound
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::Unimplemented
+    )
+}
+
 /// `false` when Ctrl-C ended the wait.
 async fn reconnect(
     session: &Session,

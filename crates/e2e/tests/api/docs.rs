@@ -295,8 +295,14 @@ fn text_lines(s: &str) -> Vec<String> {
 }
 
 /// Where the `gpualloc` binary is: beside this test's own directory
-/// (`cargo test --workspace` builds it with the CLI's tests).
+/// (`cargo test --workspace` builds it with the CLI's tests). Looked up
+/// and checked once: it walks the CLI's sources.
 fn cli_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(find_cli).clone()
+}
+
+fn find_cli() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap().to_owned();
     assert!(
@@ -422,13 +428,7 @@ impl Runner {
     }
 
     async fn start_mesh(&mut self, tuning: Tuning) {
-        let mesh = Mesh::start_custom(
-            Backend::Sqlite,
-            gpualloc_testkit::nats_url(),
-            tuning,
-            |_| {},
-        )
-        .await;
+        let mesh = Mesh::start_tuned(Backend::Sqlite, tuning).await;
         self.mesh = Some(mesh);
     }
 

@@ -17,13 +17,6 @@ use tonic::Code;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-fn seconds(s: i64) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: s,
-        nanos: 0,
-    }
-}
-
 fn renew_request(id: &str, lease: Option<prost_types::Duration>) -> apb::RenewAllocationRequest {
     apb::RenewAllocationRequest {
         allocation_id: id.into(),
@@ -72,13 +65,7 @@ async fn a_renewed_lease_moves_its_end_everywhere_it_is_shown() {
         notify_config: Some(settings),
         ..Tuning::default()
     };
-    let mesh = Mesh::start_custom(
-        Backend::Sqlite,
-        gpualloc_testkit::nats_url(),
-        tuning,
-        |_| {},
-    )
-    .await;
+    let mesh = Mesh::start_tuned(Backend::Sqlite, tuning).await;
     put_pool(&mesh, "p", gpu_capacity(&[("A100", 4)])).await;
     set_quota(&mesh, "t", gpus(4, "")).await;
     set_quota(&mesh, "u", gpus(4, "")).await;
