@@ -40,6 +40,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let buf = install::buf(&root.join("target/tools"))?;
     let grpcurl = install::grpcurl(&root.join("target/tools"))?;
     install::tmux()?;
+    // Tests that stop and start a database start PostgreSQL servers of
+    // their own from these binaries.
+    let pg_bin = install::postgres_bin()?;
 
     if !args.no_lint {
         procs::run(
@@ -92,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .args(&args.cargo_test_args)
             .env("GPUALLOC_NATS_SERVER", &nats_bin)
             .env("GPUALLOC_GRPCURL", &grpcurl)
+            .env("GPUALLOC_PG_BIN", &pg_bin)
             .env("GPUALLOC_TEST_DATABASE_URL", &pg_url);
         procs::run("cargo test --workspace", &mut test)
     })();

@@ -56,6 +56,14 @@ pub struct Args {
     /// Build and run release binaries.
     #[arg(long)]
     release: bool,
+    /// Processes of each service, on ports 10 apart (allocation 50051,
+    /// 50061, …); 2 or more need `--database postgres://…`.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Start a local JetStream cluster of this many nodes (3 or 5) instead
+    /// of one server; the stream gets as many replicas.
+    #[arg(long, conflicts_with = "nats")]
+    nats_cluster: Option<usize>,
     /// Export traces over OTLP/gRPC to this collector (e.g. Jaeger's
     /// http://127.0.0.1:4317); `OTEL_EXPORTER_OTLP_ENDPOINT` works too.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
@@ -66,7 +74,58 @@ struct Svc {
     name: &'static str,
     binary: &'static str,
     port: u16,
+    metrics_port: u16,
     db_suffix: &'static str,
+}
+
+/// One process of one service.
+#[derive(Debug, PartialEq)]
+struct Proc {
+    svc: usize,
+    replica: usize,
+    /// `allocation`, `allocation-1`, …: its log, PID file and run script.
+    name: String,
+    port: u16,
+    metrics_port: u16,
+}
+
+/// The processes `--replicas` asks for, or why not.
+fn plan(replicas: usize, database: Option<&str>) -> anyhow::Result<Vec<Proc>> {
+    if !(1..=9).contains(&replicas) {
+        bail!("--replicas takes 1 to 9");
+    }
+    if replicas > 1 && database.is_none() {
+        bail!(
+            "--replicas {replicas} needs --database postgres://…: the replicas of a service share its database, and a SQLite file belongs to one process"
+        );
+    }
+    Ok(SERVICES
+        .iter()
+        .enumerate()
+        .flat_map(|(i, svc)| {
+            (0..replicas).map(move |r| Proc {
+                svc: i,
+                replica: r,
+                name: if r == 0 {
+                    svc.name.to_owned()
+                } else {
+                    format!("{}-{r}", svc.name)
+                },
+                port: svc.port + 10 * r as u16,
+                metrics_port: svc.metrics_port + 10 * r as u16,
+            })
+        })
+        .collect())
+}
+
+/// Comma-separated `host:port` of every process of service `svc`.
+fn addrs(procs: &[Proc], svc: usize) -> String {
+    procs
+        .iter()
+        .filter(|p| p.svc == svc)
+        .map(|p| format!("127.0.0.1:{}", p.port))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 const SERVICES: [Svc; 3] = [
@@ -74,18 +133,21 @@ const SERVICES: [Svc; 3] = [
         name: "resource-pool",
         binary: "gpualloc-resource-pool",
         port: 50052,
+        metrics_port: 9092,
         db_suffix: "resource_pool",
     },
     Svc {
         name: "allocation",
         binary: "gpualloc-allocation",
         port: 50051,
+        metrics_port: 9091,
         db_suffix: "allocation",
     },
     Svc {
         name: "viewer",
         binary: "gpualloc-viewer",
         port: 50053,
+        metrics_port: 9093,
         db_suffix: "viewer",
     },
 ];
@@ -145,17 +207,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     fs::create_dir_all(state.join("logs"))?;
     fs::create_dir_all(state.join("pids"))?;
     let issuer = dev_issuer(&state)?;
-    for svc in &SERVICES {
-        if !procs::port_free(svc.port) {
-            let holder = procs::holder_of(svc.port).map_or_else(
+    let plan = plan(args.replicas, args.database.as_deref())?;
+    if let Some(n) = args.nats_cluster
+        && !(n == 3 || n == 5)
+    {
+        bail!("--nats-cluster takes 3 or 5 (a JetStream cluster needs a majority)");
+    }
+    for p in &plan {
+        if !procs::port_free(p.port) {
+            let holder = procs::holder_of(p.port).map_or_else(
                 || "by a process this user cannot see".to_owned(),
                 |h| format!("by {h}"),
             );
             bail!(
                 "port {} ({}) is taken {holder}: another `cargo xtask up`, or a service started by hand with run-{}.sh? Stop it (kill <PID>) and run again",
-                svc.port,
-                svc.name,
-                svc.name,
+                p.port,
+                p.name,
+                p.name,
             );
         }
     }
@@ -173,9 +241,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut children: Vec<Guard> = Vec::new();
     let nats_passwords = nats_passwords(&state.join("nats"))?;
-    let nats_url = match &args.nats {
-        Some(url) => url.clone(),
-        None => {
+    let nats_url = match (&args.nats, args.nats_cluster) {
+        (Some(url), _) => url.clone(),
+        (None, Some(members)) => nats_cluster(&state, members, &nats_passwords, &mut children)?,
+        (None, None) => {
             let bin = install::nats_server()?;
             let port = if procs::port_free(4222) {
                 4222
@@ -197,15 +266,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     };
 
-    let pool_url = "http://127.0.0.1:50052";
-    for svc in &SERVICES {
+    // Every allocation replica knows every pool replica.
+    let pool_url: String = addrs(&plan, 0)
+        .split(',')
+        .map(|a| format!("http://{a}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    for p in &plan {
+        let svc = &SERVICES[p.svc];
         let binary = root.join("target").join(profile).join(svc.binary);
         let mut env = vec![
-            ("GPUALLOC_LISTEN", format!("127.0.0.1:{}", svc.port)),
+            ("GPUALLOC_LISTEN", format!("127.0.0.1:{}", p.port)),
             ("GPUALLOC_DATABASE_URL", database_url(&args, &state, svc)?),
             ("GPUALLOC_CREATE_DATABASE", "true".into()),
             ("GPUALLOC_NATS_URL", nats_url.clone()),
-            ("GPUALLOC_RESOURCE_POOL_URL", pool_url.into()),
+            ("GPUALLOC_RESOURCE_POOL_URL", pool_url.clone()),
             (
                 "GPUALLOC_JWKS",
                 DevIssuer::jwks_path(&state.join("auth"))
@@ -213,6 +288,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     .to_string(),
             ),
         ];
+        if args.replicas > 1 {
+            // Stable across restarts: a restarted replica publishes the
+            // outbox rows it left behind at once.
+            env.push(("GPUALLOC_REPLICA_ID", p.name.clone()));
+            env.push((
+                "GPUALLOC_METRICS_LISTEN",
+                format!("127.0.0.1:{}", p.metrics_port),
+            ));
+            // Leave the balance a second before refusing connections.
+            env.push(("GPUALLOC_SHUTDOWN_DELAY", "1s".into()));
+        }
+        if let Some(members) = args.nats_cluster {
+            env.push(("GPUALLOC_STREAM_REPLICAS", members.to_string()));
+        }
         if args.nats.is_none() {
             env.push(("GPUALLOC_NATS_USER", svc.name.to_owned()));
             env.push(("GPUALLOC_NATS_PASSWORD", nats_passwords[svc.name].clone()));
@@ -235,10 +324,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.clone()));
         }
         // A script to start this one service again by hand after stopping it.
-        let log = state.join("logs").join(format!("{}.log", svc.name));
+        let log = state.join("logs").join(format!("{}.log", p.name));
         // It registers its PID (kept by `exec`) so that this `up` stops
         // it on Ctrl-C like the processes it started itself.
-        let pid_file = state.join("pids").join(format!("{}.pid", svc.name));
+        let pid_file = state.join("pids").join(format!("{}.pid", p.name));
         let script: String = std::iter::once("#!/bin/sh\n".to_owned())
             .chain(env.iter().map(|(k, v)| format!("export {k}='{v}'\n")))
             .chain([
@@ -247,7 +336,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ])
             .collect();
         // It holds the service's NATS password: readable by its owner only.
-        let run_script = state.join(format!("run-{}.sh", svc.name));
+        let run_script = state.join(format!("run-{}.sh", p.name));
         let _ = fs::remove_file(&run_script);
         write_private(&run_script, script.as_bytes())?;
         let out = fs::OpenOptions::new()
@@ -259,7 +348,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        let child = Guard::spawn(svc.name, &mut cmd)?;
+        let child = Guard::spawn(&p.name, &mut cmd)?;
         // Registered like a run-script start, so that
         // `kill $(cat .gpualloc/pids/<service>.pid)` stops either.
         fs::write(&pid_file, format!("{}\n", child.pid()))?;
@@ -270,19 +359,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let outcome = runtime.block_on(async {
-        for svc in &SERVICES {
-            wait_serving(svc).await?;
+        for p in &plan {
+            wait_serving(p).await?;
         }
         let admin_token = issuer
             .token("xtask", None, &["admin"], BANNER_TTL)
             .map_err(anyhow::Error::msg)?;
         if !args.no_seed {
-            seed("http://127.0.0.1:50052", &admin_token).await?;
+            seed(&pool_url, &admin_token).await?;
         }
         let tenant_token = issuer
             .token("demo-user", Some("demo"), &[], BANNER_TTL)
             .map_err(anyhow::Error::msg)?;
-        print_banner(&state, &nats_url, &children, &tenant_token, &admin_token);
+        print_banner(
+            &state,
+            &nats_url,
+            &plan,
+            &children,
+            &tenant_token,
+            &admin_token,
+        );
         supervise(&mut children).await;
         Ok::<_, anyhow::Error>(())
     });
@@ -290,8 +386,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Services first (they flush their outboxes to NATS), NATS last;
     // services restarted by hand with their run script are services too.
     let own: Vec<String> = children.iter().map(|c| c.pid().to_string()).collect();
-    for svc in &SERVICES {
-        let pid_file = state.join("pids").join(format!("{}.pid", svc.name));
+    for p in &plan {
+        let svc = &SERVICES[p.svc];
+        let pid_file = state.join("pids").join(format!("{}.pid", p.name));
         // Our own child is stopped below (and reaped, which a kill of a
         // PID alone cannot do).
         let registered = fs::read_to_string(&pid_file).unwrap_or_default();
@@ -302,7 +399,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(pid) = procs::stop_registered(&pid_file, svc.binary, Duration::from_secs(30)) {
             eprintln!(
                 "xtask: stopped {} (PID {pid}, started with run-{}.sh)",
-                svc.binary, svc.name
+                svc.binary, p.name
             );
         }
     }
@@ -339,6 +436,82 @@ fn nats_passwords(dir: &Path) -> anyhow::Result<std::collections::BTreeMap<&'sta
     Ok(out)
 }
 
+/// A local JetStream cluster: `members` nats-servers on loopback (client
+/// ports from 4222, cluster ports from 6222, monitoring from 8222), each
+/// with its data under the state folder; returns every member's URL.
+fn nats_cluster(
+    state: &Path,
+    members: usize,
+    passwords: &std::collections::BTreeMap<&'static str, String>,
+    children: &mut Vec<Guard>,
+) -> anyhow::Result<String> {
+    use gpualloc_nats_acl::{Cluster, Secret, ServerSettings};
+    let bin = install::nats_server()?;
+    let users = gpualloc_nats_acl::users("gpualloc", "GPUALLOC", |name| {
+        Secret::Password(passwords.get(name).cloned().unwrap_or_default())
+    });
+    let mut ports: Vec<(u16, u16, u16)> = (0..members as u16)
+        .map(|k| (4222 + k, 6222 + k, 8222 + k))
+        .collect();
+    // The usual ports when they are free (a NATS of the machine's own
+    // often holds 4222), else any.
+    if ports
+        .iter()
+        .any(|(c, r, m)| [c, r, m].iter().any(|p| !procs::port_free(**p)))
+    {
+        ports = (0..members)
+            .map(|_| {
+                Ok((
+                    procs::free_port()?,
+                    procs::free_port()?,
+                    procs::free_port()?,
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+    }
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, c, _)| format!("nats://127.0.0.1:{c}"))
+        .collect();
+    for (k, (client, cluster, monitor)) in ports.iter().enumerate() {
+        let name = format!("nats-{k}");
+        let dir = state.join("nats").join(&name);
+        fs::create_dir_all(&dir)?;
+        let conf = gpualloc_nats_acl::cluster_config(
+            &ServerSettings {
+                host: "127.0.0.1".into(),
+                port: *client,
+                store_dir: dir.display().to_string(),
+                tls: None,
+            },
+            &Cluster {
+                name: "gpualloc-local".into(),
+                server_name: name.clone(),
+                port: *cluster,
+                routes: routes.clone(),
+            },
+            *monitor,
+            &users,
+        );
+        let path = dir.join("nats.conf");
+        write_private(&path, conf.as_bytes())?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c")
+            .arg(&path)
+            .arg("-l")
+            .arg(state.join("logs").join(format!("{name}.log")));
+        children.push(Guard::spawn(&name, &mut cmd)?);
+    }
+    for (client, _, _) in &ports {
+        procs::wait_port(*client, Duration::from_secs(20), "nats-server")?;
+    }
+    Ok(ports
+        .iter()
+        .map(|(c, _, _)| format!("nats://127.0.0.1:{c}"))
+        .collect::<Vec<_>>()
+        .join(","))
+}
+
 fn nats_conf(
     state: &Path,
     port: u16,
@@ -372,7 +545,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_serving(svc: &Svc) -> anyhow::Result<()> {
+async fn wait_serving(svc: &Proc) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(90);
     let channel = Channel::from_shared(format!("http://127.0.0.1:{}", svc.port))?.connect_lazy();
     let mut client = HealthClient::new(channel);
@@ -415,8 +588,12 @@ fn admin<T>(token: &str, message: T) -> anyhow::Result<Request<T>> {
 /// filled is never reverted on the next start, and no start fails because
 /// of it.
 async fn seed(pool_url: &str, token: &str) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(pool_url.to_owned())?.connect().await?;
-    let mut pools = ResourcePoolServiceClient::new(channel);
+    let failover = gpualloc_client::Failover::new(
+        gpualloc_client::split_urls(pool_url),
+        gpualloc_client::Policy::default(),
+        Ok,
+    )?;
+    let mut pools = ResourcePoolServiceClient::new(failover);
     let pool =
         |id: &str, cpu: i64, mem: i64, storage: i64, gpus: &[(&str, i32)]| rp::PutPoolRequest {
             pool: Some(rp::Pool {
@@ -508,6 +685,7 @@ async fn seed(pool_url: &str, token: &str) -> anyhow::Result<()> {
 fn print_banner(
     state: &Path,
     nats_url: &str,
+    plan: &[Proc],
     children: &[Guard],
     tenant_token: &str,
     admin_token: &str,
@@ -526,11 +704,11 @@ fn print_banner(
     println!(
         r#"
 gpualloc is up.
-  allocation     127.0.0.1:50051
-  resource-pool  127.0.0.1:50052
-  viewer         127.0.0.1:50053
-  metrics        http://127.0.0.1:9091/metrics (allocation), :9092 (resource-pool), :9093 (viewer)
-  NATS           {nats_url}
+  allocation     {allocation}
+  resource-pool  {pool}
+  viewer         {viewer}
+  metrics        http://127.0.0.1:9091/metrics (allocation), :9092 (resource-pool), :9093 (viewer){metrics_more}
+  NATS           {nats_url}{clients}
   state          {state}
   processes      {pids}
 Stop one with `kill $(cat {state}/pids/<service>.pid)` and start it again with
@@ -572,6 +750,24 @@ Logs: {state}/logs/. Ctrl-C stops everything; state survives for the next `cargo
 "#,
         state = state.display(),
         pids = pids.join(", "),
+        allocation = addrs(plan, 1),
+        pool = addrs(plan, 0),
+        viewer = addrs(plan, 2),
+        metrics_more = if plan.iter().any(|p| p.replica > 0) {
+            "; replica r at port + 10·r"
+        } else {
+            ""
+        },
+        clients = if plan.iter().any(|p| p.replica > 0) {
+            format!(
+                "\n  CLI            gpualloc --allocation-addr {} --resource-pool-addr {} --viewer-addr {} …\n                 (calls rotate over the replicas and fail over; see docs/operations.md)",
+                addrs(plan, 1),
+                addrs(plan, 0),
+                addrs(plan, 2)
+            )
+        } else {
+            String::new()
+        },
     );
 }
 
@@ -611,6 +807,48 @@ mod tests {
     use gpualloc_e2e::{Backend, Mesh, admin, fixtures::*};
 
     use super::*;
+
+    #[test]
+    fn replicas_get_ports_ten_apart_and_need_postgres() {
+        let err = plan(2, None).unwrap_err().to_string();
+        assert!(err.contains("--database postgres://"), "{err}");
+        assert!(plan(0, None).is_err());
+        let p = plan(3, Some("postgres://x")).unwrap();
+        assert_eq!(p.len(), 9);
+        assert_eq!(
+            addrs(&p, 1),
+            "127.0.0.1:50051,127.0.0.1:50061,127.0.0.1:50071"
+        );
+        assert_eq!(
+            addrs(&p, 0),
+            "127.0.0.1:50052,127.0.0.1:50062,127.0.0.1:50072"
+        );
+        let names: Vec<&str> = p
+            .iter()
+            .filter(|p| p.svc == 2)
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(names, ["viewer", "viewer-1", "viewer-2"]);
+        assert_eq!(
+            p.iter()
+                .filter(|p| p.svc == 2)
+                .map(|p| p.metrics_port)
+                .max(),
+            Some(9113)
+        );
+        // One replica: exactly what it always was.
+        let one = plan(1, None).unwrap();
+        assert_eq!(
+            one.iter()
+                .map(|p| (p.name.as_str(), p.port))
+                .collect::<Vec<_>>(),
+            [
+                ("resource-pool", 50052),
+                ("allocation", 50051),
+                ("viewer", 50053)
+            ]
+        );
+    }
 
     /// A start never undoes an operator, and never fails because of what an
     /// operator did: the demo objects are created once, then left alone.

@@ -86,12 +86,8 @@ impl From<Error> for Status {
                 Status::aborted(format!("allocation {id} changed concurrently; retry"))
             }
             Error::Invariant(m) => status::internal("invariant violated", &m),
-            Error::Db(DbError::Pool(m)) => status::unavailable(
-                format!("database unavailable: {m}"),
-                std::time::Duration::from_secs(1),
-            ),
-            Error::Db(e) => status::internal("database error", &e),
-            Error::Query(e) => status::internal("database error", &e),
+            Error::Db(e) => status::database(&e),
+            Error::Query(e) => status::query(&e),
         }
     }
 }

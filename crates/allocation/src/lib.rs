@@ -62,7 +62,8 @@ pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
 
-    /// The resource-pool service, for the synchronous CheckQuota.
+    /// The resource-pool service, for the synchronous CheckQuota; several
+    /// replicas comma-separated (calls rotate and fail over among them).
     #[arg(
         long,
         env = "GPUALLOC_RESOURCE_POOL_URL",

@@ -678,8 +678,15 @@ pub fn redrive(
 ) -> Result<usize, Error> {
     let now = emit.now();
     let stuck = store::waiting_since(conn, now - policy.stuck_after, now, batch)?;
+    // A saga whose event is still in the outbox (the broker away) is not
+    // stuck downstream: re-driving it would only pile more rows behind it.
+    let ids: Vec<String> = stuck.iter().map(|r| r.allocation_id.clone()).collect();
+    let unsent = gpualloc_storage::outbox::unpublished_among(conn, &ids)?;
     let mut n = 0;
     for row in stuck {
+        if unsent.contains(&row.allocation_id) {
+            continue;
+        }
         if !store::claim_redrive(conn, &row, policy.next_after(now, row.redrives))? {
             continue;
         }

@@ -6,6 +6,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use gpualloc_client::{Failover, Policy};
 use gpualloc_domain::{Resources, TenantId};
 use gpualloc_platform::{Caller, propagation};
 use gpualloc_proto::resourcepool::v1::{
@@ -13,10 +14,7 @@ use gpualloc_proto::resourcepool::v1::{
 };
 use gpualloc_telemetry::{METRICS, labels, trace};
 use tokio::time::Instant;
-use tonic::{
-    Code,
-    transport::{Channel, Endpoint},
-};
+use tonic::Code;
 use tracing::{Instrument, field::Empty};
 
 use crate::breaker::{Breaker, BreakerConfig, Outcome};
@@ -33,7 +31,7 @@ pub enum Advice {
 
 #[derive(Clone, Debug)]
 pub struct QuotaClient {
-    client: ResourcePoolServiceClient<Channel>,
+    client: ResourcePoolServiceClient<Failover>,
     timeout: Duration,
     breaker: Breaker,
 }
@@ -49,25 +47,28 @@ pub fn is_unreachable(status: &tonic::Status) -> bool {
 
 impl QuotaClient {
     /// Connects lazily: the allocation service starts (and accepts
-    /// requests) while the pool is down.
+    /// requests) while the pool is down. `url` may list several replicas,
+    /// comma-separated: calls rotate over them and a replica that cannot
+    /// take a call is skipped (the retry policy of `gpualloc-client`,
+    /// within the one `timeout`).
     pub fn new(
         url: &str,
         timeout: Duration,
         breaker: BreakerConfig,
         tls: Option<tonic::transport::ClientTlsConfig>,
     ) -> anyhow::Result<Self> {
-        let mut endpoint = Endpoint::from_shared(url.to_owned())?;
-        if let Some(tls) = tls {
-            endpoint = endpoint.tls_config(tls)?;
-        }
-        let channel = endpoint
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let failover = Failover::new(gpualloc_client::split_urls(url), Policy::default(), |e| {
+            let e = match &tls {
+                Some(tls) => e.tls_config(tls.clone())?,
+                None => e,
+            };
+            Ok(e.connect_timeout(timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_while_idle(true))
+        })?;
         Ok(Self {
-            client: ResourcePoolServiceClient::new(channel),
+            client: ResourcePoolServiceClient::new(failover),
             timeout,
             breaker: Breaker::new("resource-pool", breaker),
         })

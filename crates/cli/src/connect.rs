@@ -12,8 +12,10 @@ use tonic::{
     Request, Status,
     metadata::MetadataValue,
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+    transport::{Certificate, ClientTlsConfig},
 };
+
+use gpualloc_client::{Failover, Policy};
 
 use crate::{Global, config, exit::Failure, output::Printer};
 
@@ -30,7 +32,7 @@ impl Interceptor for Bearer {
     }
 }
 
-type Authed = InterceptedService<Channel, Bearer>;
+type Authed = InterceptedService<Failover, Bearer>;
 
 /// The clients of one invocation, and how to print.
 #[derive(Debug)]
@@ -42,26 +44,36 @@ pub struct Session {
     pub print: Printer,
 }
 
-fn endpoint(addr: &str, ca: Option<&Certificate>) -> Result<Channel, Failure> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let mut ep = Endpoint::from_shared(url.clone())
-        .map_err(|e| Failure::usage(format!("address {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
-    if url.starts_with("https://") {
+/// The replicas at `addrs` (comma-separated), each a URL or `host:port`;
+/// calls rotate over them and fail over (see `gpualloc-client`).
+fn endpoint(addrs: &str, ca: Option<&Certificate>) -> Result<Failover, Failure> {
+    let urls: Vec<String> = gpualloc_client::split_urls(addrs)
+        .into_iter()
+        .map(|a| {
+            if a.contains("://") {
+                a
+            } else {
+                format!("http://{a}")
+            }
+        })
+        .collect();
+    // Lazy: a command that needs only the viewer does not fail because the
+    // allocation service is down.
+    Failover::new(urls, Policy::default(), |ep| {
+        let https = ep.uri().scheme_str() == Some("https");
+        let ep = ep
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        if !https {
+            return Ok(ep);
+        }
         let mut tls = ClientTlsConfig::new();
         if let Some(ca) = ca {
             tls = tls.ca_certificate(ca.clone());
         }
-        ep = ep.tls_config(tls)?;
-    }
-    // Lazy: a command that needs only the viewer does not fail because the
-    // allocation service is down.
-    Ok(ep.connect_lazy())
+        ep.tls_config(tls)
+    })
+    .map_err(|e| Failure::usage(format!("address {addrs:?}: {e}")))
 }
 
 impl Session {

@@ -67,13 +67,13 @@ pub struct Global {
     /// One address for all three services (an Istio gateway).
     #[arg(long, global = true, env = "GPUALLOC_GATEWAY")]
     pub gateway: Option<String>,
-    /// The allocation service.
+    /// The allocation service (replicas comma-separated).
     #[arg(long, global = true, env = "GPUALLOC_ALLOCATION_ADDR")]
     pub allocation_addr: Option<String>,
-    /// The resource pool service.
+    /// The resource pool service (replicas comma-separated).
     #[arg(long, global = true, env = "GPUALLOC_RESOURCE_POOL_ADDR")]
     pub resource_pool_addr: Option<String>,
-    /// The viewer.
+    /// The viewer (replicas comma-separated).
     #[arg(long, global = true, env = "GPUALLOC_VIEWER_ADDR")]
     pub viewer_addr: Option<String>,
     /// CA certificate (PEM) for https:// addresses.

@@ -741,3 +741,37 @@ async fn in_a_terminal_watch_redraws_in_place_and_wait_stops_cleanly() {
     assert!(screen.contains("stopped waiting"), "{screen}");
     assert!(wait.cursor_visible(), "the cursor is back:\n{screen}");
 }
+
+/// Each address may list replicas: commands rotate over them and a replica
+/// that is down costs nothing but a refused connection; when none answers,
+/// the exit code says UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn address_lists_fail_over_to_a_replica_that_answers() {
+    let mesh = mesh_with_pool(8).await;
+    let dead = || format!("127.0.0.1:{}", gpualloc_testkit::free_port());
+    let mut cli = Cli::new(&mesh, &auth::tenant_token("t"));
+    for (key, value) in cli.env.iter_mut() {
+        if key.ends_with("_ADDR") {
+            *value = format!("{},{value}", dead());
+        }
+    }
+    let out = ok(&cli
+        .run_async(&[
+            "alloc", "create", "--gpus", "1", "--model", "A100", "--wait",
+        ])
+        .await);
+    assert!(out.contains("ALLOCATED on pool p"), "{out}");
+    for _ in 0..3 {
+        let listed = ok(&cli.run_async(&["alloc", "list"]).await);
+        assert!(listed.contains("ALLOCATED"), "{listed}");
+    }
+
+    let mut gone = Cli::new(&mesh, &auth::tenant_token("t"));
+    for (key, value) in gone.env.iter_mut() {
+        if key.ends_with("_ADDR") {
+            *value = format!("{},{}", dead(), dead());
+        }
+    }
+    let out = gone.run_async(&["alloc", "list"]).await;
+    assert_eq!(out.status.code(), Some(10), "{}", stderr(&out));
+}

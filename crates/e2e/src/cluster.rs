@@ -11,6 +11,7 @@ use std::{
 };
 
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl, sql_query, sql_types};
+use gpualloc_client::{Failover, Policy};
 use gpualloc_proto::{
     allocation::v1::allocation_service_client::AllocationServiceClient, resourcepool::v1 as rp,
     resourcepool::v1::resource_pool_service_client::ResourcePoolServiceClient,
@@ -152,14 +153,40 @@ impl Cluster {
 
     /// The same, with extra environment for every process.
     pub async fn start_with_env(bin: &str, replicas: usize, extra: &[(&str, &str)]) -> Cluster {
+        Self::start_on(
+            bin,
+            replicas,
+            extra,
+            &gpualloc_testkit::postgres_admin_url(),
+        )
+        .await
+    }
+
+    /// The same, with the databases on the PostgreSQL server at
+    /// `pg_admin` (one the test may stop and start).
+    pub async fn start_on(
+        bin: &str,
+        replicas: usize,
+        extra: &[(&str, &str)],
+        pg_admin: &str,
+    ) -> Cluster {
         let nats = NatsServer::start();
         let stream = unique_name("C").to_uppercase();
         let prefix = unique_name("c");
         let logs = tempfile::tempdir().unwrap();
-        let (allocation_db, pool_db, viewer_db) =
-            (TestDb::postgres(), TestDb::postgres(), TestDb::postgres());
+        let (allocation_db, pool_db, viewer_db) = (
+            TestDb::postgres_on(pg_admin),
+            TestDb::postgres_on(pg_admin),
+            TestDb::postgres_on(pg_admin),
+        );
         let mut nodes = Vec::new();
         let pool_ports: Vec<u16> = (0..replicas).map(|_| free_port()).collect();
+        // Every allocation replica knows every pool replica (and fails over
+        // among them).
+        let pool_urls: Vec<String> = pool_ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect();
         for kind in [Svc::ResourcePool, Svc::Allocation, Svc::Viewer] {
             for (replica, pool_port) in pool_ports.iter().copied().enumerate() {
                 let port = match kind {
@@ -192,10 +219,7 @@ impl Cluster {
                     ("GPUALLOC_STUCK_AFTER", "5s".into()),
                     ("GPUALLOC_SWEEP_INTERVAL", "500ms".into()),
                     ("GPUALLOC_CHECK_QUOTA_TIMEOUT", "500ms".into()),
-                    (
-                        "GPUALLOC_RESOURCE_POOL_URL",
-                        format!("http://127.0.0.1:{pool_port}"),
-                    ),
+                    ("GPUALLOC_RESOURCE_POOL_URL", pool_urls.join(",")),
                     ("GPUALLOC_SHUTDOWN_GRACE", "5s".into()),
                     // Replicas share a host: no default ports.
                     (
@@ -297,6 +321,21 @@ impl Cluster {
             }))
             .await
             .unwrap();
+    }
+
+    /// One client over every replica of `kind`, with the documented
+    /// client retry policy (`gpualloc-client`).
+    pub fn failover(&self, kind: Svc) -> Failover {
+        let urls = self
+            .nodes
+            .iter()
+            .filter(|n| n.kind == kind)
+            .map(Node::url)
+            .collect::<Vec<_>>();
+        Failover::new(urls, Policy::default(), |e| {
+            Ok(e.connect_timeout(Duration::from_secs(2)))
+        })
+        .unwrap()
     }
 
     pub fn allocations(&self) -> Vec<AllocationServiceClient<Channel>> {

@@ -36,7 +36,7 @@ use tokio::sync::Mutex;
 use tonic::{Code, transport::Channel};
 
 /// The two tests share the machine's two cores: one at a time.
-static SERIAL: Mutex<()> = Mutex::const_new(());
+pub(crate) static SERIAL: Mutex<()> = Mutex::const_new(());
 
 const TENANTS: usize = 16;
 const WORKERS: usize = 48;
@@ -337,7 +337,11 @@ async fn converged(
 
 /// Polls until converged; fails with the last problem and the services'
 /// logs past `bound`. Returns the time it took.
-async fn converge(cluster: &Cluster, acked: &[(String, String)], bound: Duration) -> Duration {
+pub(crate) async fn converge(
+    cluster: &Cluster,
+    acked: &[(String, String)],
+    bound: Duration,
+) -> Duration {
     let start = Instant::now();
     loop {
         match converged(cluster, acked).await {

@@ -11,6 +11,8 @@ mod auth;
 mod authz_matrix;
 mod deploy;
 mod fuzz;
+mod ha;
+mod jetstream_cluster;
 mod mesh;
 mod notify;
 mod protection;

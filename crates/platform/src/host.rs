@@ -4,8 +4,9 @@
 //! NOT_SERVING, other RPCs UNAVAILABLE until the database is ready) while a
 //! background task connects the database (and migrates), then NATS (and
 //! provisions the stream), then starts the relay and the service's
-//! consumers. Health is SERVING only while the database is ready, NATS is
-//! connected and the stream exists.
+//! consumers. Health is SERVING once the database answers and the stream
+//! exists, and only while the database keeps answering (a broker outage
+//! does not take a replica out: see `Flags::serving`).
 //!
 //! Shutdown runs in this order: health NOT_SERVING; optional delay for load
 //! balancers; stop accepting and finish in-flight RPCs; stop consumers
@@ -57,10 +58,36 @@ impl DbHandle {
     }
 }
 
+/// Pings the database every second: two failures in a row (or a ping
+/// slower than two seconds) take the replica out of the balance (health
+/// NOT_SERVING) until one succeeds — a database restart or failover shows
+/// as a NOT_SERVING replica, not as a stream of errors to its callers. The
+/// connection pool reconnects by itself.
+async fn watch_db(db: Db, flags: Arc<Flags>, cancel: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(1);
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+        let ok = matches!(tokio::time::timeout(2 * EVERY, db.ping()).await, Ok(Ok(())));
+        failures = if ok { 0 } else { failures + 1 };
+        let up = failures < 2;
+        if up != flags.db.load(Ordering::SeqCst) {
+            if up {
+                tracing::info!("database answers again");
+            } else {
+                tracing::error!("database does not answer; reporting NOT_SERVING");
+            }
+            flags.set(&flags.db, up);
+        }
+    }
+}
+
 #[derive(Default)]
 struct Flags {
     db: AtomicBool,
-    nats: AtomicBool,
     stream: AtomicBool,
     stopping: AtomicBool,
     changed: tokio::sync::Notify,
@@ -72,9 +99,13 @@ impl Flags {
         self.changed.notify_one();
     }
 
+    /// NATS is needed once, to provision the stream; a later broker outage
+    /// leaves the replica SERVING, since every RPC still works (writes wait
+    /// in the outbox, shown by `gpualloc_outbox_backlog` and
+    /// `gpualloc_nats_connected`): taking every replica out of the balance
+    /// would turn a broker outage into a full one.
     fn serving(&self) -> bool {
         self.db.load(Ordering::SeqCst)
-            && self.nats.load(Ordering::SeqCst)
             && self.stream.load(Ordering::SeqCst)
             && !self.stopping.load(Ordering::SeqCst)
     }
@@ -199,11 +230,19 @@ impl Platform {
             let _ = db_cell.0.set(db.clone());
             flags.set(&flags.db, true);
             tracing::info!(backend = ?db.backend(), "database ready");
+            tasks.spawn(watch_db(db.clone(), flags.clone(), cancel.clone()));
 
-            let nats_flags = flags.clone();
+            let connected = gpualloc_telemetry::METRICS
+                .nats_connected
+                .get_or_create(&gpualloc_telemetry::labels([("service", name)]))
+                .clone();
             let bus = loop {
-                let f = nats_flags.clone();
-                match Bus::connect(config.bus(), name, move |up| f.set(&f.nats, up)).await {
+                let gauge = connected.clone();
+                match Bus::connect(config.bus(), name, move |up| {
+                    gauge.set(i64::from(up));
+                })
+                .await
+                {
                     Ok(bus) => break bus,
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "invalid NATS settings");
@@ -217,7 +256,7 @@ impl Platform {
             if bus.provision_with_retry(&cancel).await.is_none() {
                 return;
             }
-            flags.set(&flags.nats, bus.is_connected());
+            connected.set(i64::from(bus.is_connected()));
             flags.set(&flags.stream, true);
             tracing::info!(stream = %config.stream, prefix = %config.subject_prefix, "JetStream ready");
 

@@ -125,6 +125,32 @@ pub fn unavailable(message: impl Into<String>, retry_after: std::time::Duration)
     )
 }
 
+/// A storage error as the client sees it: UNAVAILABLE with a retry hint
+/// when the database is not there (the replica reports NOT_SERVING
+/// meanwhile, and another replica or a retry will do), else INTERNAL.
+pub fn database(e: &gpualloc_storage::DbError) -> Status {
+    if e.is_unavailable() {
+        tracing::warn!(error = %e, "database unavailable");
+        return unavailable(
+            "database unavailable; retry",
+            std::time::Duration::from_secs(1),
+        );
+    }
+    internal("database error", e)
+}
+
+/// [`database`] for an error of a query.
+pub fn query(e: &gpualloc_storage::diesel::result::Error) -> Status {
+    if gpualloc_storage::is_unavailable(e) {
+        tracing::warn!(error = %e, "database unavailable");
+        return unavailable(
+            "database unavailable; retry",
+            std::time::Duration::from_secs(1),
+        );
+    }
+    internal("database error", e)
+}
+
 /// INTERNAL without leaking details to the client; the error is logged.
 pub fn internal(context: &str, error: &dyn std::fmt::Display) -> Status {
     tracing::error!(error = %error, "{context}");

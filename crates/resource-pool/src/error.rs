@@ -54,12 +54,8 @@ impl From<Error> for Status {
             } => status::failed_precondition(reason, message, metadata),
             Error::Denied(s) => s,
             Error::Invariant(m) => status::internal("invariant violated", &m),
-            Error::Db(DbError::Pool(m)) => status::unavailable(
-                format!("database unavailable: {m}"),
-                std::time::Duration::from_secs(1),
-            ),
-            Error::Db(e) => status::internal("database error", &e),
-            Error::Query(e) => status::internal("database error", &e),
+            Error::Db(e) => status::database(&e),
+            Error::Query(e) => status::query(&e),
         }
     }
 }

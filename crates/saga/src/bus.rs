@@ -155,6 +155,22 @@ async fn with_auth(mut options: ConnectOptions, auth: &NatsAuth) -> anyhow::Resu
     Ok(options.require_tls(auth.tls_required))
 }
 
+/// How long a publish waits for JetStream's ack (and a JetStream API call
+/// for its answer). A stream whose leader moved answers within a few
+/// seconds; past this the relay tries again and keeps the rows.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often the client pings the server it is connected to.
+pub const PING_INTERVAL: Duration = Duration::from_secs(3);
+
+/// Exponential backoff from 100 ms to 2 s, each delay drawn at random from
+/// its upper half, so that the replicas of every service do not reconnect
+/// to a recovering cluster in lockstep.
+pub fn reconnect_delay(attempt: usize) -> Duration {
+    let ceiling = (100u64 << attempt.min(5)).min(2_000);
+    Duration::from_millis(rand::random_range(ceiling / 2..=ceiling))
+}
+
 /// The NATS connection and JetStream context of one service.
 #[derive(Clone)]
 pub struct Bus {
@@ -210,9 +226,12 @@ impl Bus {
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_secs(2))
-            .reconnect_delay_callback(|attempt| {
-                Duration::from_millis((100u64 << attempt.min(5)).min(2_000))
-            })
+            .reconnect_delay_callback(reconnect_delay)
+            // A member cut off by a partition goes silent rather than
+            // closing the connection: two unanswered pings (about 3 s
+            // apart) move the client to another member instead of the
+            // default two minutes.
+            .ping_interval(PING_INTERVAL)
             .event_callback(move |event| {
                 let on_state = on_state.clone();
                 async move {
@@ -235,7 +254,8 @@ impl Bus {
                     }
                 }
             })
-            .connect(urls.as_str())
+            // A list: the client library reads one string as one server.
+            .connect(urls.split(',').map(str::trim).collect::<Vec<&str>>())
             .await
             .with_context(|| {
                 format!(
@@ -243,7 +263,8 @@ impl Bus {
                     gpualloc_storage::redact_url(&config.url)
                 )
             })?;
-        let js = jetstream::new(client.clone());
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(ACK_TIMEOUT);
         Ok(Bus {
             client,
             js,
@@ -304,7 +325,21 @@ impl Bus {
 
 #[cfg(test)]
 mod tests {
-    use super::split_url_credentials;
+    use std::time::Duration;
+
+    use super::{reconnect_delay, split_url_credentials};
+
+    #[test]
+    fn reconnects_back_off_with_jitter() {
+        for attempt in 0..20 {
+            let ceiling = Duration::from_millis((100u64 << attempt.min(5)).min(2_000));
+            let d = reconnect_delay(attempt);
+            assert!(d <= ceiling && d >= ceiling / 2, "{attempt}: {d:?}");
+        }
+        let draws: std::collections::BTreeSet<Duration> =
+            (0..50).map(|_| reconnect_delay(6)).collect();
+        assert!(draws.len() > 10, "not jittered: {draws:?}");
+    }
 
     #[test]
     fn credentials_come_out_of_urls() {

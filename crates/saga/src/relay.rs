@@ -108,6 +108,17 @@ impl Relay {
                         failures,
                         "outbox relay round failed"
                     );
+                    if failures.is_multiple_of(3) && bus.is_connected() {
+                        // Connected, yet no acks: the member we talk to
+                        // may be cut off from the stream's quorum. Another
+                        // member may not be.
+                        tracing::warn!(
+                            "no JetStream acks through this NATS server; trying another"
+                        );
+                        if let Err(e) = bus.client.force_reconnect().await {
+                            tracing::warn!(error = %e, "NATS reconnect request failed");
+                        }
+                    }
                     let backoff = Duration::from_millis((50u64 << failures.min(6)).min(2_000));
                     tokio::select! {
                         _ = cancel.cancelled() => break,

@@ -299,6 +299,18 @@ impl Db {
         self.inner.writes.load(Ordering::Acquire)
     }
 
+    /// One round trip to the database (`SELECT 1`): whether it answers.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        use diesel::RunQueryDsl as _;
+        self.read(|c| {
+            diesel::sql_query("SELECT 1")
+                .execute(c)
+                .map(|_| ())
+                .map_err(DbError::from)
+        })
+        .await
+    }
+
     /// Runs `f` in a read transaction (one consistent snapshot on SQLite;
     /// READ COMMITTED statements on PostgreSQL).
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>

@@ -23,6 +23,48 @@ pub enum DbError {
     Query(#[from] DieselError),
 }
 
+impl DbError {
+    /// Whether the database was not there (see [`is_unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Connect { .. } | DbError::Pool(_) => true,
+            DbError::Query(e) => is_unavailable(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether the database was not there rather than refusing the statement:
+/// a lost, refused or terminated connection, a server starting up or
+/// shutting down. The caller should try again later (`UNAVAILABLE`); it is
+/// not a bug to report.
+pub fn is_unavailable(e: &DieselError) -> bool {
+    match e {
+        DieselError::DatabaseError(
+            DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+            _,
+        ) => true,
+        DieselError::DatabaseError(_, info) => {
+            let m = info.message();
+            [
+                "terminating connection",
+                "server closed the connection",
+                "connection to server",
+                "the database system is",
+                "Connection refused",
+                "could not connect",
+            ]
+            .iter()
+            .any(|p| m.contains(p))
+        }
+        DieselError::BrokenTransactionManager => true,
+        DieselError::QueryBuilderError(inner) => inner
+            .downcast_ref::<DbError>()
+            .is_some_and(DbError::is_unavailable),
+        _ => false,
+    }
+}
+
 /// What a transaction closure may fail with. Retryable errors (lost
 /// optimistic races, serialisation failures, a locked SQLite file) make
 /// [`crate::Db::write`] run the closure again on a fresh transaction.

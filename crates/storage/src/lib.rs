@@ -23,7 +23,7 @@ mod update;
 
 pub use conn::{DbConnection, MultiBackend};
 pub use db::{Backend, Db, DbOptions, redact_url};
-pub use error::{DbError, TxError, is_retryable};
+pub use error::{DbError, TxError, is_retryable, is_unavailable};
 pub use limit::{LimitLiteral, LiteralLimit};
 pub use migrate::Migration;
 pub use native::Native;

@@ -158,6 +158,26 @@ pub fn backlog(conn: &mut DbConnection) -> QueryResult<(i64, Option<i64>)> {
     Ok((count, oldest))
 }
 
+/// Which of `aggregate_ids` have rows still waiting to be published (set
+/// aside rows excepted): their sagas are not stuck downstream, their
+/// events have not left yet.
+pub fn unpublished_among(
+    conn: &mut DbConnection,
+    aggregate_ids: &[String],
+) -> QueryResult<std::collections::BTreeSet<String>> {
+    if aggregate_ids.is_empty() {
+        return Ok(Default::default());
+    }
+    let found: Vec<String> = outbox::table
+        .filter(outbox::published_at.is_null())
+        .filter(outbox::poisoned_at.is_null())
+        .filter(outbox::aggregate_id.eq_any(aggregate_ids))
+        .select(outbox::aggregate_id)
+        .distinct()
+        .load_native(conn)?;
+    Ok(found.into_iter().collect())
+}
+
 /// Rows set aside and not published.
 pub fn poisoned_count(conn: &mut DbConnection) -> QueryResult<i64> {
     outbox::table

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
     /// Allocation state transitions, by the state entered.
     pub saga_transitions: Family<Labels, Counter>,
+    /// Whether the service's NATS connection is up (1) or not (0).
+    pub nats_connected: Family<Labels, Gauge>,
     /// Unpublished outbox rows, and the age of the oldest, by service.
     pub outbox_backlog: Family<Labels, Gauge>,
     pub outbox_oldest_age: Family<Labels, FloatGauge>,
@@ -81,6 +83,7 @@ impl Metrics {
             rpc_requests: Family::default(),
             rpc_duration: Family::new_with_constructor(latency),
             saga_transitions: Family::default(),
+            nats_connected: Family::default(),
             outbox_backlog: Family::default(),
             outbox_oldest_age: Family::default(),
             outbox_published: Family::default(),
@@ -113,6 +116,11 @@ impl Metrics {
             "saga_transitions",
             "Allocation state transitions by the state entered",
             m.saga_transitions.clone(),
+        );
+        r.register(
+            "nats_connected",
+            "Whether the NATS connection is up (1) or not (0); creates are still accepted while it is down",
+            m.nats_connected.clone(),
         );
         r.register(
             "outbox_backlog",

@@ -27,7 +27,13 @@ impl TestDb {
 
     /// A new database on the test PostgreSQL server.
     pub fn postgres() -> TestDb {
-        let admin = postgres_admin_url();
+        Self::postgres_on(&postgres_admin_url())
+    }
+
+    /// A new database on the server at `admin` (a URL of a user who may
+    /// create databases).
+    pub fn postgres_on(admin: &str) -> TestDb {
+        let admin = admin.to_owned();
         let name = crate::unique_name("gpualloc_t_");
         let mut conn = PgConnection::establish(&admin).unwrap_or_else(|e| {
             panic!("PostgreSQL at {admin} is not reachable ({e}); run the tests with `cargo xtask test` or set GPUALLOC_TEST_DATABASE_URL")
@@ -46,8 +52,8 @@ impl TestDb {
     /// Another database on the same server (or folder): for tests that run
     /// several services against one backend.
     pub fn sibling(&self) -> TestDb {
-        match self.postgres {
-            Some(_) => TestDb::postgres(),
+        match &self.postgres {
+            Some((admin, _)) => TestDb::postgres_on(admin),
             None => TestDb::sqlite(),
         }
     }

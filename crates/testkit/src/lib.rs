@@ -19,6 +19,8 @@ mod db;
 mod grpcurl;
 mod http;
 mod nats;
+mod nats_cluster;
+mod pg_server;
 
 use std::{future::Future, time::Duration};
 
@@ -28,6 +30,8 @@ pub use http::{HttpReceiver, Received};
 pub use nats::{
     NatsServer, free_port, nats_config, nats_connect_as, nats_password, nats_url, nats_url_as,
 };
+pub use nats_cluster::{ClusterNode, NatsCluster};
+pub use pg_server::PgServer;
 
 /// A short random name for streams, prefixes and databases.
 pub fn unique_name(prefix: &str) -> String {

@@ -15,7 +15,7 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn nats_binary() -> String {
+pub(crate) fn nats_binary() -> String {
     if let Ok(bin) = std::env::var("GPUALLOC_NATS_SERVER") {
         return bin;
     }
@@ -25,6 +25,33 @@ fn nats_binary() -> String {
         }
     }
     "nats-server".into()
+}
+
+/// Starts `nats-server -c conf` (after `launcher`, e.g. `ip netns exec
+/// NS`) under a watchdog shell that kills the server when the test process
+/// is gone, even after a panic or SIGKILL, so no server outlives its tests.
+/// The server's pid goes to `dir/nats.pid`, its log to `dir/nats.log`.
+pub(crate) fn spawn_watched(
+    launcher: &str,
+    conf: &std::path::Path,
+    dir: &std::path::Path,
+) -> Child {
+    let script = format!(
+        "{launcher} {bin} -c {conf} >>{dir}/nats.log 2>&1 & n=$!; echo $n > {dir}/nats.pid; \
+         trap 'kill $n 2>/dev/null; exit 0' TERM INT; \
+         while kill -0 {parent} 2>/dev/null && kill -0 $n 2>/dev/null; do sleep 0.5; done; \
+         kill $n 2>/dev/null; wait $n",
+        bin = nats_binary(),
+        conf = conf.display(),
+        dir = dir.display(),
+        parent = std::process::id(),
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("cannot start nats-server (is it installed? `cargo xtask test` installs it)")
 }
 
 /// The passwords of this test process's NATS users (one set for every
@@ -56,7 +83,10 @@ pub async fn nats_connect_as(
 ) -> Result<async_nats::Client, async_nats::ConnectError> {
     async_nats::ConnectOptions::with_user_and_password(user.to_owned(), nats_password(user))
         .custom_inbox_prefix(gpualloc_nats_acl::inbox_prefix(user))
-        .connect(url)
+        // A member cut off by a partition test goes silent: notice within
+        // seconds and move to another.
+        .ping_interval(Duration::from_secs(1))
+        .connect(url.split(',').collect::<Vec<&str>>())
         .await
 }
 
@@ -181,24 +211,7 @@ impl NatsServer {
             ),
         };
         std::fs::write(&conf, config).unwrap();
-        // A watchdog shell kills the server when the test process is gone,
-        // even after a panic or SIGKILL, so no server outlives its tests.
-        let script = format!(
-            "{bin} -c {conf} >/dev/null 2>&1 & n=$!; echo $n > {dir}/nats.pid; \
-             trap 'kill $n 2>/dev/null; exit 0' TERM INT; \
-             while kill -0 {parent} 2>/dev/null && kill -0 $n 2>/dev/null; do sleep 0.5; done; \
-             kill $n 2>/dev/null; wait $n",
-            bin = nats_binary(),
-            conf = conf.display(),
-            dir = self.store.path().display(),
-            parent = std::process::id(),
-        );
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("cannot start nats-server (is it installed? `cargo xtask test` installs it)");
+        let child = spawn_watched("", &conf, self.store.path());
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {

@@ -34,12 +34,8 @@ impl From<Error> for Status {
             Error::Invalid(v) => status::invalid_argument(&v),
             Error::NotFound { kind, id } => status::not_found(kind, &id),
             Error::BadEvent(m) => status::internal("bad event", &m),
-            Error::Db(DbError::Pool(m)) => status::unavailable(
-                format!("database unavailable: {m}"),
-                std::time::Duration::from_secs(1),
-            ),
-            Error::Db(e) => status::internal("database error", &e),
-            Error::Query(e) => status::internal("database error", &e),
+            Error::Db(e) => status::database(&e),
+            Error::Query(e) => status::query(&e),
         }
     }
 }
