@@ -15,7 +15,12 @@ pub struct Guard {
 
 impl Guard {
     pub fn spawn(name: &str, cmd: &mut Command) -> anyhow::Result<Guard> {
+        use std::os::unix::process::CommandExt as _;
+        // A process group of its own: a terminal's Ctrl-C reaches xtask
+        // only, which stops the services first (they flush their outboxes
+        // to NATS) and NATS last, instead of everything at once.
         let child = cmd
+            .process_group(0)
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting {name}: {e}"))?;
         Ok(Guard {

@@ -1,3 +1,7 @@
+//! The allocation service's queries: allocation rows (get, by request id,
+//! insert, optimistic update), sagas due for a re-drive, and approval
+//! decisions. Nothing here decides; `ops` does.
+
 use std::collections::BTreeMap;
 
 use diesel::prelude::*;

@@ -1,3 +1,7 @@
+//! Identifiers clients send and see: tenants, pools and GPU models (DNS
+//! labels), custom classes, and allocation ids (UUID v7), each parsed once
+//! with a message that says what was wrong.
+
 use std::{fmt, str::FromStr};
 
 use serde::{Deserialize, Serialize};

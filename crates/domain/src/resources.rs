@@ -1,3 +1,9 @@
+//! Amounts of resources as the domain counts them: accounting `Class`es
+//! (cpu, memory, storage, GPUs by model, custom classes) and `Resources`
+//! bundles with their limits, arithmetic that cannot overflow, and parsing
+//! from the wire form, so that nothing below the gRPC edge sees an
+//! unchecked amount.
+
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
 use gpualloc_proto::resourcepool::v1 as pb;

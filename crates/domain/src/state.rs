@@ -1,3 +1,6 @@
+//! The allocation state machine: its states, the only transitions that
+//! exist, and their names on the wire and in the databases.
+
 use std::fmt;
 
 use gpualloc_proto::allocation::v1 as pb;

@@ -1,3 +1,7 @@
+//! Field violations: every problem found while parsing a request, reported
+//! at once in the shape of `google.rpc.BadRequest`, with client input
+//! echoed quoted and cut short.
+
 use std::fmt;
 
 /// One problem with one field of a request, in the shape of

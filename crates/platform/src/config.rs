@@ -1,3 +1,7 @@
+//! `CommonConfig`: the settings every service takes from flags or
+//! `GPUALLOC_*` variables (database, NATS, stream, shutdown, protection,
+//! auth, TLS, metrics), and how they turn into the lower crates' configs.
+
 use std::time::Duration;
 
 use gpualloc_saga::BusConfig;

@@ -1,3 +1,7 @@
+//! The NATS side of the saga: connecting (several members, credentials and
+//! TLS, jittered reconnects, fast detection of a silent member), the
+//! JetStream context with its ack deadline, and provisioning the stream.
+
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;

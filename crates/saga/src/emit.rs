@@ -1,3 +1,6 @@
+//! `Emitter`: builds events (ids, versions, trace context) and stages them
+//! as outbox rows in the current transaction; `decode` reads one back.
+
 use std::collections::BTreeMap;
 
 use gpualloc_domain::time;

@@ -1,3 +1,7 @@
+//! `Db`: connection pools for PostgreSQL or SQLite on the blocking thread
+//! pool, transactions that retry what is worth retrying, a liveness ping,
+//! database creation and URL redaction for logs.
+
 use std::{
     path::Path,
     sync::{

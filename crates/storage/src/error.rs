@@ -1,3 +1,6 @@
+//! Storage errors, and how to read them: which are worth retrying on a
+//! new transaction and which mean the database is not there.
+
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 
 /// Errors of the storage layer itself (connecting, pooling, migrating).

@@ -1,3 +1,7 @@
+//! A fresh database per test: a SQLite file in a temporary folder, or a
+//! new PostgreSQL database (on the shared test server or one a test
+//! started), dropped with the value.
+
 use diesel::{Connection, PgConnection, RunQueryDsl, sql_query};
 
 /// The PostgreSQL server tests create their databases on.

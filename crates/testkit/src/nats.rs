@@ -1,3 +1,7 @@
+//! Throwaway `nats-server`s for tests: each test process's users and
+//! passwords, a server per process (or on a chosen port, with TLS, or with
+//! other users), killed with the process even after a panic.
+
 use std::{
     net::{TcpListener, TcpStream},
     path::PathBuf,

@@ -1,3 +1,8 @@
+//! The viewer's read queries: allocation views (get, keyset-paged lists,
+//! hold positions made current at read time), history, tenant summaries,
+//! the watch snapshot and the changes a resuming watcher missed, and the
+//! rows usage reports are computed from.
+
 use base64::Engine;
 use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, TenantId, time};
