@@ -57,12 +57,12 @@ pub enum State {
 
 /// Mirrors failsafe's state for the probe limit, the metric and the log.
 #[derive(Debug)]
-struct Watch {
+struct StateMirror {
     target: &'static str,
     state: AtomicU8,
 }
 
-impl Watch {
+impl StateMirror {
     fn set(&self, to: State) {
         let from = self.state.swap(to as u8, Ordering::SeqCst);
         if from == to as u8 {
@@ -105,7 +105,7 @@ impl Watch {
 
 /// failsafe's instrument: shares the mirror with the breaker.
 #[derive(Clone, Debug)]
-struct Hooks(Arc<Watch>);
+struct Hooks(Arc<StateMirror>);
 
 impl failsafe::Instrument for Hooks {
     fn on_call_rejected(&self) {}
@@ -150,7 +150,7 @@ type Machine = StateMachine<ConsecutiveFailures<OpenFor>, Hooks>;
 #[derive(Clone, Debug)]
 pub struct Breaker {
     machine: Machine,
-    watch: Arc<Watch>,
+    watch: Arc<StateMirror>,
     probes: Arc<Semaphore>,
 }
 
@@ -171,7 +171,7 @@ pub enum Outcome {
 
 impl Breaker {
     pub fn new(target: &'static str, config: BreakerConfig) -> Breaker {
-        let watch = Arc::new(Watch {
+        let watch = Arc::new(StateMirror {
             target,
             state: AtomicU8::new(State::Closed as u8),
         });

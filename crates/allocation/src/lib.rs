@@ -36,6 +36,9 @@ pub const SERVICE_NAME: &str = <AllocationServiceServer<AllocationApi> as NamedS
 /// Durable consumer name, shared by all replicas.
 pub const CONSUMER: &str = "allocation";
 
+/// Where `/metrics` is served unless `GPUALLOC_METRICS_LISTEN` says otherwise.
+pub const METRICS_PORT: u16 = 9091;
+
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: "allocation_0001_allocations",
@@ -190,7 +193,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
+    let platform = Platform::new(CONSUMER, SERVICE_NAME, METRICS_PORT, config.common.clone());
     let breaker = breaker::BreakerConfig {
         failures: config.breaker_failures,
         open_min: config.breaker_open,
@@ -218,8 +221,8 @@ pub async fn run(
             ConsumerSpec::new(CONSUMER, subjects::FILTER_RESERVATION_SAGA, &ready.origin),
             Arc::new(PoolDecisions),
         );
-        let (db, relay, origin) = (ready.db.clone(), ready.relay.clone(), ready.origin.clone());
-        ready.spawn(move |cancel| reconciler::run(db, relay, origin, policy, cancel));
+        let outbox = ready.outbox.clone();
+        ready.spawn(move |cancel| reconciler::run(outbox, policy, cancel));
     });
     let max_message = config.common.max_message_bytes;
     platform

@@ -4,9 +4,9 @@
 //! no-op that emits nothing; that rule alone makes duplicate, late and
 //! re-ordered pool decisions harmless.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
-use gpualloc_domain::{AllocationId, GpuModel, Resources, State, TenantId, time};
+use gpualloc_domain::{AllocationId, Backoff, GpuModel, Resources, State, TenantId, time};
 use gpualloc_platform::Caller;
 use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as rp};
 use gpualloc_saga::{Delivery, Emitter, Event, Outcome, Payload, version_gate};
@@ -656,11 +656,10 @@ impl RedrivePolicy {
     /// When the re-drive after `redrives` earlier ones is due: the pause
     /// doubles each time, up to `max_backoff`.
     pub fn next_after(&self, now: i64, redrives: i32) -> i64 {
-        let pause = self
-            .stuck_after
-            .saturating_mul(1i64 << redrives.clamp(0, 20))
-            .min(self.max_backoff);
-        now.saturating_add(pause)
+        let micros = |m: i64| Duration::from_micros(m.max(0) as u64);
+        let pause = Backoff::new(micros(self.stuck_after), micros(self.max_backoff))
+            .delay(redrives.max(0) as u32);
+        now.saturating_add(pause.as_micros().min(i64::MAX as u128) as i64)
     }
 }
 

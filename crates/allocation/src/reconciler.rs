@@ -7,22 +7,14 @@
 
 use std::time::Duration;
 
-use gpualloc_domain::time::now_micros;
-use gpualloc_saga::{Emitter, Relay};
-use gpualloc_storage::Db;
+use gpualloc_saga::Outbox;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, ops};
+use crate::ops;
 
 const BATCH: i64 = 200;
 
-pub async fn run(
-    db: Db,
-    relay: Relay,
-    origin: String,
-    policy: ops::RedrivePolicy,
-    cancel: CancellationToken,
-) {
+pub async fn run(outbox: Outbox, policy: ops::RedrivePolicy, cancel: CancellationToken) {
     // Look twice per deadline, so a stuck saga waits at most 1.5 deadlines.
     let interval = Duration::from_micros((policy.stuck_after / 2).max(10_000) as u64);
     loop {
@@ -30,21 +22,14 @@ pub async fn run(
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        let origin = origin.clone();
-        let result = db
-            .write(move |conn| {
-                let mut emit = Emitter::new(&origin, now_micros(), Default::default());
-                let n = ops::redrive(conn, &mut emit, policy, BATCH)?;
-                emit.flush(conn)?;
-                Ok::<_, Error>(n)
+        let result = outbox
+            .write(Default::default(), move |conn, emit| {
+                ops::redrive(conn, emit, policy, BATCH)
             })
             .await;
         match result {
             Ok(0) => {}
-            Ok(n) => {
-                tracing::info!(redriven = n, "reconciler re-drove stuck sagas");
-                relay.nudge();
-            }
+            Ok(n) => tracing::info!(redriven = n, "reconciler re-drove stuck sagas"),
             Err(e) => tracing::warn!(error = %e, "reconciler pass failed"),
         }
     }

@@ -8,7 +8,7 @@ use gpualloc_proto::{
     allocation::v1::{self as pb, allocation_service_server::AllocationService},
     resourcepool::v1 as rp,
 };
-use gpualloc_saga::{Emitter, Relay};
+use gpualloc_saga::{Emitter, Outbox, Relay};
 use gpualloc_storage::{
     DbConnection,
     diesel::result::{DatabaseErrorKind, Error as DieselError},
@@ -47,21 +47,13 @@ impl AllocationApi {
     where
         F: FnMut(&mut DbConnection, &mut Emitter) -> Result<AllocRow, Error> + Send + 'static,
     {
-        let origin = self.origin.clone();
         let db = self
             .db
             .get()
             .map_err(|s| Error::Db(gpualloc_storage::DbError::Pool(s.message().to_owned())))?;
-        let row = db
-            .write(move |conn| {
-                let mut emit = Emitter::new(&origin, time::now_micros(), headers.clone());
-                let row = f(conn, &mut emit)?;
-                emit.flush(conn)?;
-                Ok::<_, Error>(row)
-            })
-            .await?;
-        self.relay.nudge();
-        Ok(row)
+        Outbox::new(db.clone(), self.relay.clone(), &self.origin)
+            .write(headers, move |conn, emit| f(conn, emit))
+            .await
     }
 }
 

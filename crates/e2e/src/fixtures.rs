@@ -364,7 +364,7 @@ pub async fn scrape(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
     socket
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n")
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
         .await
         .unwrap();
     let mut out = String::new();

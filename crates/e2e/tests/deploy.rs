@@ -213,7 +213,7 @@ fn check(objects: &[Value], secret_keys: &BTreeSet<String>) -> Vec<String> {
                 .find(|p| p["name"].as_str() == Some(name))
                 .and_then(|p| p["containerPort"].as_u64())
         };
-        let metrics = gpualloc_platform::host::default_metrics_port(svc.name);
+        let metrics = metrics_port(svc.name);
         if port("grpc") != Some(u64::from(svc.grpc_port)) {
             problems.push(format!(
                 "{}: container port grpc is {:?}, the service listens on {}",
@@ -747,7 +747,7 @@ fn check_istio(objects: &[Value]) -> Vec<String> {
         let metrics = ["allocation", "resource-pool", "viewer"]
             .iter()
             .find(|s| *s == app)
-            .map(|s| gpualloc_platform::host::default_metrics_port(s).to_string());
+            .map(|s| metrics_port(s).to_string());
         let ok = match (app.as_str(), ports.as_str()) {
             ("nats", "4222") | ("postgres", "5432") => {
                 principals.iter().cloned().collect::<BTreeSet<_>>() == services
@@ -767,7 +767,7 @@ fn check_istio(objects: &[Value]) -> Vec<String> {
         }
     }
     for svc in ["allocation", "resource-pool", "viewer"] {
-        let port = gpualloc_platform::host::default_metrics_port(svc).to_string();
+        let port = metrics_port(svc).to_string();
         if !ports_from.iter().any(|(a, p, _, _)| a == svc && *p == port) {
             problems.push(format!("{svc}: Prometheus cannot scrape port {port}"));
         }
@@ -1270,4 +1270,13 @@ fn the_fault_injection_demo_targets_check_quota() {
         faulty["fault"]["abort"]["grpcStatus"].as_str(),
         Some("UNAVAILABLE")
     );
+}
+
+/// Each service's default metrics port, from the service itself.
+fn metrics_port(service: &str) -> u16 {
+    match service {
+        "allocation" => gpualloc_allocation::METRICS_PORT,
+        "resource-pool" => gpualloc_resource_pool::METRICS_PORT,
+        _ => gpualloc_viewer::METRICS_PORT,
+    }
 }

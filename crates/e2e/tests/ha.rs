@@ -464,8 +464,9 @@ async fn a_broker_outage_of_over_a_minute_accepts_creates_and_drains_after() {
     while backlog().await != 0.0 {
         assert!(
             Instant::now() < deadline,
-            "the outbox did not drain within 60s\n{}",
-            cluster.log_tails(40)
+            "the outbox did not drain within 60s\n{}\n==== nats-server ====\n{}",
+            cluster.log_tails(40),
+            cluster.nats.log_tail(40)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use gpualloc_saga::{Bus, Consumer, ConsumerSpec, Handler, Relay, RelayConfig};
+use gpualloc_saga::{Bus, Consumer, ConsumerSpec, Handler, Outbox, Relay, RelayConfig};
 use gpualloc_storage::{Backend, Db, Migration};
 use tokio::{net::TcpListener, sync::OnceCell};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -115,6 +115,8 @@ impl Flags {
 /// and other background work.
 pub struct BusReady {
     pub db: Db,
+    /// The unit of work for background writers (reconcilers, sweepers).
+    pub outbox: Outbox,
     pub bus: Bus,
     pub relay: Relay,
     pub origin: String,
@@ -128,11 +130,10 @@ impl BusReady {
     pub fn spawn_consumer<H: Handler>(&self, mut spec: ConsumerSpec, handler: Arc<H>) {
         spec.ack_wait = self.ack_wait;
         self.tasks.spawn(Consumer::run(
-            self.db.clone(),
+            self.outbox.clone(),
             self.bus.clone(),
             spec,
             handler,
-            self.relay.clone(),
             self.cancel.clone(),
         ));
     }
@@ -152,6 +153,7 @@ impl BusReady {
 pub struct Platform {
     name: &'static str,
     grpc_name: &'static str,
+    metrics_port: u16,
     config: CommonConfig,
     origin: String,
     db: DbHandle,
@@ -170,7 +172,14 @@ pub struct Platform {
 impl Platform {
     /// `name` is the short service name (durable consumer, NATS client
     /// name); `grpc_name` the fully-qualified gRPC service for health.
-    pub fn new(name: &'static str, grpc_name: &'static str, config: CommonConfig) -> Platform {
+    /// `metrics_port` is the service's own default for `/metrics` (the
+    /// setting `GPUALLOC_METRICS_LISTEN` overrides it).
+    pub fn new(
+        name: &'static str,
+        grpc_name: &'static str,
+        metrics_port: u16,
+        config: CommonConfig,
+    ) -> Platform {
         let (health, health_service) = tonic_health::server::health_reporter();
         let origin = config.replica_id.clone().unwrap_or_else(|| {
             format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
@@ -178,6 +187,7 @@ impl Platform {
         Platform {
             name,
             grpc_name,
+            metrics_port,
             config,
             origin,
             db: DbHandle::default(),
@@ -274,6 +284,7 @@ impl Platform {
                 config.shutdown_grace / 2,
             ));
             on_bus(BusReady {
+                outbox: Outbox::new(db.clone(), relay.clone(), &origin),
                 db,
                 bus,
                 relay,
@@ -372,10 +383,9 @@ impl Platform {
             tracing::info!("draining in-flight RPCs");
         };
 
-        let default_metrics_port = default_metrics_port(self.name);
         if let Some(metrics_addr) = self
             .config
-            .metrics_addr(default_metrics_port)
+            .metrics_addr(self.metrics_port)
             .map_err(|e| anyhow::anyhow!(e))?
         {
             let listener = TcpListener::bind(metrics_addr).await.map_err(|e| {
@@ -421,22 +431,13 @@ impl Platform {
     }
 }
 
-/// The metrics port a service uses unless `GPUALLOC_METRICS_LISTEN` says
-/// otherwise (the manifests are checked against it).
-pub fn default_metrics_port(service: &str) -> u16 {
-    match service {
-        "allocation" => 9091,
-        "resource-pool" => 9092,
-        _ => 9093,
-    }
-}
-
 async fn connect_db(
     config: &CommonConfig,
     migrations: &'static [Migration],
     cancel: &CancellationToken,
 ) -> Option<Db> {
-    let mut delay = Duration::from_millis(200);
+    let retry = gpualloc_domain::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut tries = 0;
     loop {
         let attempt = async {
             if config.create_database {
@@ -453,8 +454,8 @@ async fn connect_db(
         }
         tokio::select! {
             _ = cancel.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(retry.delay(tries)) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
+        tries += 1;
     }
 }

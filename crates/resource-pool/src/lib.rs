@@ -36,6 +36,9 @@ pub const SERVICE_NAME: &str = <ResourcePoolServiceServer<PoolService> as NamedS
 /// Durable consumer name, shared by all replicas.
 pub const CONSUMER: &str = "resource-pool";
 
+/// Where `/metrics` is served unless `GPUALLOC_METRICS_LISTEN` says otherwise.
+pub const METRICS_PORT: u16 = 9092;
+
 /// This service's migrations (after the shared outbox/inbox ones).
 pub const MIGRATIONS: &[Migration] = &[Migration {
     version: "resource_pool_0001_pools_quotas_reservations",
@@ -104,7 +107,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
+    let platform = Platform::new(CONSUMER, SERVICE_NAME, METRICS_PORT, config.common.clone());
     let service = PoolService::new(
         platform.db(),
         platform.relay(),
@@ -117,8 +120,8 @@ pub async fn run(
             ConsumerSpec::new(CONSUMER, subjects::FILTER_ALLOCATION_SAGA, &ready.origin),
             Arc::new(AllocationEvents),
         );
-        let (db, relay, origin) = (ready.db.clone(), ready.relay.clone(), ready.origin.clone());
-        ready.spawn(move |cancel| sweeper::run(db, relay, origin, sweep_interval, cancel));
+        let outbox = ready.outbox.clone();
+        ready.spawn(move |cancel| sweeper::run(outbox, sweep_interval, cancel));
         let db = ready.db.clone();
         ready.spawn(move |cancel| sample_capacity(db, cancel));
     });
@@ -148,7 +151,7 @@ async fn sample_capacity(db: gpualloc_storage::Db, cancel: tokio_util::sync::Can
         let snapshot = db
             .read(|c| {
                 let depth = schema::reservations::table
-                    .filter(schema::reservations::state.eq(store::HELD))
+                    .filter(schema::reservations::state.eq(store::ReservationState::Held.as_str()))
                     .count()
                     .get_result::<i64>(c)?;
                 let pools = store::load_pools(c)?;

@@ -17,12 +17,12 @@ use crate::{
     engine::{self, Verdict},
     mask::{PoolMask, PoolParts, QuotaMask, QuotaParts},
     schema::{pool_resources, pools, tenant_quotas, tenant_usage},
-    store::{self, GRANTED, HELD, NewReservation, REJECTED, RELEASED, ReservationRow},
+    store::{self, NewReservation, ReservationRow, ReservationState},
 };
 
 /// What a new reservation row records.
 struct NewRow<'a> {
-    state: &'a str,
+    state: ReservationState,
     demand: &'a Resources,
     pool: Option<&'a str>,
     model: Option<&'a str>,
@@ -33,7 +33,12 @@ struct NewRow<'a> {
 }
 
 impl<'a> NewRow<'a> {
-    fn ended(state: &'a str, demand: &'a Resources, reason: &'a str, outcome: &'a str) -> Self {
+    fn ended(
+        state: ReservationState,
+        demand: &'a Resources,
+        reason: &'a str,
+        outcome: &'a str,
+    ) -> Self {
         NewRow {
             state,
             demand,
@@ -66,7 +71,7 @@ fn insert_row(
         &NewReservation {
             allocation_id: &event.allocation_id,
             tenant: &event.tenant,
-            state: row.state,
+            state: row.state.as_str(),
             demand: serde_json::to_string(row.demand).unwrap_or_else(|_| "{}".into()),
             pool_id: row.pool,
             gpu_model: row.model,
@@ -124,7 +129,12 @@ pub fn on_requested(
                 conn,
                 event,
                 &info,
-                NewRow::ended(REJECTED, &Resources::default(), reason, cause.as_str_name()),
+                NewRow::ended(
+                    ReservationState::Rejected,
+                    &Resources::default(),
+                    reason,
+                    cause.as_str_name(),
+                ),
                 now,
             )?;
             emit.emit(id, &event.tenant, 1, rejected(reason, cause));
@@ -164,7 +174,12 @@ pub fn on_requested(
                 conn,
                 event,
                 &info,
-                NewRow::ended(REJECTED, &demand, &reason, cause.as_str_name()),
+                NewRow::ended(
+                    ReservationState::Rejected,
+                    &demand,
+                    &reason,
+                    cause.as_str_name(),
+                ),
                 now,
             )?;
             emit.emit(id, tenant.as_str(), 1, rejected(&reason, cause));
@@ -175,7 +190,12 @@ pub fn on_requested(
                 conn,
                 event,
                 &info,
-                NewRow::ended(REJECTED, &demand, &reason, cause.as_str_name()),
+                NewRow::ended(
+                    ReservationState::Rejected,
+                    &demand,
+                    &reason,
+                    cause.as_str_name(),
+                ),
                 now,
             )?;
             emit.emit(id, tenant.as_str(), 1, rejected(&reason, cause));
@@ -186,7 +206,7 @@ pub fn on_requested(
             let expire = info.lease.map(|l| now.saturating_add(l));
             let model = p.model.as_ref().map(|m| m.as_str());
             let row = NewRow {
-                state: GRANTED,
+                state: ReservationState::Granted,
                 demand: &demand,
                 pool: Some(p.pool.as_str()),
                 model,
@@ -207,7 +227,7 @@ pub fn on_requested(
             let tenant_state = tenant_state.unwrap_or_default();
             store::charge_tenant(conn, tenant.as_str(), &demand.quota_lines(), 1, true, false)?;
             let row = NewRow {
-                state: HELD,
+                state: ReservationState::Held,
                 demand: &demand,
                 pool: None,
                 model: None,
@@ -228,13 +248,13 @@ pub fn on_requested(
 /// Emits the reservation's current decision (with its current version, so
 /// the allocation applies it at most once).
 fn announce(conn: &mut DbConnection, emit: &mut Emitter, r: &ReservationRow) -> Result<(), Error> {
-    let payload = match r.state.as_str() {
-        GRANTED => granted(
+    let payload = match r.state()? {
+        ReservationState::Granted => granted(
             r.pool_id.as_deref().unwrap_or_default(),
             r.gpu_model.as_deref(),
             r.expire_time,
         ),
-        HELD => {
+        ReservationState::Held => {
             let position = store::position(conn, r)?;
             Payload::ReservationHeld(ev::ReservationHeld {
                 position,
@@ -243,14 +263,14 @@ fn announce(conn: &mut DbConnection, emit: &mut Emitter, r: &ReservationRow) -> 
                 reason: "waiting for capacity in the hold queue; ResourcePoolService/ListHeld shows its current position and estimated start".into(),
             })
         }
-        REJECTED => rejected(
+        ReservationState::Rejected => rejected(
             &r.reason,
             r.outcome
                 .as_deref()
                 .and_then(ev::RejectCause::from_str_name)
                 .unwrap_or(ev::RejectCause::Unspecified),
         ),
-        _ => released(
+        ReservationState::Released => released(
             r.outcome
                 .as_deref()
                 .and_then(ev::ReleaseCause::from_str_name)
@@ -295,7 +315,7 @@ pub fn on_cancelled(
             event,
             &info,
             NewRow::ended(
-                RELEASED,
+                ReservationState::Released,
                 &Resources::default(),
                 &reason,
                 cause.as_str_name(),
@@ -305,13 +325,13 @@ pub fn on_cancelled(
         emit.emit(id, &event.tenant, 1, released(cause, &reason, ""));
         return Ok(());
     };
-    match r.state.as_str() {
-        HELD => {
+    match r.state()? {
+        ReservationState::Held => {
             store::charge_tenant(conn, &r.tenant, &r.demand()?.quota_lines(), -1, true, false)?;
             let v = store::move_reservation(
                 conn,
                 &r,
-                RELEASED,
+                ReservationState::Released,
                 &reason,
                 Some(cause.as_str_name()),
                 None,
@@ -319,12 +339,12 @@ pub fn on_cancelled(
             )?;
             emit.emit(id, &r.tenant, v, released(cause, &reason, ""));
         }
-        GRANTED => {
+        ReservationState::Granted => {
             release_granted(conn, &r)?;
             let v = store::move_reservation(
                 conn,
                 &r,
-                RELEASED,
+                ReservationState::Released,
                 &reason,
                 Some(cause.as_str_name()),
                 None,
@@ -360,13 +380,21 @@ pub fn on_renewal_requested(
         return Ok(());
     };
     let wanted = req.expire_time.as_ref().map(time::from_timestamp);
-    let end = match (r.state.as_str(), r.expire_time, wanted) {
-        (GRANTED, Some(current), Some(wanted)) if wanted > current => wanted,
+    let end = match (r.state()?, r.expire_time, wanted) {
+        (ReservationState::Granted, Some(current), Some(wanted)) if wanted > current => wanted,
         _ => return announce_renewal(conn, emit, &r),
     };
     let pool = r.pool_id.as_deref().unwrap_or_default();
     let placed = Some((pool, r.gpu_model.as_deref(), Some(end)));
-    let v = store::move_reservation(conn, &r, GRANTED, "lease renewed", None, placed, emit.now())?;
+    let v = store::move_reservation(
+        conn,
+        &r,
+        ReservationState::Granted,
+        "lease renewed",
+        None,
+        placed,
+        emit.now(),
+    )?;
     emit.emit(&r.allocation_id, &r.tenant, v, renewed(end));
     Ok(())
 }
@@ -379,8 +407,8 @@ fn announce_renewal(
     emit: &mut Emitter,
     r: &ReservationRow,
 ) -> Result<(), Error> {
-    match (r.state.as_str(), r.expire_time) {
-        (GRANTED, Some(end)) => {
+    match (r.state()?, r.expire_time) {
+        (ReservationState::Granted, Some(end)) => {
             emit.emit(&r.allocation_id, &r.tenant, r.version, renewed(end));
             Ok(())
         }
@@ -431,7 +459,7 @@ pub fn admit(conn: &mut DbConnection, emit: &mut Emitter) -> Result<usize, Error
         let v = store::move_reservation(
             conn,
             r,
-            REJECTED,
+            ReservationState::Rejected,
             reason,
             Some(cause.as_str_name()),
             None,
@@ -450,7 +478,7 @@ pub fn admit(conn: &mut DbConnection, emit: &mut Emitter) -> Result<usize, Error
         let v = store::move_reservation(
             conn,
             r,
-            GRANTED,
+            ReservationState::Granted,
             "granted from the hold queue",
             None,
             placed,
@@ -481,7 +509,7 @@ pub fn sweep(conn: &mut DbConnection, emit: &mut Emitter, batch: i64) -> Result<
         let v = store::move_reservation(
             conn,
             &r,
-            RELEASED,
+            ReservationState::Released,
             reason,
             Some(cause.as_str_name()),
             None,
@@ -503,7 +531,7 @@ pub fn sweep(conn: &mut DbConnection, emit: &mut Emitter, batch: i64) -> Result<
         let v = store::move_reservation(
             conn,
             &r,
-            REJECTED,
+            ReservationState::Rejected,
             reason,
             Some(cause.as_str_name()),
             None,

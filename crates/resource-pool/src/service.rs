@@ -8,7 +8,7 @@ use gpualloc_platform::{Caller, DbHandle, propagation};
 use gpualloc_proto::resourcepool::v1::{
     self as pb, resource_pool_service_server::ResourcePoolService,
 };
-use gpualloc_saga::{Emitter, Relay};
+use gpualloc_saga::{Emitter, Outbox, Relay};
 use gpualloc_storage::DbConnection;
 use tonic::{Request, Response, Status};
 
@@ -48,19 +48,11 @@ impl PoolService {
         T: Send + 'static,
         F: FnMut(&mut DbConnection, &mut Emitter) -> Result<T, Error> + Send + 'static,
     {
-        let origin = self.origin.clone();
-        let out = self
-            .db
-            .get()?
-            .write(move |conn| {
-                let mut emit = Emitter::new(&origin, time::now_micros(), headers.clone());
-                let out = f(conn, &mut emit)?;
-                emit.flush(conn)?;
-                Ok::<_, Error>(out)
-            })
-            .await?;
-        self.relay.nudge();
-        Ok(out)
+        Ok(
+            Outbox::new(self.db.get()?.clone(), self.relay.clone(), &self.origin)
+                .write(headers, move |conn, emit| f(conn, emit))
+                .await?,
+        )
     }
 
     async fn read<T, F>(&self, f: F) -> Result<T, Status>

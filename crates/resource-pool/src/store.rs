@@ -14,10 +14,42 @@ use crate::{
     schema::{pool_resources, pools, reservations, tenant_quotas, tenant_usage},
 };
 
-pub const HELD: &str = "HELD";
-pub const GRANTED: &str = "GRANTED";
-pub const RELEASED: &str = "RELEASED";
-pub const REJECTED: &str = "REJECTED";
+/// Where a reservation stands; stored as its name (this is the one
+/// mapping between the two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReservationState {
+    /// Waiting in the hold queue for capacity; charged to the tenant.
+    Held,
+    /// Placed on a pool; counted in the pool and charged to the tenant.
+    Granted,
+    /// Ended after a hold or a grant; nothing counted any more.
+    Released,
+    /// Refused; nothing was ever counted.
+    Rejected,
+}
+
+impl ReservationState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ReservationState::Held => "HELD",
+            ReservationState::Granted => "GRANTED",
+            ReservationState::Released => "RELEASED",
+            ReservationState::Rejected => "REJECTED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        [
+            ReservationState::Held,
+            ReservationState::Granted,
+            ReservationState::Released,
+            ReservationState::Rejected,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+        .ok_or_else(|| Error::Invariant(format!("stored reservation state {s:?}")))
+    }
+}
 
 /// Lock name serialising every decision that reads and changes counters.
 pub const PLACEMENT_LOCK: &str = "placement";
@@ -238,6 +270,10 @@ pub struct ReservationRow {
 }
 
 impl ReservationRow {
+    pub fn state(&self) -> Result<ReservationState, Error> {
+        ReservationState::parse(&self.state)
+    }
+
     pub fn demand(&self) -> Result<Resources, Error> {
         serde_json::from_str(&self.demand)
             .map_err(|e| Error::Invariant(format!("stored demand: {e}")))
@@ -301,7 +337,7 @@ pub fn get_reservation(
 pub fn move_reservation(
     conn: &mut DbConnection,
     r: &ReservationRow,
-    to: &str,
+    to: ReservationState,
     reason: &str,
     outcome: Option<&str>,
     placed: Option<(&str, Option<&str>, Option<i64>)>,
@@ -316,7 +352,7 @@ pub fn move_reservation(
         Some((pool, model, expire)) => update_cached(
             q,
             (
-                reservations::state.eq(to),
+                reservations::state.eq(to.as_str()),
                 reservations::reason.eq(reason),
                 reservations::outcome.eq(outcome),
                 reservations::pool_id.eq(Some(pool)),
@@ -330,7 +366,7 @@ pub fn move_reservation(
         None => update_cached(
             q,
             (
-                reservations::state.eq(to),
+                reservations::state.eq(to.as_str()),
                 reservations::reason.eq(reason),
                 reservations::outcome.eq(outcome),
                 reservations::version.eq(version),
@@ -350,7 +386,7 @@ pub fn move_reservation(
 
 pub fn held(conn: &mut DbConnection) -> Result<Vec<ReservationRow>, Error> {
     Ok(gpualloc_storage::native!(conn, |c| reservations::table
-        .filter(reservations::state.eq(HELD))
+        .filter(reservations::state.eq(ReservationState::Held.as_str()))
         .order((
             reservations::priority.desc(),
             reservations::request_time,
@@ -376,7 +412,7 @@ pub fn held_queue(rows: &[ReservationRow]) -> Result<Vec<Held>, Error> {
 /// The capacity granted reservations give back when their leases end.
 pub fn lease_ends(conn: &mut DbConnection) -> Result<Vec<crate::engine::Release>, Error> {
     let rows: Vec<ReservationRow> = gpualloc_storage::native!(conn, |c| reservations::table
-        .filter(reservations::state.eq(GRANTED))
+        .filter(reservations::state.eq(ReservationState::Granted.as_str()))
         .filter(reservations::expire_time.is_not_null())
         .select(ReservationRow::as_select())
         .load(c))?;
@@ -395,7 +431,7 @@ pub fn lease_ends(conn: &mut DbConnection) -> Result<Vec<crate::engine::Release>
 /// 1-based admission position of a held request among all held requests.
 pub fn position(conn: &mut DbConnection, r: &ReservationRow) -> Result<i64, Error> {
     let ahead: i64 = reservations::table
-        .filter(reservations::state.eq(HELD))
+        .filter(reservations::state.eq(ReservationState::Held.as_str()))
         .filter(
             reservations::priority
                 .gt(r.priority)
@@ -418,7 +454,7 @@ pub fn expired_leases(
     limit: i64,
 ) -> Result<Vec<ReservationRow>, Error> {
     Ok(gpualloc_storage::native!(conn, |c| reservations::table
-        .filter(reservations::state.eq(GRANTED))
+        .filter(reservations::state.eq(ReservationState::Granted.as_str()))
         .filter(reservations::expire_time.le(now))
         .order(reservations::expire_time)
         .limit(limit)
@@ -432,7 +468,7 @@ pub fn overdue_holds(
     limit: i64,
 ) -> Result<Vec<ReservationRow>, Error> {
     Ok(gpualloc_storage::native!(conn, |c| reservations::table
-        .filter(reservations::state.eq(HELD))
+        .filter(reservations::state.eq(ReservationState::Held.as_str()))
         .filter(reservations::hold_deadline.le(now))
         .order(reservations::hold_deadline)
         .limit(limit)
@@ -443,11 +479,11 @@ pub fn overdue_holds(
 /// Earliest lease end or hold deadline still ahead, for the sweeper's timer.
 pub fn next_deadline(conn: &mut DbConnection) -> Result<Option<i64>, Error> {
     let lease: Option<i64> = reservations::table
-        .filter(reservations::state.eq(GRANTED))
+        .filter(reservations::state.eq(ReservationState::Granted.as_str()))
         .select(diesel::dsl::min(reservations::expire_time))
         .get_result_native(conn)?;
     let hold: Option<i64> = reservations::table
-        .filter(reservations::state.eq(HELD))
+        .filter(reservations::state.eq(ReservationState::Held.as_str()))
         .select(diesel::dsl::min(reservations::hold_deadline))
         .get_result_native(conn)?;
     Ok(match (lease, hold) {
@@ -458,7 +494,7 @@ pub fn next_deadline(conn: &mut DbConnection) -> Result<Option<i64>, Error> {
 
 pub fn granted_on_pool(conn: &mut DbConnection, pool: &str) -> Result<i64, Error> {
     Ok(reservations::table
-        .filter(reservations::state.eq(GRANTED))
+        .filter(reservations::state.eq(ReservationState::Granted.as_str()))
         .filter(reservations::pool_id.eq(pool))
         .count()
         .get_result_native(conn)?)

@@ -6,28 +6,18 @@
 use std::time::Duration;
 
 use gpualloc_domain::time::now_micros;
-use gpualloc_saga::{Emitter, Relay};
-use gpualloc_storage::Db;
+use gpualloc_saga::Outbox;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Error, ops, store};
 
 const BATCH: i64 = 500;
 
-pub async fn run(
-    db: Db,
-    relay: Relay,
-    origin: String,
-    interval: Duration,
-    cancel: CancellationToken,
-) {
+pub async fn run(outbox: Outbox, interval: Duration, cancel: CancellationToken) {
     loop {
-        let origin2 = origin.clone();
-        let result = db
-            .write(move |conn| {
-                let mut emit = Emitter::new(&origin2, now_micros(), Default::default());
-                let swept = ops::sweep(conn, &mut emit, BATCH)?;
-                emit.flush(conn)?;
+        let result = outbox
+            .write(Default::default(), move |conn, emit| {
+                let swept = ops::sweep(conn, emit, BATCH)?;
                 let next = store::next_deadline(conn)?;
                 Ok::<_, Error>((swept, next))
             })
@@ -40,7 +30,6 @@ pub async fn run(
                         hold_timeouts = swept.hold_timeouts,
                         "sweep"
                     );
-                    relay.nudge();
                 }
                 let full = swept.expired as i64 == BATCH || swept.hold_timeouts as i64 == BATCH;
                 match next {

@@ -10,6 +10,7 @@ use async_nats::{
     connection::State,
     jetstream::{self, stream},
 };
+use gpualloc_domain::Backoff;
 
 /// How a service proves who it is to NATS, and the TLS it uses. The
 /// server refuses anonymous clients, and each service's user may publish
@@ -171,9 +172,11 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(3);
 /// its upper half, so that the replicas of every service do not reconnect
 /// to a recovering cluster in lockstep.
 pub fn reconnect_delay(attempt: usize) -> Duration {
-    let ceiling = (100u64 << attempt.min(5)).min(2_000);
-    Duration::from_millis(rand::random_range(ceiling / 2..=ceiling))
+    RETRY.jittered(attempt.min(31) as u32, rand::random())
 }
+
+/// Reconnects and provisioning retries.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 
 /// The NATS connection and JetStream context of one service.
 #[derive(Clone)]
@@ -312,18 +315,17 @@ impl Bus {
         &self,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Option<stream::Stream> {
-        let mut delay = Duration::from_millis(100);
-        loop {
+        for attempt in 0.. {
             match self.provision().await {
                 Ok(s) => return Some(s),
                 Err(e) => tracing::warn!(error = format!("{e:#}"), "JetStream not ready yet"),
             }
             tokio::select! {
                 _ = cancel.cancelled() => return None,
-                _ = tokio::time::sleep(delay) => {}
+                _ = tokio::time::sleep(RETRY.delay(attempt)) => {}
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
+        None
     }
 }
 

@@ -24,14 +24,14 @@ use async_nats::jetstream::{
     consumer::{AckPolicy, DeliverPolicy, PullConsumer, pull},
 };
 use futures::StreamExt;
-use gpualloc_domain::time::now_micros;
-use gpualloc_storage::{Db, DbConnection, TxError, inbox};
+use gpualloc_domain::Backoff;
+use gpualloc_storage::{DbConnection, TxError, inbox};
 use tokio_util::sync::CancellationToken;
 
 use gpualloc_telemetry::{METRICS, labels, trace};
 use tracing::field::Empty;
 
-use crate::{Bus, Emitter, Event, Relay, TRACE_HEADERS, decode};
+use crate::{Bus, Emitter, Event, Outbox, TRACE_HEADERS, decode};
 
 /// What a handler made of an event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -185,11 +185,10 @@ impl Consumer {
     /// events until `cancel` fires. The batch in hand when it fires is
     /// finished and acked first.
     pub async fn run<H: Handler>(
-        db: Db,
+        outbox: Outbox,
         bus: Bus,
         spec: ConsumerSpec,
         handler: Arc<H>,
-        relay: Relay,
         cancel: CancellationToken,
     ) {
         let Some(mut consumer) = provision(&bus, &spec, &cancel).await else {
@@ -215,10 +214,9 @@ impl Consumer {
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(durable = %spec.durable, error = format!("{e:#}"), "fetch failed");
-                    let backoff = Duration::from_millis((100u64 << failures.min(5)).min(2_000));
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(RETRY.delay(failures)) => {}
                     }
                     if failures.is_multiple_of(REPROVISION_AFTER) {
                         // A NATS server that came back without its data has
@@ -236,7 +234,7 @@ impl Consumer {
             if messages.is_empty() {
                 continue;
             }
-            process(&db, &spec, &bus.config.prefix, &handler, &relay, messages).await;
+            process(&outbox, &spec, &bus.config.prefix, &handler, messages).await;
         }
         // Acks are fire-and-forget publishes: push them out before exiting.
         let _ = bus.client.flush().await;
@@ -249,7 +247,7 @@ async fn provision(
     spec: &ConsumerSpec,
     cancel: &CancellationToken,
 ) -> Option<PullConsumer> {
-    let mut delay = Duration::from_millis(100);
+    let mut tries = 0;
     loop {
         let attempt = async {
             let stream = bus.provision().await?;
@@ -277,9 +275,9 @@ async fn provision(
         }
         tokio::select! {
             _ = cancel.cancelled() => return None,
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(RETRY.delay(tries)) => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(2));
+        tries += 1;
     }
 }
 
@@ -357,8 +355,15 @@ async fn poison(
 /// How long a parked event waits before its next delivery: doubling from
 /// 100 ms.
 pub fn park_delay(delivered: u64) -> Duration {
-    Duration::from_millis(100u64 << (delivered.clamp(1, 8) - 1))
+    Backoff::new(Duration::from_millis(100), Duration::from_millis(12_800))
+        .delay(delivered.clamp(1, 8) as u32 - 1)
 }
+
+/// Retries of fetches and of provisioning the consumer.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+
+/// Redeliveries of an event whose transaction failed.
+const NAK: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 async fn park(spec: &ConsumerSpec, item: &Item, why: &str) {
     METRICS
@@ -371,11 +376,10 @@ async fn park(spec: &ConsumerSpec, item: &Item, why: &str) {
 }
 
 async fn process<H: Handler>(
-    db: &Db,
+    outbox: &Outbox,
     spec: &ConsumerSpec,
     prefix: &str,
     handler: &Arc<H>,
-    relay: &Relay,
     messages: Vec<Message>,
 ) {
     let mut items = Vec::with_capacity(messages.len());
@@ -445,16 +449,14 @@ async fn process<H: Handler>(
         .iter()
         .map(|i| (i.event.clone(), i.headers.clone(), i.delivery))
         .collect();
-    match apply(db, spec, handler, events).await {
-        Ok(done) => settle(spec, handler, relay, &items, done).await,
+    match apply(outbox, spec, handler, events).await {
+        Ok(done) => settle(spec, handler, &items, done).await,
         Err(e) if items.len() > 1 => {
             tracing::warn!(durable = %spec.durable, error = %e, events = items.len(), "batch failed; retrying its events one by one");
             for item in items {
                 let one = vec![(item.event.clone(), item.headers.clone(), item.delivery)];
-                match apply(db, spec, handler, one).await {
-                    Ok(done) => {
-                        settle(spec, handler, relay, std::slice::from_ref(&item), done).await
-                    }
+                match apply(outbox, spec, handler, one).await {
+                    Ok(done) => settle(spec, handler, std::slice::from_ref(&item), done).await,
                     Err(e) => nak(spec, &item, &e.to_string()).await,
                 }
             }
@@ -468,14 +470,8 @@ async fn process<H: Handler>(
 }
 
 /// After the commit: acknowledge what was applied, park and poison the
-/// rest, wake the relay if anything was emitted.
-async fn settle<H: Handler>(
-    spec: &ConsumerSpec,
-    handler: &Arc<H>,
-    relay: &Relay,
-    items: &[Item],
-    done: Applied,
-) {
+/// rest.
+async fn settle<H: Handler>(spec: &ConsumerSpec, handler: &Arc<H>, items: &[Item], done: Applied) {
     for (item, outcome) in items.iter().zip(&done.outcomes) {
         match outcome {
             Outcome::Applied => {
@@ -486,11 +482,6 @@ async fn settle<H: Handler>(
                 poison(spec, &item.message, &item.event.event_id, reason, detail).await
             }
         }
-    }
-    // A relay round is a read transaction: only when there is something
-    // to publish (the viewer, for one, emits nothing).
-    if done.emitted {
-        relay.nudge();
     }
     count_applied(spec, &done.applied);
     handler.committed(&done.applied);
@@ -505,7 +496,7 @@ fn count_applied(spec: &ConsumerSpec, applied: &[Event]) {
 
 async fn nak(spec: &ConsumerSpec, item: &Item, error: &str) {
     let delivered = item.delivery.delivered;
-    let delay = Duration::from_millis((100u64 << (delivered.clamp(1, 8) - 1) as u32).min(10_000));
+    let delay = NAK.delay(delivered.clamp(1, 8) as u32 - 1);
     tracing::warn!(
         durable = %spec.durable,
         event_id = %item.event.event_id,
@@ -522,48 +513,49 @@ type Input = (Event, BTreeMap<String, String>, Delivery);
 struct Applied {
     /// Events applied for the first time.
     applied: Vec<Event>,
-    emitted: bool,
     /// One per input event, in order (duplicates count as applied).
     outcomes: Vec<Outcome>,
 }
 
 async fn apply<H: Handler>(
-    db: &Db,
+    outbox: &Outbox,
     spec: &ConsumerSpec,
     handler: &Arc<H>,
     events: Vec<Input>,
 ) -> Result<Applied, H::Error> {
     let handler = handler.clone();
     let durable = spec.durable.clone();
-    let origin = spec.origin.clone();
-    db.write(move |conn| {
-        let now = now_micros();
-        let mut done = Applied {
-            applied: Vec::new(),
-            emitted: false,
-            outcomes: Vec::with_capacity(events.len()),
-        };
-        for (event, headers, delivery) in &events {
-            if inbox::seen(conn, &durable, &event.event_id)? {
-                done.outcomes.push(Outcome::Applied);
-                continue;
+    outbox
+        .write(BTreeMap::new(), move |conn, emit| {
+            let now = emit.now();
+            let mut done = Applied {
+                applied: Vec::new(),
+                outcomes: Vec::with_capacity(events.len()),
+            };
+            for (event, headers, delivery) in &events {
+                if inbox::seen(conn, &durable, &event.event_id)? {
+                    done.outcomes.push(Outcome::Applied);
+                    continue;
+                }
+                // What this event causes carries its trace context.
+                emit.set_headers(headers.clone());
+                let mark = emit.mark();
+                let outcome = handler.handle(conn, emit, event, *delivery)?;
+                if outcome == Outcome::Applied {
+                    // Parked and poisoned events leave no inbox row: a
+                    // replay of the same event (after the missing version
+                    // came, or an operator's outbox replay) is judged
+                    // afresh.
+                    inbox::record(conn, &durable, &event.event_id, now)?;
+                    done.applied.push(event.clone());
+                } else {
+                    emit.discard_since(mark);
+                }
+                done.outcomes.push(outcome);
             }
-            let mut emit = Emitter::new(&origin, now, headers.clone());
-            let outcome = handler.handle(conn, &mut emit, event, *delivery)?;
-            if outcome == Outcome::Applied {
-                // Parked and poisoned events leave no inbox row: a replay
-                // of the same event (after the missing version came, or
-                // an operator's outbox replay) is judged afresh.
-                inbox::record(conn, &durable, &event.event_id, now)?;
-                done.emitted |= !emit.is_empty();
-                emit.flush(conn)?;
-                done.applied.push(event.clone());
-            }
-            done.outcomes.push(outcome);
-        }
-        Ok(done)
-    })
-    .await
+            Ok(done)
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -43,6 +43,24 @@ impl Emitter {
         &self.headers
     }
 
+    /// The trace context of the events emitted from now on (a consumer
+    /// applies several events, each with its own, in one transaction).
+    pub fn set_headers(&mut self, headers: BTreeMap<String, String>) {
+        self.headers = headers;
+    }
+
+    /// A point to come back to with [`Emitter::discard_since`].
+    pub fn mark(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Drops what was emitted since `mark` (the work that emitted it was
+    /// not applied after all).
+    pub fn discard_since(&mut self, mark: usize) {
+        self.staged.truncate(mark);
+        self.events.truncate(mark);
+    }
+
     /// Stages one event about `aggregate_id` (an allocation id, pool id or
     /// tenant) and returns it.
     pub fn emit(

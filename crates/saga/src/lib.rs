@@ -4,6 +4,8 @@
 //!   idempotently at start-up;
 //! - [`Emitter`]: builds [`Event`]s and stages them as outbox rows in the
 //!   caller's transaction;
+//! - [`Outbox`]: the unit of work every writer uses — a transaction, its
+//!   events, the commit, and a nudge to the relay;
 //! - [`relay`]: publishes outbox rows with `Nats-Msg-Id` = event id and marks
 //!   them published only after JetStream's ack;
 //! - [`consumer`]: durable pull consumers that apply a batch of events in one
@@ -17,6 +19,7 @@ pub mod consumer;
 mod emit;
 pub mod relay;
 pub mod subjects;
+mod unit;
 
 pub use bus::{Bus, BusConfig, NatsAuth};
 pub use consumer::{
@@ -25,3 +28,4 @@ pub use consumer::{
 pub use emit::{Emitter, TRACE_HEADERS, decode};
 pub use gpualloc_proto::events::v1::{Event, event::Payload};
 pub use relay::{Relay, RelayConfig};
+pub use unit::Outbox;

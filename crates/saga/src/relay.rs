@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use async_nats::{HeaderMap, jetstream::context::PublishAckFuture};
 use bytes::Bytes;
-use gpualloc_domain::time::now_micros;
+use gpualloc_domain::{Backoff, time::now_micros};
 use gpualloc_storage::{Db, DbError, outbox};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -119,10 +119,10 @@ impl Relay {
                             tracing::warn!(error = %e, "NATS reconnect request failed");
                         }
                     }
-                    let backoff = Duration::from_millis((50u64 << failures.min(6)).min(2_000));
+                    let backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.delay(failures)) => {}
                     }
                 }
             }

@@ -24,7 +24,7 @@ mod update;
 pub use conn::{DbConnection, MultiBackend};
 pub use db::{Backend, Db, DbOptions, redact_url};
 pub use error::{DbError, TxError, is_retryable, is_unavailable};
-pub use limit::{LimitLiteral, LiteralLimit};
+pub use limit::{LiteralLimitExt, WithLiteralLimit};
 pub use migrate::Migration;
 pub use native::Native;
 pub use update::{CachedUpdate, update_cached};

@@ -17,23 +17,23 @@ use diesel::{
 
 /// A query followed by `LIMIT n` with `n` in the SQL text.
 #[derive(Clone, Copy, Debug)]
-pub struct LiteralLimit<Q> {
+pub struct WithLiteralLimit<Q> {
     query: Q,
     limit: u32,
 }
 
-impl<Q: Query> Query for LiteralLimit<Q> {
+impl<Q: Query> Query for WithLiteralLimit<Q> {
     type SqlType = Q::SqlType;
 }
 
 // Not a static id: the statement cache keys it by its SQL, which holds the
 // limit.
-impl<Q> QueryId for LiteralLimit<Q> {
+impl<Q> QueryId for WithLiteralLimit<Q> {
     type QueryId = ();
     const HAS_STATIC_QUERY_ID: bool = false;
 }
 
-impl<Q, DB> QueryFragment<DB> for LiteralLimit<Q>
+impl<Q, DB> QueryFragment<DB> for WithLiteralLimit<Q>
 where
     DB: Backend,
     Q: QueryFragment<DB>,
@@ -46,14 +46,14 @@ where
     }
 }
 
-impl<Q, Conn> RunQueryDsl<Conn> for LiteralLimit<Q> {}
+impl<Q, Conn> RunQueryDsl<Conn> for WithLiteralLimit<Q> {}
 
-/// Adds [`LiteralLimit`] to any complete query (after its `ORDER BY`, with
+/// Adds [`WithLiteralLimit`] to any complete query (after its `ORDER BY`, with
 /// no `.limit()` of its own).
-pub trait LimitLiteral: Query + Sized {
-    fn limit_literal(self, limit: u32) -> LiteralLimit<Self> {
-        LiteralLimit { query: self, limit }
+pub trait LiteralLimitExt: Query + Sized {
+    fn limit_literal(self, limit: u32) -> WithLiteralLimit<Self> {
+        WithLiteralLimit { query: self, limit }
     }
 }
 
-impl<Q: Query> LimitLiteral for Q {}
+impl<Q: Query> LiteralLimitExt for Q {}

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use diesel::prelude::*;
 
-use crate::{DbConnection, LimitLiteral, Native};
+use crate::{DbConnection, LiteralLimitExt, Native};
 
 diesel::table! {
     outbox (id) {

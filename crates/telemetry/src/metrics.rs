@@ -21,10 +21,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// A metric's labels.
@@ -322,62 +319,31 @@ pub fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
 }
 
-/// Serves `GET /metrics` on `listener` until `stop` fires.
+/// Serves `GET /metrics` on `listener` until `stop` fires (axum, the HTTP
+/// stack tonic already brings).
 pub async fn serve(listener: TcpListener, stop: CancellationToken) {
+    use axum::{http::StatusCode, routing::get};
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?addr, "serving metrics on /metrics");
-    loop {
-        let socket = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((socket, _)) => socket,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint accept failed");
-                    continue;
-                }
-            },
-        };
-        tokio::spawn(answer(socket));
+    let app = axum::Router::new()
+        .route("/metrics", get(render))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics\n") });
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
+        tracing::warn!(error = %e, "metrics endpoint failed");
     }
 }
 
-/// One request per connection: enough for Prometheus and curl.
-async fn answer(mut socket: tokio::net::TcpStream) {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    // Read the request head (bounded, with a deadline against idle peers).
-    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
-            match socket.read(&mut buf).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-        true
-    })
-    .await;
-    if !matches!(read, Ok(true)) {
-        return;
-    }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, body, kind) =
-        if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-            (
-                "200 OK",
-                METRICS.render(),
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-        } else {
-            ("404 Not Found", "try /metrics\n".to_owned(), "text/plain")
-        };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = socket.write_all(response.as_bytes()).await;
-    let _ = socket.shutdown().await;
+async fn render() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        METRICS.render(),
+    )
 }
 
 #[cfg(test)]

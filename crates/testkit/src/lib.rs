@@ -28,7 +28,8 @@ pub use db::{TestDb, postgres_admin_url};
 pub use grpcurl::grpcurl;
 pub use http::{HttpReceiver, Received};
 pub use nats::{
-    NatsServer, free_port, nats_config, nats_connect_as, nats_password, nats_url, nats_url_as,
+    NatsServer, free_port, free_port_for_restarts, nats_config, nats_connect_as, nats_password,
+    nats_url, nats_url_as,
 };
 pub use nats_cluster::{ClusterNode, NatsCluster};
 pub use pg_server::PgServer;

@@ -19,6 +19,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port below the kernel's ephemeral range, for a server a test
+/// stops and starts again on the same port: while it is down, no
+/// [`free_port`] (nor any outgoing connection) can be handed its port.
+pub fn free_port_for_restarts() -> u16 {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let floor = 10_000u16.min(low.saturating_sub(1000));
+    for _ in 0..1000 {
+        let port = rand::random_range(floor..low);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    free_port()
+}
+
 pub(crate) fn nats_binary() -> String {
     if let Ok(bin) = std::env::var("GPUALLOC_NATS_SERVER") {
         return bin;
@@ -56,6 +74,31 @@ pub(crate) fn spawn_watched(
         .stdin(Stdio::null())
         .spawn()
         .expect("cannot start nats-server (is it installed? `cargo xtask test` installs it)")
+}
+
+/// Whether process `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Waits until process `pid` is gone; false when it is still there after
+/// `within`.
+fn wait_gone(pid: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
 }
 
 /// The passwords of this test process's NATS users (one set for every
@@ -140,7 +183,7 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> NatsServer {
-        Self::start_on(free_port())
+        Self::start_on(free_port_for_restarts())
     }
 
     /// Starts on a chosen port (a test may point a service at it before).
@@ -215,44 +258,61 @@ impl NatsServer {
             ),
         };
         std::fs::write(&conf, config).unwrap();
+        let _ = std::fs::remove_file(self.store.path().join("nats.pid"));
         let child = spawn_watched("", &conf, self.store.path());
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        // Up once this start's server (not a previous one) takes connections.
+        while self.pid().is_none_or(|pid| !alive(pid))
+            || TcpStream::connect(("127.0.0.1", self.port)).is_err()
+        {
             assert!(
                 Instant::now() < deadline,
-                "nats-server did not start on port {}",
-                self.port
+                "nats-server did not start on port {}:\n{}",
+                self.port,
+                self.log_tail(20)
             );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Stops the server (SIGTERM to the watchdog, which stops the server and
-    /// waits for it).
+    /// Stops the server (SIGTERM to the watchdog, which stops the server)
+    /// and returns once its process is gone, so that a start on the same
+    /// port and data cannot race a server still shutting down.
     pub fn stop(&mut self) {
+        let pid = self.pid();
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").arg(child.id().to_string()).status();
             let _ = child.wait();
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(pid) = pid
+            && !wait_gone(pid, Duration::from_secs(30))
+        {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            wait_gone(pid, Duration::from_secs(5));
         }
     }
 
     /// Kills the server with SIGKILL (no flush, no goodbye to clients), as a
     /// crash would; `restart` or `start_again` brings it back with its data.
     pub fn kill(&mut self) {
-        let pid = std::fs::read_to_string(self.store.path().join("nats.pid")).unwrap_or_default();
-        let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+        let pid = self.pid();
+        if let Some(pid) = pid {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.wait();
         }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(pid) = pid {
+            wait_gone(pid, Duration::from_secs(15));
         }
+    }
+
+    /// The end of the server's log, for a failing test.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = std::fs::read_to_string(self.store.path().join("nats.log")).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     /// Starts a stopped or killed server again on the same port and data.

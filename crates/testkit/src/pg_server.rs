@@ -10,7 +10,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use crate::free_port;
+use crate::free_port_for_restarts;
 
 pub struct PgServer {
     pub port: u16,
@@ -115,7 +115,7 @@ impl PgServer {
             assert!(ok.success(), "chown postgres {}", data.display());
         }
         let mut server = PgServer {
-            port: free_port(),
+            port: free_port_for_restarts(),
             bin,
             data,
             as_postgres,

@@ -22,7 +22,6 @@ use gpualloc_proto::allocation::v1 as apb;
 use gpualloc_storage::{Db, DbConnection};
 use hmac::{Hmac, Mac};
 use prost::Message;
-use rand::Rng;
 use sha2::Sha256;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -212,12 +211,11 @@ async fn claim(db: &Db, settings: &Settings) -> Result<Vec<Delivery>, Error> {
 /// with "equal jitter" (half fixed, half random) so receivers coming back
 /// are not hit by every sender at the same instant.
 pub fn backoff(settings: &Settings, attempts: u32) -> Duration {
-    let exp = settings
-        .retry_base_ms
-        .saturating_mul(1u64 << attempts.saturating_sub(1).min(30))
-        .min(settings.retry_max_ms);
-    let half = exp / 2;
-    Duration::from_millis(half + rand::rng().random_range(0..=exp - half))
+    gpualloc_domain::Backoff::new(
+        Duration::from_millis(settings.retry_base_ms),
+        Duration::from_millis(settings.retry_max_ms),
+    )
+    .jittered(attempts.saturating_sub(1), rand::random())
 }
 
 fn record(

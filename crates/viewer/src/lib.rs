@@ -35,6 +35,9 @@ pub const SERVICE_NAME: &str = <ViewerServiceServer<ViewerApi> as NamedService>:
 /// Durable consumer name, shared by all replicas.
 pub const CONSUMER: &str = "viewer";
 
+/// Where `/metrics` is served unless `GPUALLOC_METRICS_LISTEN` says otherwise.
+pub const METRICS_PORT: u16 = 9093;
+
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: "viewer_0001_views",
@@ -152,7 +155,7 @@ pub async fn run(
         .map(notify::Settings::load)
         .transpose()?
         .map(Arc::new);
-    let platform = Platform::new(CONSUMER, SERVICE_NAME, config.common.clone());
+    let platform = Platform::new(CONSUMER, SERVICE_NAME, METRICS_PORT, config.common.clone());
     let changes = watch::Changes::default();
     let api = ViewerApi::new(platform.db(), changes.clone(), platform.stopping(), rates)
         .with_watch_buffer(config.watch_buffer.max(1))

@@ -7,7 +7,7 @@ use base64::Engine;
 use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, TenantId, time};
 use gpualloc_proto::{allocation::v1 as apb, viewer::v1 as pb};
-use gpualloc_storage::{DbConnection, LimitLiteral, Native};
+use gpualloc_storage::{DbConnection, LiteralLimitExt, Native};
 use prost::Message;
 
 use crate::{
