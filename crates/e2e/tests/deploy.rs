@@ -872,7 +872,7 @@ fn env_file(text: &str) -> std::collections::BTreeMap<String, String> {
 /// is in the example, and every host the services call outside the
 /// cluster has a ServiceEntry under REGISTRY_ONLY egress.
 fn check_egress(objects: &[Value], notify: &str, notify_env: &str) -> Vec<String> {
-    use gpualloc_viewer::notify::{Settings, Target};
+    use gpualloc_viewer::notifications::{Settings, Target};
     let mut problems = Vec::new();
     let env = env_file(notify_env);
     let settings = match Settings::parse_with_env(notify, &|name| env.get(name).cloned()) {

@@ -18,7 +18,7 @@ use gpualloc_proto::{
     resourcepool::v1 as rp,
 };
 use gpualloc_testkit::{HttpReceiver, Received, eventually};
-use gpualloc_viewer::dispatch;
+use gpualloc_viewer::notifications::delivery as dispatch;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 

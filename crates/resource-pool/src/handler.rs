@@ -2,7 +2,7 @@ use gpualloc_domain::{AllocationId, TenantId};
 use gpualloc_saga::{Delivery, Emitter, Event, Handler, Outcome, Payload};
 use gpualloc_storage::DbConnection;
 
-use crate::{Error, ops};
+use crate::{Error, saga};
 
 /// Applies the allocation service's saga events: requests, cancels and
 /// lease renewals.
@@ -23,10 +23,10 @@ impl Handler for AllocationEvents {
             return Ok(refusal);
         }
         match &event.payload {
-            Some(Payload::AllocationRequested(req)) => ops::on_requested(conn, emit, event, req)?,
-            Some(Payload::AllocationCancelled(req)) => ops::on_cancelled(conn, emit, event, req)?,
+            Some(Payload::AllocationRequested(req)) => saga::on_requested(conn, emit, event, req)?,
+            Some(Payload::AllocationCancelled(req)) => saga::on_cancelled(conn, emit, event, req)?,
             Some(Payload::AllocationRenewalRequested(req)) => {
-                ops::on_renewal_requested(conn, emit, event, req)?
+                saga::on_renewal_requested(conn, emit, event, req)?
             }
             _ => {
                 return Ok(Outcome::poison(

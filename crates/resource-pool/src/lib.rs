@@ -15,12 +15,13 @@ use gpualloc_storage::Migration;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 
+pub mod admin;
 pub mod engine;
 mod error;
 mod handler;
 pub mod mask;
-pub mod ops;
 mod quota_cache;
+pub mod saga;
 mod schema;
 mod service;
 pub mod store;

@@ -14,9 +14,9 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     Error,
+    admin::{self, PoolSpec, QuotaSpec},
     engine::{self, TenantState, Verdict},
     mask::{PoolMask, QuotaMask},
-    ops::{self, PoolSpec, QuotaSpec},
     quota_cache::QuotaCache,
     store,
 };
@@ -223,10 +223,10 @@ impl ResourcePoolService for PoolService {
         };
         let record = self
             .write(headers, move |conn, emit| {
-                ops::put_pool(conn, emit, &spec, &mask)
+                admin::put_pool(conn, emit, &spec, &mask)
             })
             .await?;
-        Ok(Response::new(ops::pool_to_proto(&record)))
+        Ok(Response::new(admin::pool_to_proto(&record)))
     }
 
     async fn get_pool(
@@ -239,7 +239,7 @@ impl ResourcePoolService for PoolService {
         pools
             .iter()
             .find(|p| p.row.pool_id == id.as_str())
-            .map(|p| Response::new(ops::pool_to_proto(p)))
+            .map(|p| Response::new(admin::pool_to_proto(p)))
             .ok_or_else(|| {
                 Error::NotFound {
                     kind: "pool",
@@ -272,7 +272,7 @@ impl ResourcePoolService for PoolService {
                         .as_ref()
                         .is_none_or(|m| p.state.capacity.contains_key(m))
                 })
-                .map(ops::pool_to_proto)
+                .map(admin::pool_to_proto)
                 .collect(),
         }))
     }
@@ -285,10 +285,12 @@ impl ResourcePoolService for PoolService {
         let headers = propagation::headers(request.metadata());
         let id = parse_pool_id(request.into_inner().pool_id)?;
         let record = self
-            .write(headers, move |conn, emit| ops::delete_pool(conn, emit, &id))
+            .write(headers, move |conn, emit| {
+                admin::delete_pool(conn, emit, &id)
+            })
             .await?;
         Ok(Response::new(pb::DeletePoolResponse {
-            pool: Some(ops::pool_to_proto(&record)),
+            pool: Some(admin::pool_to_proto(&record)),
         }))
     }
 
@@ -325,7 +327,7 @@ impl ResourcePoolService for PoolService {
         let t = tenant.clone();
         let quota = self
             .write(headers, move |conn, emit| {
-                ops::set_quota(conn, emit, &spec, &mask)?;
+                admin::set_quota(conn, emit, &spec, &mask)?;
                 store::load_tenant(conn, t.as_str())
             })
             .await?;

@@ -2,7 +2,7 @@
 //! `WHERE` re-checks the bound) and backed by CHECK constraints, so a bug
 //! elsewhere fails the transaction instead of over-allocating.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use diesel::prelude::*;
 use gpualloc_domain::{Class, GpuModel, PoolId, Resources};
@@ -498,4 +498,189 @@ pub fn granted_on_pool(conn: &mut DbConnection, pool: &str) -> Result<i64, Error
         .filter(reservations::pool_id.eq(pool))
         .count()
         .get_result_native(conn)?)
+}
+
+/// Changes a pool's own row (its settings and version).
+pub fn update_pool(
+    conn: &mut DbConnection,
+    id: &str,
+    max_hold: Option<i64>,
+    now: i64,
+) -> Result<(), Error> {
+    diesel::update(pools::table.find(id))
+        .set((
+            pools::max_hold_micros.eq(max_hold),
+            pools::version.eq(pools::version + 1),
+            pools::update_time.eq(now),
+        ))
+        .execute_native(conn)?;
+    Ok(())
+}
+
+/// Makes a pool's capacity rows say `new`, from what they said (`old`):
+/// changed classes updated, gone ones deleted, new ones added unused.
+pub fn set_pool_capacity(
+    conn: &mut DbConnection,
+    id: &str,
+    old: &BTreeMap<Class, i64>,
+    new: &BTreeMap<Class, i64>,
+) -> Result<(), Error> {
+    let classes: BTreeSet<&Class> = old.keys().chain(new.keys()).collect();
+    for class in classes {
+        let name = class.to_string();
+        let row = pool_resources::table
+            .filter(pool_resources::pool_id.eq(id))
+            .filter(pool_resources::class.eq(&name));
+        match (old.contains_key(class), new.get(class)) {
+            (true, Some(cap)) => {
+                diesel::update(row)
+                    .set(pool_resources::capacity.eq(cap))
+                    .execute_native(conn)?;
+            }
+            (true, None) => {
+                diesel::delete(row).execute_native(conn)?;
+            }
+            (false, Some(cap)) => insert_pool_resource(conn, id, &name, *cap)?,
+            (false, None) => {}
+        }
+    }
+    Ok(())
+}
+
+pub fn insert_pool(
+    conn: &mut DbConnection,
+    id: &str,
+    max_hold: Option<i64>,
+    capacity: &BTreeMap<Class, i64>,
+    now: i64,
+) -> Result<(), Error> {
+    diesel::insert_into(pools::table)
+        .values((
+            pools::pool_id.eq(id),
+            pools::max_hold_micros.eq(max_hold),
+            pools::version.eq(1),
+            pools::create_time.eq(now),
+            pools::update_time.eq(now),
+        ))
+        .execute_native(conn)?;
+    for (class, cap) in capacity {
+        insert_pool_resource(conn, id, &class.to_string(), *cap)?;
+    }
+    Ok(())
+}
+
+fn insert_pool_resource(
+    conn: &mut DbConnection,
+    pool: &str,
+    class: &str,
+    capacity: i64,
+) -> Result<(), Error> {
+    diesel::insert_into(pool_resources::table)
+        .values((
+            pool_resources::pool_id.eq(pool),
+            pool_resources::class.eq(class),
+            pool_resources::capacity.eq(capacity),
+            pool_resources::used.eq(0),
+        ))
+        .execute_native(conn)?;
+    Ok(())
+}
+
+/// Deletes a pool and its capacity rows.
+pub fn delete_pool(conn: &mut DbConnection, id: &str) -> Result<(), Error> {
+    diesel::delete(pool_resources::table.filter(pool_resources::pool_id.eq(id)))
+        .execute_native(conn)?;
+    diesel::delete(pools::table.find(id)).execute_native(conn)?;
+    Ok(())
+}
+
+/// Changes a tenant's quota row (approval threshold, hold limit, version).
+pub fn update_quota(
+    conn: &mut DbConnection,
+    tenant: &str,
+    approval_above: &str,
+    max_hold: Option<i64>,
+    version: i64,
+    now: i64,
+) -> Result<(), Error> {
+    diesel::update(tenant_quotas::table.find(tenant))
+        .set((
+            tenant_quotas::approval_above.eq(approval_above),
+            tenant_quotas::max_hold_micros.eq(max_hold),
+            tenant_quotas::version.eq(version),
+            tenant_quotas::update_time.eq(now),
+        ))
+        .execute_native(conn)?;
+    Ok(())
+}
+
+/// Makes a tenant's limit rows say `new`, from what they said (`old`);
+/// what the tenant uses is kept.
+pub fn set_quota_limits(
+    conn: &mut DbConnection,
+    tenant: &str,
+    old: &BTreeMap<Class, i64>,
+    new: &BTreeMap<Class, i64>,
+) -> Result<(), Error> {
+    let classes: BTreeSet<&Class> = old.keys().chain(new.keys()).collect();
+    for class in classes {
+        let name = class.to_string();
+        let q = tenant_usage::table
+            .filter(tenant_usage::tenant.eq(tenant))
+            .filter(tenant_usage::class.eq(&name));
+        match (old.contains_key(class), new.get(class)) {
+            (true, Some(limit)) => {
+                diesel::update(q)
+                    .set(tenant_usage::quota_limit.eq(limit))
+                    .execute_native(conn)?;
+            }
+            (true, None) => {
+                diesel::delete(q).execute_native(conn)?;
+            }
+            (false, Some(limit)) => insert_usage(conn, tenant, &name, *limit)?,
+            (false, None) => {}
+        }
+    }
+    Ok(())
+}
+
+pub fn insert_quota(
+    conn: &mut DbConnection,
+    tenant: &str,
+    approval_above: &str,
+    max_hold: Option<i64>,
+    limits: &BTreeMap<Class, i64>,
+    now: i64,
+) -> Result<(), Error> {
+    diesel::insert_into(tenant_quotas::table)
+        .values((
+            tenant_quotas::tenant.eq(tenant),
+            tenant_quotas::approval_above.eq(approval_above),
+            tenant_quotas::max_hold_micros.eq(max_hold),
+            tenant_quotas::version.eq(1),
+            tenant_quotas::update_time.eq(now),
+        ))
+        .execute_native(conn)?;
+    for (class, limit) in limits {
+        insert_usage(conn, tenant, &class.to_string(), *limit)?;
+    }
+    Ok(())
+}
+
+fn insert_usage(
+    conn: &mut DbConnection,
+    tenant: &str,
+    class: &str,
+    limit: i64,
+) -> Result<(), Error> {
+    diesel::insert_into(tenant_usage::table)
+        .values((
+            tenant_usage::tenant.eq(tenant),
+            tenant_usage::class.eq(class),
+            tenant_usage::quota_limit.eq(limit),
+            tenant_usage::charged.eq(0),
+            tenant_usage::granted.eq(0),
+        ))
+        .execute_native(conn)?;
+    Ok(())
 }

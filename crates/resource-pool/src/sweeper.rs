@@ -9,7 +9,7 @@ use gpualloc_domain::time::now_micros;
 use gpualloc_saga::Outbox;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, ops, store};
+use crate::{Error, saga, store};
 
 const BATCH: i64 = 500;
 
@@ -17,7 +17,7 @@ pub async fn run(outbox: Outbox, interval: Duration, cancel: CancellationToken) 
     loop {
         let result = outbox
             .write(Default::default(), move |conn, emit| {
-                let swept = ops::sweep(conn, emit, BATCH)?;
+                let swept = saga::sweep(conn, emit, BATCH)?;
                 let next = store::next_deadline(conn)?;
                 Ok::<_, Error>((swept, next))
             })

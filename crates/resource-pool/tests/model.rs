@@ -26,9 +26,9 @@ use gpualloc_domain::{Capacity, Class, GpuModel, PoolId, Resources, TenantId, ti
 use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as pb};
 use gpualloc_resource_pool::{
     Error, MIGRATIONS,
+    admin::{self, PoolSpec, QuotaSpec},
     mask::{PoolMask, QuotaMask},
-    ops::{self, PoolSpec, QuotaSpec},
-    store,
+    saga, store,
 };
 use gpualloc_saga::{Emitter, Event, Payload};
 use gpualloc_storage::{Db, DbConnection, DbOptions};
@@ -296,7 +296,7 @@ impl Harness {
                 ..Default::default()
             };
             h.run(move |c, e| {
-                ops::set_quota(
+                admin::set_quota(
                     c,
                     e,
                     &QuotaSpec {
@@ -348,7 +348,7 @@ impl Harness {
             capacity,
             max_hold: None,
         };
-        self.run(move |c, e| ops::put_pool(c, e, &spec, &PoolMask::Replace))
+        self.run(move |c, e| admin::put_pool(c, e, &spec, &PoolMask::Replace))
             .map(|r| r.1)
     }
 
@@ -371,8 +371,8 @@ impl Harness {
 
     fn deliver(&self, e: Event) -> Vec<Event> {
         self.run(move |c, emit| match &e.payload {
-            Some(Payload::AllocationRequested(r)) => ops::on_requested(c, emit, &e, r),
-            Some(Payload::AllocationCancelled(r)) => ops::on_cancelled(c, emit, &e, r),
+            Some(Payload::AllocationRequested(r)) => saga::on_requested(c, emit, &e, r),
+            Some(Payload::AllocationCancelled(r)) => saga::on_cancelled(c, emit, &e, r),
             _ => Ok(()),
         })
         .unwrap()
@@ -493,7 +493,7 @@ impl Harness {
             Action::Tick(secs) => {
                 self.model.now += secs * SEC;
                 let now = self.model.now;
-                let events = self.run(|c, e| ops::sweep(c, e, 1_000)).unwrap().1;
+                let events = self.run(|c, e| saga::sweep(c, e, 1_000)).unwrap().1;
                 // Every lease that ended is released, and no other grant.
                 for (id, r) in &self.model.res {
                     let due =

@@ -11,9 +11,9 @@ use gpualloc_domain::{Capacity, Class, GpuModel, PoolId, Resources, TenantId, ti
 use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as pb};
 use gpualloc_resource_pool::{
     Error, MIGRATIONS,
+    admin::{self, PoolSpec, QuotaSpec},
     mask::{PoolMask, QuotaMask},
-    ops::{self, PoolSpec, QuotaSpec},
-    store,
+    saga, store,
 };
 use gpualloc_saga::{Emitter, Event, Payload};
 use gpualloc_storage::{Db, DbOptions, outbox};
@@ -103,9 +103,9 @@ fn cancel(id: &str, tenant: &str) -> Event {
 
 async fn apply(db: &Db, e: Event) -> Vec<Event> {
     op(db, move |c, emit| match &e.payload {
-        Some(Payload::AllocationRequested(r)) => ops::on_requested(c, emit, &e, r),
-        Some(Payload::AllocationCancelled(r)) => ops::on_cancelled(c, emit, &e, r),
-        Some(Payload::AllocationRenewalRequested(r)) => ops::on_renewal_requested(c, emit, &e, r),
+        Some(Payload::AllocationRequested(r)) => saga::on_requested(c, emit, &e, r),
+        Some(Payload::AllocationCancelled(r)) => saga::on_cancelled(c, emit, &e, r),
+        Some(Payload::AllocationRenewalRequested(r)) => saga::on_renewal_requested(c, emit, &e, r),
         _ => Ok(()),
     })
     .await
@@ -115,7 +115,7 @@ async fn apply(db: &Db, e: Event) -> Vec<Event> {
 
 async fn setup(db: &Db, pool_gpus: i64, quota_gpus: i64) {
     op(db, move |c, emit| {
-        ops::put_pool(
+        admin::put_pool(
             c,
             emit,
             &PoolSpec {
@@ -129,7 +129,7 @@ async fn setup(db: &Db, pool_gpus: i64, quota_gpus: i64) {
     .await
     .unwrap();
     op(db, move |c, emit| {
-        ops::set_quota(
+        admin::set_quota(
             c,
             emit,
             &QuotaSpec {
@@ -229,7 +229,7 @@ async fn shrinking_below_usage_is_refused(url: String) {
     setup(&db, 4, 4).await;
     apply(&db, request("a", "t", &gpus(3))).await;
     let err = op(&db, |c, emit| {
-        ops::put_pool(
+        admin::put_pool(
             c,
             emit,
             &PoolSpec {
@@ -253,7 +253,7 @@ async fn shrinking_below_usage_is_refused(url: String) {
         "{err:?}"
     );
     let err = op(&db, |c, emit| {
-        ops::set_quota(
+        admin::set_quota(
             c,
             emit,
             &QuotaSpec {
@@ -278,7 +278,7 @@ async fn shrinking_below_usage_is_refused(url: String) {
         "{err:?}"
     );
     let err = op(&db, |c, emit| {
-        ops::delete_pool(c, emit, &PoolId::parse("p").unwrap())
+        admin::delete_pool(c, emit, &PoolId::parse("p").unwrap())
     })
     .await
     .unwrap_err();
@@ -295,7 +295,7 @@ async fn shrinking_below_usage_is_refused(url: String) {
     assert_eq!(usage(&db).await, (3, 3, 3));
     // Growing is always fine.
     op(&db, |c, emit| {
-        ops::put_pool(
+        admin::put_pool(
             c,
             emit,
             &PoolSpec {
@@ -354,7 +354,7 @@ async fn masked_updates_change_only_what_they_name(url: String) {
         let mask =
             QuotaMask::parse(&paths.iter().map(|p| (*p).to_owned()).collect::<Vec<_>>()).unwrap();
         move |c: &mut gpualloc_storage::DbConnection, emit: &mut Emitter| {
-            ops::set_quota(c, emit, &spec, &mask)?;
+            admin::set_quota(c, emit, &spec, &mask)?;
             store::load_tenant(c, "t")
         }
     };
@@ -398,14 +398,14 @@ async fn masked_updates_change_only_what_they_name(url: String) {
         max_hold: None,
     };
     let mask = QuotaMask::parse(&["limits".to_owned()]).unwrap();
-    let err = op(&db, move |c, emit| ops::set_quota(c, emit, &spec, &mask))
+    let err = op(&db, move |c, emit| admin::set_quota(c, emit, &spec, &mask))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
     // A pool's CPU changed, its GPUs kept.
     let mask = PoolMask::parse(&["capacity.cpu_millis".to_owned()]).unwrap();
     let pool = op(&db, move |c, emit| {
-        ops::put_pool(
+        admin::put_pool(
             c,
             emit,
             &PoolSpec {
@@ -482,7 +482,7 @@ async fn a_renewed_lease_ends_later_and_never_earlier(url: String) {
     let sweep = |now| {
         let db = db.clone();
         async move {
-            op_at(&db, now, |c, emit| ops::sweep(c, emit, 100))
+            op_at(&db, now, |c, emit| saga::sweep(c, emit, 100))
                 .await
                 .unwrap()
         }

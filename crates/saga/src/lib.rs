@@ -12,7 +12,7 @@
 //!   transaction, record each event id in the inbox, and ack after commit.
 //!
 //! Together these make every effect happen once although delivery is
-//! at-least-once (DESIGN.md section 3).
+//! at-least-once (docs/architecture.md, "Delivery rules").
 
 mod bus;
 pub mod consumer;

@@ -13,9 +13,8 @@ use gpualloc_storage::Migration;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 
-pub mod dispatch;
 mod error;
-pub mod notify;
+pub mod notifications;
 pub mod projection;
 mod rebuild;
 mod schema;
@@ -152,7 +151,7 @@ pub async fn run(
     let notify = config
         .notify_config
         .as_deref()
-        .map(notify::Settings::load)
+        .map(notifications::Settings::load)
         .transpose()?
         .map(Arc::new);
     let platform = Platform::new(CONSUMER, SERVICE_NAME, METRICS_PORT, config.common.clone());
@@ -161,10 +160,10 @@ pub async fn run(
         .with_watch_buffer(config.watch_buffer.max(1))
         .with_watch_limits(config.max_watchers, config.max_watchers_per_tenant);
     platform.start(MIGRATIONS, move |ready| {
-        let wake = dispatch::Wake::default();
+        let wake = notifications::delivery::Wake::default();
         if let Some(settings) = notify.clone() {
             let (db, wake) = (ready.db.clone(), wake.clone());
-            ready.spawn(move |stop| dispatch::run(db, settings, wake, stop));
+            ready.spawn(move |stop| notifications::delivery::run(db, settings, wake, stop));
         }
         ready.spawn_consumer(
             ConsumerSpec::new(CONSUMER, subjects::FILTER_ALL, &ready.origin),
@@ -199,19 +198,19 @@ pub async fn notifications(
     db.migrate(&[gpualloc_storage::MIGRATIONS, MIGRATIONS])
         .await?;
     if requeue {
-        let n = dispatch::requeue(&db).await?;
+        let n = notifications::delivery::requeue(&db).await?;
         println!("requeued {n} parked deliveries");
         return Ok(());
     }
     let status = status.to_uppercase();
     let filter = match status.as_str() {
         "ALL" => None,
-        notify::status::PENDING | notify::status::DELIVERED | notify::status::PARKED => {
-            Some(status)
-        }
+        notifications::status::PENDING
+        | notifications::status::DELIVERED
+        | notifications::status::PARKED => Some(status),
         other => anyhow::bail!("unknown status {other:?}: PENDING, DELIVERED, PARKED or ALL"),
     };
-    let rows = dispatch::list(&db, filter, limit.max(1)).await?;
+    let rows = notifications::delivery::list(&db, filter, limit.max(1)).await?;
     println!("ID\tSTATUS\tCHANNEL\tTENANT\tALLOCATION\tKIND\tATTEMPTS\tCREATED\tLAST ERROR");
     for d in &rows {
         println!(
@@ -223,7 +222,7 @@ pub async fn notifications(
             d.allocation_id,
             d.kind,
             d.attempts,
-            notify::rfc3339(d.create_time),
+            notifications::rfc3339(d.create_time),
             d.last_error
         );
     }

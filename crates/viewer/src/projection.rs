@@ -15,7 +15,7 @@ use prost::Message;
 
 use crate::{
     Error,
-    notify::Settings,
+    notifications::Settings,
     schema::{allocation_history, allocation_views, tenant_quota_views},
 };
 
@@ -27,7 +27,7 @@ pub struct Projection {
     pub changes: crate::watch::Changes,
     /// `None`: notifications are off.
     pub notify: Option<std::sync::Arc<Settings>>,
-    pub wake: crate::dispatch::Wake,
+    pub wake: crate::notifications::delivery::Wake,
 }
 
 impl Handler for Projection {
@@ -198,7 +198,7 @@ pub fn project(
                     .as_ref()
                     .map(time::from_timestamp)
                     .unwrap_or(now);
-                let n = crate::notify::of_hold(
+                let n = crate::notifications::of_hold(
                     &event.event_id,
                     &event.tenant,
                     &event.allocation_id,
@@ -207,7 +207,7 @@ pub fn project(
                     &h.reason,
                     when,
                 );
-                crate::notify::enqueue(conn, settings, &n, now)?;
+                crate::notifications::enqueue(conn, settings, &n, now)?;
             }
             Ok(())
         }
@@ -307,9 +307,10 @@ fn apply_change(
     let kind = match apb::State::try_from(a.state) {
         Ok(apb::State::Allocated) if previous == state => {
             let before = current.and_then(|(_, e)| e);
-            (expire_time > before && before.is_some()).then_some(crate::notify::Kind::LeaseRenewed)
+            (expire_time > before && before.is_some())
+                .then_some(crate::notifications::Kind::LeaseRenewed)
         }
-        Ok(s) => crate::notify::Kind::of_state(s),
+        Ok(s) => crate::notifications::Kind::of_state(s),
         Err(_) => None,
     };
     let current = current.map(|(v, _)| v);
@@ -359,8 +360,8 @@ fn apply_change(
         Some(_) => return Ok(()),
     }
     if let (Some(settings), Some(kind)) = (notify, kind) {
-        let n = crate::notify::of_change(&event.event_id, kind, a, now);
-        crate::notify::enqueue(conn, settings, &n, now)?;
+        let n = crate::notifications::of_change(&event.event_id, kind, a, now);
+        crate::notifications::enqueue(conn, settings, &n, now)?;
     }
     Ok(())
 }

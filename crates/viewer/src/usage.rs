@@ -302,8 +302,8 @@ pub fn combine(
     out
 }
 
-use crate::notify::civil_from_days;
-pub use crate::notify::rfc3339;
+use gpualloc_domain::time::civil_from_days;
+pub use gpualloc_domain::time::rfc3339;
 
 /// The UTC month ("YYYY-MM") that `micros` falls in.
 pub fn month_of(micros: i64) -> String {

@@ -22,18 +22,12 @@ pub struct Errors<S> {
     inner: S,
 }
 
-/// The status for an error of a layer: tower's timeout and load-shed
-/// errors by their meaning, a status as itself, anything else as
-/// `UNAVAILABLE` (the client may retry elsewhere).
+/// The status for an error of a layer: a status as itself (our timeout,
+/// shedding and rate limits answer with statuses of their own), anything
+/// else as `UNAVAILABLE` (the client may retry elsewhere).
 pub fn to_status(e: &(dyn std::error::Error + 'static)) -> Status {
     if let Some(s) = e.downcast_ref::<Status>() {
         return s.clone();
-    }
-    if e.is::<tower::timeout::error::Elapsed>() {
-        return Status::deadline_exceeded("the request took longer than the server allows");
-    }
-    if e.is::<tower::load_shed::error::Overloaded>() {
-        return Status::resource_exhausted("the server is at its concurrency limit; retry later");
     }
     Status::new(Code::Unavailable, format!("request failed: {e}"))
 }

@@ -3,13 +3,17 @@
 //! The projection decides *what* to tell, inside its own transaction: for
 //! each state change worth a message it stores one delivery row per
 //! matching channel, keyed by (event id, channel) so a redelivered or
-//! replayed event never creates a second one. The [`dispatch`] task then
+//! replayed event never creates a second one. The [`delivery`] task then
 //! does the slow part — HTTP calls to webhooks, Slack or KakaoTalk — on
 //! its own schedule, retrying with exponential backoff and jitter and
 //! parking what keeps failing, so a dead receiver never holds up the
 //! projection.
 //!
-//! [`dispatch`]: crate::dispatch
+//! Nothing else in the viewer depends on what is in here but the
+//! projection's call to [`enqueue`] and the service's start of
+//! [`delivery::run`].
+
+pub mod delivery;
 
 use std::{collections::BTreeSet, path::Path, time::Duration};
 

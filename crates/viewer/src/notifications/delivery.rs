@@ -1,4 +1,4 @@
-//! Delivers stored notifications (see [`crate::notify`]).
+//! Delivers stored notifications (see [`super`]).
 //!
 //! Every replica runs a dispatcher. A dispatcher claims due deliveries by
 //! moving their next attempt past a lease (a conditional UPDATE, so two
@@ -26,9 +26,9 @@ use sha2::Sha256;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::{self as notify, Notification, Settings, Target, status};
 use crate::{
     Error,
-    notify::{self, Notification, Settings, Target, status},
     schema::{allocation_views, notifications},
 };
 
