@@ -95,11 +95,14 @@ impl Relay {
                 _ = self.notify.notified() => {}
                 _ = tokio::time::sleep(config.poll) => {}
             }
+            let drained = drain(&db, &bus, &config).await;
+            // Measured after the round: what is still waiting once the
+            // relay did what it could (during a broker outage, everything).
             if tokio::time::Instant::now() >= next_sample {
                 next_sample = tokio::time::Instant::now() + BACKLOG_SAMPLE;
                 sample_backlog(&db, &config.service).await;
             }
-            match drain(&db, &bus, &config).await {
+            match drained {
                 Ok(_) => failures = 0,
                 Err(e) => {
                     failures += 1;
