@@ -278,18 +278,28 @@ pub async fn stream_info(mesh: &Mesh) -> async_nats::jetstream::stream::Info {
         .clone()
 }
 
-/// Every event in the stream: (stream messages, distinct event ids) per
-/// allocation.
-pub async fn events_per_allocation(mesh: &Mesh) -> BTreeMap<String, (usize, BTreeSet<String>)> {
+/// Every message in the test's stream that decodes as an event: (stream
+/// sequence, subject, event).
+pub async fn stream_events(mesh: &Mesh) -> Vec<(u64, String, ev::Event)> {
     let js = mesh.jetstream().await;
     let mut stream = js.get_stream(&mesh.stream).await.unwrap();
     let last = stream.info().await.unwrap().state.last_sequence;
-    let mut out: BTreeMap<String, (usize, BTreeSet<String>)> = BTreeMap::new();
+    let mut out = Vec::new();
     for seq in 1..=last {
         let Ok(message) = stream.get_raw_message(seq).await else {
             continue;
         };
         let event = ev::Event::decode(message.payload.clone()).unwrap();
+        out.push((seq, message.subject.to_string(), event));
+    }
+    out
+}
+
+/// Every event in the stream: (stream messages, distinct event ids) per
+/// allocation.
+pub async fn events_per_allocation(mesh: &Mesh) -> BTreeMap<String, (usize, BTreeSet<String>)> {
+    let mut out: BTreeMap<String, (usize, BTreeSet<String>)> = BTreeMap::new();
+    for (_, _, event) in stream_events(mesh).await {
         if event.allocation_id.is_empty() {
             continue;
         }

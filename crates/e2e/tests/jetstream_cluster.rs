@@ -176,28 +176,20 @@ async fn settled(
 
 /// Every event of allocation `id` in the stream, for a failure message.
 async fn describe(mesh: &Mesh, id: &str) -> Vec<String> {
-    use prost::Message as _;
-    let js = mesh.jetstream().await;
-    let mut stream = js.get_stream(&mesh.stream).await.unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        let Ok(m) = stream.get_raw_message(seq).await else {
-            continue;
-        };
-        let e = gpualloc_proto::events::v1::Event::decode(m.payload.clone()).unwrap();
-        if e.allocation_id == id {
+    stream_events(mesh)
+        .await
+        .into_iter()
+        .filter(|(_, _, e)| e.allocation_id == id)
+        .map(|(seq, subject, e)| {
             let payload = format!("{:?}", e.payload);
-            out.push(format!(
-                "#{seq} {} {} v{} {}",
-                m.subject,
+            format!(
+                "#{seq} {subject} {} v{} {}",
                 e.event_id,
                 e.aggregate_version,
                 &payload[..payload.len().min(160)]
-            ));
-        }
-    }
-    out
+            )
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -28,14 +28,6 @@ impl Outbox {
         }
     }
 
-    pub fn db(&self) -> &Db {
-        &self.db
-    }
-
-    pub fn origin(&self) -> &str {
-        &self.origin
-    }
-
     /// Runs `f` in one write transaction (again on a retryable error, with
     /// a fresh emitter), commits the events it emitted with it, and wakes
     /// the relay when there were any. `headers` is the trace context the
