@@ -18,12 +18,14 @@ use tonic::server::NamedService;
 pub mod breaker;
 mod error;
 mod handler;
+pub mod machine;
 pub mod ops;
 mod quota;
 mod reconciler;
 mod schema;
 mod service;
 pub mod store;
+mod wire;
 
 pub use error::Error;
 pub use handler::PoolDecisions;

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use gpualloc_client::{Failover, Policy};
 use gpualloc_domain::{Resources, TenantId};
-use gpualloc_platform::{Caller, propagation};
+use gpualloc_platform::{Caller, CallerExt, propagation};
 use gpualloc_proto::resourcepool::v1::{
     self as rp, resource_pool_service_client::ResourcePoolServiceClient,
 };

@@ -3,7 +3,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use gpualloc_domain::{AllocationId, Resources, Violations, time};
-use gpualloc_platform::{Caller, DbHandle, propagation, status};
+use gpualloc_platform::{Caller, CallerExt, DbHandle, propagation, status};
 use gpualloc_proto::{
     allocation::v1::{self as pb, allocation_service_server::AllocationService},
     resourcepool::v1 as rp,
@@ -17,9 +17,10 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     Error,
-    ops::{self, NewAllocation},
+    machine::{Allocation, NewAllocation},
+    ops,
     quota::{Advice, QuotaClient},
-    store::AllocRow,
+    wire,
 };
 
 const MAX_LABELS: usize = 32;
@@ -43,9 +44,13 @@ impl AllocationApi {
         }
     }
 
-    async fn write<F>(&self, headers: BTreeMap<String, String>, mut f: F) -> Result<AllocRow, Error>
+    async fn write<F>(
+        &self,
+        headers: BTreeMap<String, String>,
+        mut f: F,
+    ) -> Result<Allocation, Error>
     where
-        F: FnMut(&mut DbConnection, &mut Emitter) -> Result<AllocRow, Error> + Send + 'static,
+        F: FnMut(&mut DbConnection, &mut Emitter) -> Result<Allocation, Error> + Send + 'static,
     {
         let db = self
             .db
@@ -57,8 +62,8 @@ impl AllocationApi {
     }
 }
 
-fn respond(row: AllocRow) -> Result<Response<pb::Allocation>, Status> {
-    Ok(Response::new(row.to_proto()?))
+fn respond(allocation: Allocation) -> Result<Response<pb::Allocation>, Status> {
+    Ok(Response::new(wire::to_proto(&allocation)))
 }
 
 fn parse_id(s: &str) -> Result<AllocationId, Status> {
@@ -259,7 +264,7 @@ impl AllocationService for AllocationApi {
             .await
         {
             Ok(row) => {
-                tracing::debug!(allocation_id = %row.allocation_id, tenant = %row.tenant, state = %row.state, "allocation created");
+                tracing::debug!(allocation_id = %row.id, tenant = %row.tenant, state = %row.state, "allocation created");
                 respond(row)
             }
             // Two concurrent calls with one key: the loser returns the

@@ -1,92 +1,128 @@
 //! The allocation service's queries: allocation rows (get, by request id,
 //! insert, optimistic update), sagas due for a re-drive, and approval
-//! decisions. Nothing here decides; `ops` does.
-
-use std::collections::BTreeMap;
+//! decisions, each row mapped to and from an [`Allocation`] here and
+//! nowhere else. Nothing here decides; `machine` does.
 
 use diesel::prelude::*;
-use gpualloc_domain::{Resources, State, time};
-use gpualloc_proto::{allocation::v1 as pb, resourcepool::v1 as rp};
+use gpualloc_domain::{AllocationId, PoolId, State, TenantId};
 use gpualloc_storage::{DbConnection, Native, update_cached};
 
 use crate::{
     Error,
+    machine::Allocation,
     schema::{allocations, approvals},
 };
 
-/// One allocation as stored.
+/// One allocation as stored: resources and labels as JSON, ids and the
+/// state as text. Only this file sees it; everything else gets an
+/// [`Allocation`].
 #[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable, Insertable, AsChangeset)]
 #[diesel(table_name = allocations, treat_none_as_null = true)]
-pub struct AllocRow {
-    pub allocation_id: String,
-    pub tenant: String,
-    pub state: String,
-    pub reason: String,
-    pub resources: String,
-    pub pool_id: Option<String>,
-    pub priority: i32,
-    pub request_id: Option<String>,
-    pub fingerprint: String,
-    pub labels: String,
-    pub lease_micros: Option<i64>,
-    pub version: i64,
-    pub pool_version: i64,
-    pub approved_time: Option<i64>,
-    pub create_time: i64,
-    pub update_time: i64,
-    pub expire_time: Option<i64>,
-    pub redrives: i32,
-    pub redrive_time: Option<i64>,
-    pub display_name: String,
+struct AllocRow {
+    allocation_id: String,
+    tenant: String,
+    state: String,
+    reason: String,
+    resources: String,
+    pool_id: Option<String>,
+    priority: i32,
+    request_id: Option<String>,
+    fingerprint: String,
+    labels: String,
+    lease_micros: Option<i64>,
+    version: i64,
+    pool_version: i64,
+    approved_time: Option<i64>,
+    create_time: i64,
+    update_time: i64,
+    expire_time: Option<i64>,
+    redrives: i32,
+    redrive_time: Option<i64>,
+    display_name: String,
 }
 
-impl AllocRow {
-    pub fn state(&self) -> Result<State, Error> {
-        State::parse(&self.state)
-            .ok_or_else(|| Error::Invariant(format!("stored state {:?}", self.state)))
-    }
+impl TryFrom<AllocRow> for Allocation {
+    type Error = Error;
 
-    pub fn resources(&self) -> Result<Resources, Error> {
-        serde_json::from_str(&self.resources)
-            .map_err(|e| Error::Invariant(format!("stored resources: {e}")))
-    }
-
-    pub fn labels(&self) -> BTreeMap<String, String> {
-        serde_json::from_str(&self.labels).unwrap_or_default()
-    }
-
-    pub fn to_proto(&self) -> Result<pb::Allocation, Error> {
-        let state = self.state()?;
-        // Terminal states never change again: their last update is the end.
-        let ended = matches!(state, State::Cancelled | State::Expired | State::Rejected);
-        let early = matches!(state, State::Cancelled | State::Rejected);
-        Ok(pb::Allocation {
-            allocation_id: self.allocation_id.clone(),
-            tenant: self.tenant.clone(),
-            resources: Some(rp::Resources::from(&self.resources()?)),
-            state: state.to_proto() as i32,
-            reason: self.reason.clone(),
-            pool: self.pool_id.clone().unwrap_or_default(),
-            priority: self.priority,
-            request_id: self.request_id.clone().unwrap_or_default(),
-            labels: self.labels(),
-            version: self.version,
-            create_time: Some(time::to_timestamp(self.create_time)),
-            update_time: Some(time::to_timestamp(self.update_time)),
-            expire_time: self.expire_time.filter(|_| !early).map(time::to_timestamp),
-            lease: self.lease_micros.map(time::to_duration),
-            display_name: self.display_name.clone(),
-            end_time: ended.then(|| time::to_timestamp(self.update_time)),
+    fn try_from(row: AllocRow) -> Result<Allocation, Error> {
+        let stored = |what: &str, e: String| Error::Invariant(format!("stored {what}: {e}"));
+        Ok(Allocation {
+            id: AllocationId::parse(&row.allocation_id).map_err(|e| stored("id", e))?,
+            tenant: TenantId::parse(row.tenant).map_err(|e| stored("tenant", e))?,
+            state: State::parse(&row.state)
+                .ok_or_else(|| stored("state", format!("{:?}", row.state)))?,
+            reason: row.reason,
+            resources: serde_json::from_str(&row.resources)
+                .map_err(|e| stored("resources", e.to_string()))?,
+            pool: row
+                .pool_id
+                .map(PoolId::parse)
+                .transpose()
+                .map_err(|e| stored("pool", e))?,
+            priority: row.priority,
+            request_id: row.request_id,
+            fingerprint: row.fingerprint,
+            // Labels are informational: unreadable ones are shown as none
+            // rather than making the allocation unreadable.
+            labels: serde_json::from_str(&row.labels).unwrap_or_default(),
+            lease: row.lease_micros,
+            version: row.version,
+            pool_version: row.pool_version,
+            approved_time: row.approved_time,
+            create_time: row.create_time,
+            update_time: row.update_time,
+            expire_time: row.expire_time,
+            redrives: row.redrives,
+            redrive_time: row.redrive_time,
+            display_name: row.display_name,
         })
     }
 }
 
-pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<AllocRow>, Error> {
-    Ok(gpualloc_storage::native!(conn, |c| allocations::table
-        .find(id)
-        .select(AllocRow::as_select())
-        .get_result(c))
-    .optional()?)
+impl TryFrom<&Allocation> for AllocRow {
+    type Error = Error;
+
+    fn try_from(a: &Allocation) -> Result<AllocRow, Error> {
+        let json =
+            |v: Result<String, serde_json::Error>| v.map_err(|e| Error::Invariant(e.to_string()));
+        Ok(AllocRow {
+            allocation_id: a.id.to_string(),
+            tenant: a.tenant.to_string(),
+            state: a.state.as_str().to_owned(),
+            reason: a.reason.clone(),
+            resources: json(serde_json::to_string(&a.resources))?,
+            pool_id: a.pool.as_ref().map(ToString::to_string),
+            priority: a.priority,
+            request_id: a.request_id.clone(),
+            fingerprint: a.fingerprint.clone(),
+            labels: json(serde_json::to_string(&a.labels))?,
+            lease_micros: a.lease,
+            version: a.version,
+            pool_version: a.pool_version,
+            approved_time: a.approved_time,
+            create_time: a.create_time,
+            update_time: a.update_time,
+            expire_time: a.expire_time,
+            redrives: a.redrives,
+            redrive_time: a.redrive_time,
+            display_name: a.display_name.clone(),
+        })
+    }
+}
+
+fn loaded(row: Option<AllocRow>) -> Result<Option<Allocation>, Error> {
+    row.map(Allocation::try_from).transpose()
+}
+
+pub fn get(conn: &mut DbConnection, id: &AllocationId) -> Result<Option<Allocation>, Error> {
+    let id = id.to_string();
+    loaded(
+        gpualloc_storage::native!(conn, |c| allocations::table
+            .find(&id)
+            .select(AllocRow::as_select())
+            .get_result(c))
+        .optional()?,
+    )
 }
 
 // Lookups by a unique key use `get_result`, not `first`: `first` adds a
@@ -95,32 +131,39 @@ pub fn get(conn: &mut DbConnection, id: &str) -> Result<Option<AllocRow>, Error>
 // path a quarter of its CPU (docs/benchmarks.md).
 pub fn by_request_id(
     conn: &mut DbConnection,
-    tenant: &str,
+    tenant: &TenantId,
     request_id: &str,
-) -> Result<Option<AllocRow>, Error> {
-    Ok(gpualloc_storage::native!(conn, |c| allocations::table
-        .filter(allocations::tenant.eq(tenant))
-        .filter(allocations::request_id.eq(request_id))
-        .select(AllocRow::as_select())
-        .get_result(c))
-    .optional()?)
+) -> Result<Option<Allocation>, Error> {
+    loaded(
+        gpualloc_storage::native!(conn, |c| allocations::table
+            .filter(allocations::tenant.eq(tenant.as_str()))
+            .filter(allocations::request_id.eq(request_id))
+            .select(AllocRow::as_select())
+            .get_result(c))
+        .optional()?,
+    )
 }
 
-pub fn insert(conn: &mut DbConnection, row: &AllocRow) -> Result<(), Error> {
+pub fn insert(conn: &mut DbConnection, allocation: &Allocation) -> Result<(), Error> {
     diesel::insert_into(allocations::table)
-        .values(row)
+        .values(AllocRow::try_from(allocation)?)
         .execute_native(conn)?;
     Ok(())
 }
 
-/// Writes `row` if the stored version is still `expected_version`
+/// Writes `allocation` if the stored version is still `expected_version`
 /// (optimistic concurrency: a lost race is retried by the caller).
-pub fn update(conn: &mut DbConnection, row: &AllocRow, expected_version: i64) -> Result<(), Error> {
+pub fn update(
+    conn: &mut DbConnection,
+    allocation: &Allocation,
+    expected_version: i64,
+) -> Result<(), Error> {
+    let row = AllocRow::try_from(allocation)?;
     let n = update_cached(
         allocations::table
             .filter(allocations::allocation_id.eq(&row.allocation_id))
             .filter(allocations::version.eq(expected_version)),
-        row,
+        &row,
     )
     .execute_native(conn)?;
     if n == 1 {
@@ -137,8 +180,8 @@ pub fn waiting_since(
     before: i64,
     now: i64,
     limit: i64,
-) -> Result<Vec<AllocRow>, Error> {
-    Ok(gpualloc_storage::native!(conn, |c| allocations::table
+) -> Result<Vec<Allocation>, Error> {
+    let rows = gpualloc_storage::native!(conn, |c| allocations::table
         .filter(allocations::state.eq_any([State::Pending.as_str(), State::Cancelling.as_str()]))
         .filter(allocations::update_time.lt(before))
         .filter(
@@ -149,12 +192,13 @@ pub fn waiting_since(
         .order(allocations::update_time)
         .limit(limit)
         .select(AllocRow::as_select())
-        .load(c))?)
+        .load(c))?;
+    rows.into_iter().map(Allocation::try_from).collect()
 }
 
 pub fn record_decision(
     conn: &mut DbConnection,
-    id: &str,
+    id: &AllocationId,
     decision: &str,
     reason: &str,
     decided_by: &str,
@@ -162,7 +206,7 @@ pub fn record_decision(
 ) -> Result<(), Error> {
     diesel::insert_into(approvals::table)
         .values((
-            approvals::allocation_id.eq(id),
+            approvals::allocation_id.eq(id.to_string()),
             approvals::decision.eq(decision),
             approvals::reason.eq(reason),
             approvals::decided_by.eq(decided_by),
@@ -172,24 +216,29 @@ pub fn record_decision(
     Ok(())
 }
 
-pub fn decision(conn: &mut DbConnection, id: &str) -> Result<Option<String>, Error> {
+pub fn decision(conn: &mut DbConnection, id: &AllocationId) -> Result<Option<String>, Error> {
     Ok(approvals::table
-        .find(id)
+        .find(id.to_string())
         .select(approvals::decision)
         .get_result_native(conn)
         .optional()?)
 }
 
-/// Claims a re-drive of `row`: true for exactly one of several replicas
+/// Claims a re-drive of `allocation`: true for exactly one of several replicas
 /// racing on it (and false if the saga moved meanwhile).
-pub fn claim_redrive(conn: &mut DbConnection, row: &AllocRow, next: i64) -> Result<bool, Error> {
+pub fn claim_redrive(
+    conn: &mut DbConnection,
+    allocation: &Allocation,
+    next: i64,
+) -> Result<bool, Error> {
+    let id = allocation.id.to_string();
     let n = update_cached(
         allocations::table
-            .filter(allocations::allocation_id.eq(&row.allocation_id))
-            .filter(allocations::version.eq(row.version))
-            .filter(allocations::redrives.eq(row.redrives)),
+            .filter(allocations::allocation_id.eq(&id))
+            .filter(allocations::version.eq(allocation.version))
+            .filter(allocations::redrives.eq(allocation.redrives)),
         (
-            allocations::redrives.eq(row.redrives + 1),
+            allocations::redrives.eq(allocation.redrives + 1),
             allocations::redrive_time.eq(next),
         ),
     )

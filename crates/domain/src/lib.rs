@@ -1,7 +1,7 @@
 //! Domain types shared by the three gpualloc services: identifiers,
 //! resource bundles and their accounting classes, pool capacity, allocation
 //! states with their transition rules, time conversions, and the one
-//! backoff every retry uses.
+//! backoff every retry uses, and the caller a request acts for.
 //!
 //! The gRPC layer of each service turns prost messages into these types once
 //! (`Resources::try_from`, `TenantId::parse`, ...) and collects every problem
@@ -9,6 +9,7 @@
 //! and never re-validate.
 
 mod backoff;
+mod caller;
 mod ids;
 mod resources;
 mod state;
@@ -16,6 +17,7 @@ pub mod time;
 mod violation;
 
 pub use backoff::Backoff;
+pub use caller::Caller;
 pub use ids::{AllocationId, CustomClass, GpuModel, PoolId, TenantId};
 pub use resources::{Capacity, Class, MAX_AMOUNT, MAX_CUSTOM_CLASSES, Resources};
 pub use state::State;

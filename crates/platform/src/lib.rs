@@ -21,4 +21,4 @@ pub use auth::{AuthConfig, AuthMode, Authenticator};
 pub use config::CommonConfig;
 pub use gpualloc_auth::truncate;
 pub use host::{BusReady, DbHandle, Platform};
-pub use identity::Caller;
+pub use identity::{Caller, CallerExt};

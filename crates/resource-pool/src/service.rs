@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use gpualloc_domain::{Capacity, Class, GpuModel, PoolId, Resources, TenantId, Violations, time};
-use gpualloc_platform::{Caller, DbHandle, propagation};
+use gpualloc_platform::{Caller, CallerExt, DbHandle, propagation};
 use gpualloc_proto::resourcepool::v1::{
     self as pb, resource_pool_service_server::ResourcePoolService,
 };

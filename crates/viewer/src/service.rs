@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use gpualloc_domain::{AllocationId, State, TenantId, Violations};
-use gpualloc_platform::{Caller, DbHandle, status};
+use gpualloc_platform::{Caller, CallerExt, DbHandle, status};
 use gpualloc_proto::viewer::v1::{self as pb, viewer_service_server::ViewerService};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};

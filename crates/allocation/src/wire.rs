@@ -1,0 +1,74 @@
+//! The allocation as messages: the API's `Allocation` a caller receives,
+//! and the payloads of the events this service publishes. The only place
+//! that builds them from an [`Allocation`].
+
+use gpualloc_domain::{State, time};
+use gpualloc_proto::{allocation::v1 as pb, events::v1 as ev, resourcepool::v1 as rp};
+use gpualloc_saga::Payload;
+
+use crate::machine::{Allocation, Fact};
+
+/// What a caller sees.
+pub fn to_proto(a: &Allocation) -> pb::Allocation {
+    let early = matches!(a.state, State::Cancelled | State::Rejected);
+    pb::Allocation {
+        allocation_id: a.id.to_string(),
+        tenant: a.tenant.to_string(),
+        resources: Some(rp::Resources::from(&a.resources)),
+        state: a.state.to_proto() as i32,
+        reason: a.reason.clone(),
+        pool: a.pool.as_ref().map(ToString::to_string).unwrap_or_default(),
+        priority: a.priority,
+        request_id: a.request_id.clone().unwrap_or_default(),
+        labels: a.labels.clone().into_iter().collect(),
+        version: a.version,
+        create_time: Some(time::to_timestamp(a.create_time)),
+        update_time: Some(time::to_timestamp(a.update_time)),
+        // An allocation that never ran has no expiry to show.
+        expire_time: a.expire_time.filter(|_| !early).map(time::to_timestamp),
+        lease: a.lease.map(time::to_duration),
+        display_name: a.display_name.clone(),
+        end_time: a.end_time().map(time::to_timestamp),
+    }
+}
+
+/// The payload announcing `fact`, a fact of the step that ended with
+/// `next`, with the version it belongs to.
+pub fn payload(next: &Allocation, fact: &Fact) -> (i64, Payload) {
+    match fact {
+        Fact::Changed {
+            snapshot,
+            previous,
+            actor,
+        } => (
+            snapshot.version,
+            Payload::AllocationStateChanged(ev::AllocationStateChanged {
+                previous_state: previous.map(|s| s.to_proto() as i32).unwrap_or(0),
+                allocation: Some(to_proto(snapshot)),
+                actor: actor.clone(),
+            }),
+        ),
+        Fact::PlacementRequested => (
+            next.version,
+            Payload::AllocationRequested(ev::AllocationRequested {
+                resources: Some(rp::Resources::from(&next.resources)),
+                priority: next.priority,
+                lease: next.lease.map(time::to_duration),
+                create_time: Some(time::to_timestamp(next.create_time)),
+                approved: next.approved_time.is_some(),
+            }),
+        ),
+        Fact::ReleaseRequested => (
+            next.version,
+            Payload::AllocationCancelled(ev::AllocationCancelled {
+                reason: next.reason.clone(),
+            }),
+        ),
+        Fact::RenewalRequested { end } => (
+            next.version,
+            Payload::AllocationRenewalRequested(ev::AllocationRenewalRequested {
+                expire_time: Some(time::to_timestamp(*end)),
+            }),
+        ),
+    }
+}
