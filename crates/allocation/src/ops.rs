@@ -51,7 +51,7 @@ pub fn create(
     // Every change of the allocation travels whole in an event: one the
     // broker would refuse must not be accepted (the per-field limits keep
     // requests far below this; this holds if they grow).
-    let size = prost::Message::encoded_len(&wire::to_proto(&next));
+    let size = prost::Message::encoded_len(&wire::snapshot(&next));
     if size > MAX_EVENT_BYTES {
         return Err(Error::Invalid(gpualloc_domain::Violations::single(
             "labels",

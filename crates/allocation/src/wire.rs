@@ -1,5 +1,6 @@
 //! The allocation as messages: the API's `Allocation` a caller receives,
-//! and the payloads of the events this service publishes. The only place
+//! and the events' snapshot and payloads this service publishes — two
+//! contracts that may drift apart. The only place
 //! that builds them from an [`Allocation`].
 
 use gpualloc_domain::{State, time};
@@ -20,11 +21,35 @@ pub fn to_proto(a: &Allocation) -> pb::Allocation {
         pool: a.pool.as_ref().map(ToString::to_string).unwrap_or_default(),
         priority: a.priority,
         request_id: a.request_id.clone().unwrap_or_default(),
-        labels: a.labels.clone().into_iter().collect(),
+        labels: a.labels.clone(),
         version: a.version,
         create_time: Some(time::to_timestamp(a.create_time)),
         update_time: Some(time::to_timestamp(a.update_time)),
         // An allocation that never ran has no expiry to show.
+        expire_time: a.expire_time.filter(|_| !early).map(time::to_timestamp),
+        lease: a.lease.map(time::to_duration),
+        display_name: a.display_name.clone(),
+        end_time: a.end_time().map(time::to_timestamp),
+    }
+}
+
+/// The allocation as events carry it: the events' own message, which
+/// changes only when the saga's contract does, whatever the API does.
+pub fn snapshot(a: &Allocation) -> ev::AllocationSnapshot {
+    let early = matches!(a.state, State::Cancelled | State::Rejected);
+    ev::AllocationSnapshot {
+        allocation_id: a.id.to_string(),
+        tenant: a.tenant.to_string(),
+        resources: Some(ev::Resources::from(&a.resources)),
+        state: a.state.to_event() as i32,
+        reason: a.reason.clone(),
+        pool: a.pool.as_ref().map(ToString::to_string).unwrap_or_default(),
+        priority: a.priority,
+        request_id: a.request_id.clone().unwrap_or_default(),
+        labels: a.labels.clone(),
+        version: a.version,
+        create_time: Some(time::to_timestamp(a.create_time)),
+        update_time: Some(time::to_timestamp(a.update_time)),
         expire_time: a.expire_time.filter(|_| !early).map(time::to_timestamp),
         lease: a.lease.map(time::to_duration),
         display_name: a.display_name.clone(),
@@ -43,15 +68,15 @@ pub fn payload(next: &Allocation, fact: &Fact) -> (i64, Payload) {
         } => (
             snapshot.version,
             Payload::AllocationStateChanged(ev::AllocationStateChanged {
-                previous_state: previous.map(|s| s.to_proto() as i32).unwrap_or(0),
-                allocation: Some(to_proto(snapshot)),
+                previous_state: previous.map(|s| s.to_event() as i32).unwrap_or(0),
+                allocation: Some(self::snapshot(snapshot)),
                 actor: actor.clone(),
             }),
         ),
         Fact::PlacementRequested => (
             next.version,
             Payload::AllocationRequested(ev::AllocationRequested {
-                resources: Some(rp::Resources::from(&next.resources)),
+                resources: Some(ev::Resources::from(&next.resources)),
                 priority: next.priority,
                 lease: next.lease.map(time::to_duration),
                 create_time: Some(time::to_timestamp(next.create_time)),

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, fmt, str::FromStr};
 
-use gpualloc_proto::resourcepool::v1 as pb;
+use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as pb};
 use serde::{Deserialize, Serialize};
 
 use crate::{CustomClass, GpuModel, Violations};
@@ -121,37 +121,44 @@ pub struct Resources {
     pub custom: BTreeMap<CustomClass, i64>,
 }
 
-/// Shape checks every bundle passes: amounts in range, names valid, and a
-/// model only together with GPUs. Whether the bundle may be empty or carry
-/// a model depends on its use; see [`Resources::parse_request`] and
-/// [`Resources::parse_limits`].
-impl TryFrom<pb::Resources> for Resources {
-    type Error = Violations;
+/// Resources travel in two contracts with the same shape — the API's
+/// `gpualloc.resourcepool.v1.Resources` and the events'
+/// `gpualloc.events.v1.Resources` — and convert the same way from both.
+macro_rules! resources_message {
+    ($msg:ty) => {
+        /// Shape checks every bundle passes: amounts in range, names valid, and a
+        /// model only together with GPUs. Whether the bundle may be empty or carry
+        /// a model depends on its use; see [`Resources::parse_request`] and
+        /// [`Resources::parse_limits`].
+        impl TryFrom<$msg> for Resources {
+            type Error = Violations;
 
-    fn try_from(p: pb::Resources) -> Result<Self, Violations> {
-        let mut v = Violations::new();
-        let cpu_millis = v.check("cpu_millis", amount(p.cpu_millis));
-        let memory_mib = v.check("memory_mib", amount(p.memory_mib));
-        let gpus = v.check("gpus", amount(i64::from(p.gpus)));
-        let storage_gib = v.check("storage_gib", amount(p.storage_gib));
-        let gpu_model = if p.gpu_model.is_empty() {
-            None
-        } else {
-            v.check("gpu_model", GpuModel::parse(p.gpu_model))
-        };
-        if gpu_model.is_some() && p.gpus == 0 {
-            v.add("gpu_model", "a GPU model needs gpus > 0");
+            fn try_from(p: $msg) -> Result<Self, Violations> {
+                let mut v = Violations::new();
+                let cpu_millis = v.check("cpu_millis", amount(p.cpu_millis));
+                let memory_mib = v.check("memory_mib", amount(p.memory_mib));
+                let gpus = v.check("gpus", amount(i64::from(p.gpus)));
+                let storage_gib = v.check("storage_gib", amount(p.storage_gib));
+                let gpu_model = if p.gpu_model.is_empty() {
+                    None
+                } else {
+                    v.check("gpu_model", GpuModel::parse(p.gpu_model))
+                };
+                if gpu_model.is_some() && p.gpus == 0 {
+                    v.add("gpu_model", "a GPU model needs gpus > 0");
+                }
+                let custom = custom_map(p.custom, &mut v);
+                v.into_result(|| Resources {
+                    cpu_millis: cpu_millis.unwrap_or_default(),
+                    memory_mib: memory_mib.unwrap_or_default(),
+                    gpus: gpus.unwrap_or_default(),
+                    gpu_model,
+                    storage_gib: storage_gib.unwrap_or_default(),
+                    custom,
+                })
+            }
         }
-        let custom = custom_map(p.custom, &mut v);
-        v.into_result(|| Resources {
-            cpu_millis: cpu_millis.unwrap_or_default(),
-            memory_mib: memory_mib.unwrap_or_default(),
-            gpus: gpus.unwrap_or_default(),
-            gpu_model,
-            storage_gib: storage_gib.unwrap_or_default(),
-            custom,
-        })
-    }
+    };
 }
 
 impl Resources {
@@ -258,22 +265,31 @@ impl Resources {
     }
 }
 
-impl From<&Resources> for pb::Resources {
-    fn from(r: &Resources) -> Self {
-        pb::Resources {
-            cpu_millis: r.cpu_millis,
-            memory_mib: r.memory_mib,
-            gpus: i32::try_from(r.gpus).unwrap_or(i32::MAX),
-            gpu_model: r
-                .gpu_model
-                .as_ref()
-                .map(|m| m.to_string())
-                .unwrap_or_default(),
-            storage_gib: r.storage_gib,
-            custom: r.custom.iter().map(|(c, v)| (c.to_string(), *v)).collect(),
+macro_rules! resources_from_domain {
+    ($msg:ty) => {
+        impl From<&Resources> for $msg {
+            fn from(r: &Resources) -> Self {
+                Self {
+                    cpu_millis: r.cpu_millis,
+                    memory_mib: r.memory_mib,
+                    gpus: i32::try_from(r.gpus).unwrap_or(i32::MAX),
+                    gpu_model: r
+                        .gpu_model
+                        .as_ref()
+                        .map(|m| m.to_string())
+                        .unwrap_or_default(),
+                    storage_gib: r.storage_gib,
+                    custom: r.custom.iter().map(|(c, v)| (c.to_string(), *v)).collect(),
+                }
+            }
         }
-    }
+    };
 }
+
+resources_message!(pb::Resources);
+resources_message!(ev::Resources);
+resources_from_domain!(pb::Resources);
+resources_from_domain!(ev::Resources);
 
 /// What a pool holds (capacity) or has granted (usage).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -380,21 +396,30 @@ impl Capacity {
     }
 }
 
-impl From<&Capacity> for pb::Capacity {
-    fn from(c: &Capacity) -> Self {
-        pb::Capacity {
-            cpu_millis: c.cpu_millis,
-            memory_mib: c.memory_mib,
-            storage_gib: c.storage_gib,
-            gpus_by_model: c
-                .gpus_by_model
-                .iter()
-                .map(|(m, v)| (m.to_string(), i32::try_from(*v).unwrap_or(i32::MAX)))
-                .collect(),
-            custom: c.custom.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+/// Capacity, too, is in both contracts (a pool's snapshot in
+/// `PoolChanged`).
+macro_rules! capacity_from_domain {
+    ($msg:ty) => {
+        impl From<&Capacity> for $msg {
+            fn from(c: &Capacity) -> Self {
+                Self {
+                    cpu_millis: c.cpu_millis,
+                    memory_mib: c.memory_mib,
+                    storage_gib: c.storage_gib,
+                    gpus_by_model: c
+                        .gpus_by_model
+                        .iter()
+                        .map(|(m, v)| (m.to_string(), i32::try_from(*v).unwrap_or(i32::MAX)))
+                        .collect(),
+                    custom: c.custom.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                }
+            }
         }
-    }
+    };
 }
+
+capacity_from_domain!(pb::Capacity);
+capacity_from_domain!(ev::Capacity);
 
 #[cfg(test)]
 mod tests {

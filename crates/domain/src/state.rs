@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use gpualloc_proto::allocation::v1 as pb;
+use gpualloc_proto::{allocation::v1 as pb, events::v1 as ev};
 
 /// The allocation state machine. Only the transitions in
 /// [`State::can_move_to`] exist; everything else is a no-op, which is what
@@ -102,6 +102,36 @@ impl State {
     }
 }
 
+impl State {
+    /// The state as events carry it.
+    pub fn from_event(v: i32) -> Option<State> {
+        Some(match ev::AllocationState::try_from(v).ok()? {
+            ev::AllocationState::Unspecified => return None,
+            ev::AllocationState::Pending => State::Pending,
+            ev::AllocationState::AwaitingApproval => State::AwaitingApproval,
+            ev::AllocationState::Held => State::Held,
+            ev::AllocationState::Allocated => State::Allocated,
+            ev::AllocationState::Rejected => State::Rejected,
+            ev::AllocationState::Cancelling => State::Cancelling,
+            ev::AllocationState::Cancelled => State::Cancelled,
+            ev::AllocationState::Expired => State::Expired,
+        })
+    }
+
+    pub fn to_event(self) -> ev::AllocationState {
+        match self {
+            State::Pending => ev::AllocationState::Pending,
+            State::AwaitingApproval => ev::AllocationState::AwaitingApproval,
+            State::Held => ev::AllocationState::Held,
+            State::Allocated => ev::AllocationState::Allocated,
+            State::Rejected => ev::AllocationState::Rejected,
+            State::Cancelling => ev::AllocationState::Cancelling,
+            State::Cancelled => ev::AllocationState::Cancelled,
+            State::Expired => ev::AllocationState::Expired,
+        }
+    }
+}
+
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -135,6 +165,7 @@ mod tests {
         for s in State::ALL {
             assert_eq!(State::parse(s.as_str()), Some(s));
             assert_eq!(State::from_proto(s.to_proto() as i32), Some(s));
+            assert_eq!(State::from_event(s.to_event() as i32), Some(s));
         }
         assert_eq!(State::from_proto(0), None);
         assert_eq!(State::from_proto(99), None);

@@ -31,6 +31,41 @@ pub fn gpus(n: i32, model: &str) -> rp::Resources {
     }
 }
 
+/// Resources as a forged event carries them.
+pub fn event_resources(r: rp::Resources) -> ev::Resources {
+    ev::Resources {
+        cpu_millis: r.cpu_millis,
+        memory_mib: r.memory_mib,
+        gpus: r.gpus,
+        gpu_model: r.gpu_model,
+        storage_gib: r.storage_gib,
+        custom: r.custom,
+    }
+}
+
+/// An allocation a test read from the API, as a forged
+/// `AllocationStateChanged` would carry it.
+pub fn event_snapshot(a: &apb::Allocation) -> ev::AllocationSnapshot {
+    ev::AllocationSnapshot {
+        allocation_id: a.allocation_id.clone(),
+        tenant: a.tenant.clone(),
+        resources: a.resources.clone().map(event_resources),
+        state: a.state,
+        reason: a.reason.clone(),
+        pool: a.pool.clone(),
+        priority: a.priority,
+        request_id: a.request_id.clone(),
+        labels: a.labels.clone(),
+        version: a.version,
+        create_time: a.create_time,
+        update_time: a.update_time,
+        expire_time: a.expire_time,
+        lease: a.lease,
+        display_name: a.display_name.clone(),
+        end_time: a.end_time,
+    }
+}
+
 pub fn custom(class: &str, n: i64) -> rp::Resources {
     rp::Resources {
         custom: BTreeMap::from([(class.to_owned(), n)]),

@@ -127,7 +127,10 @@ async fn forged_events_are_poison_and_hold_up_nothing() {
     // 3. A quota change smuggled onto the subject of a pool change.
     let smuggled = ev::Event {
         payload: Some(Payload::TenantQuotaChanged(ev::TenantQuotaChanged {
-            limits: Some(gpus(1000, "")),
+            limits: Some(ev::Resources {
+                gpus: 1000,
+                ..Default::default()
+            }),
             approval_above: None,
         })),
         ..event("", "team-b", 99, granted())

@@ -415,7 +415,7 @@ fn forged(real: Vec<(String, String)>) -> BoxedStrategy<(String, ev::Event)> {
     let payload = prop_oneof![
         resources().prop_map(
             |resources| Payload::AllocationRequested(ev::AllocationRequested {
-                resources,
+                resources: resources.map(event_resources),
                 priority: 0,
                 lease: None,
                 create_time: None,
@@ -432,7 +432,7 @@ fn forged(real: Vec<(String, String)>) -> BoxedStrategy<(String, ev::Event)> {
         (int32(), int64(), text(), text()).prop_map(|(state, version, tenant, actor)| {
             Payload::AllocationStateChanged(ev::AllocationStateChanged {
                 previous_state: 0,
-                allocation: Some(apb::Allocation {
+                allocation: Some(ev::AllocationSnapshot {
                     state,
                     version,
                     tenant,
@@ -463,7 +463,7 @@ fn forged(real: Vec<(String, String)>) -> BoxedStrategy<(String, ev::Event)> {
         )),
         resources().prop_map(
             |limits| Payload::TenantQuotaChanged(ev::TenantQuotaChanged {
-                limits,
+                limits: limits.map(event_resources),
                 approval_above: None,
             })
         ),

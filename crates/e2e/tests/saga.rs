@@ -570,7 +570,7 @@ async fn out_of_order_and_stale_events_change_nothing() {
             t,
             1,
             ev::event::Payload::AllocationRequested(ev::AllocationRequested {
-                resources: Some(gpus(1, "A100")),
+                resources: Some(event_resources(gpus(1, "A100"))),
                 priority: 0,
                 lease: None,
                 create_time: Some(time::to_timestamp(time::now_micros())),

@@ -450,7 +450,7 @@ fn crafted_change(a: &apb::Allocation, previous: State, event_id: &str) -> ev::E
         payload: Some(ev::event::Payload::AllocationStateChanged(
             ev::AllocationStateChanged {
                 previous_state: previous as i32,
-                allocation: Some(a.clone()),
+                allocation: Some(event_snapshot(a)),
                 actor: String::new(),
             },
         )),

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use gpualloc_e2e::{Backend, Mesh, Tuning, tenant};
-use gpualloc_proto::{allocation::v1 as apb, events::v1 as ev, viewer::v1 as vpb};
+use gpualloc_proto::{events::v1 as ev, viewer::v1 as vpb};
 use gpualloc_saga::{Payload, subjects};
 use gpualloc_testkit::eventually;
 use prost::Message;
@@ -83,10 +83,10 @@ async fn a_snapshot_larger_than_the_buffer_arrives_whole() {
             payload: Some(Payload::AllocationStateChanged(
                 ev::AllocationStateChanged {
                     previous_state: 0,
-                    allocation: Some(apb::Allocation {
+                    allocation: Some(ev::AllocationSnapshot {
                         allocation_id: id,
                         tenant: "big".into(),
-                        state: apb::State::Pending as i32,
+                        state: ev::AllocationState::Pending as i32,
                         version: 1,
                         create_time: Some(now),
                         update_time: Some(now),

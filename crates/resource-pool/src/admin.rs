@@ -99,7 +99,7 @@ pub fn put_pool(
         "",
         record.row.version,
         Payload::PoolChanged(ev::PoolChanged {
-            pool: Some(pool_to_proto(&record)),
+            pool: Some(pool_snapshot(&record)),
             deleted: false,
         }),
     );
@@ -140,7 +140,7 @@ pub fn delete_pool(
         "",
         record.row.version + 1,
         Payload::PoolChanged(ev::PoolChanged {
-            pool: Some(pool_to_proto(&record)),
+            pool: Some(pool_snapshot(&record)),
             deleted: true,
         }),
     );
@@ -232,8 +232,8 @@ pub fn set_quota(
         tenant,
         version,
         Payload::TenantQuotaChanged(ev::TenantQuotaChanged {
-            limits: Some(pb::Resources::from(&spec.limits)),
-            approval_above: Some(pb::Resources::from(&spec.approval_above)),
+            limits: Some(ev::Resources::from(&spec.limits)),
+            approval_above: Some(ev::Resources::from(&spec.approval_above)),
         }),
     );
     Ok(())
@@ -247,6 +247,30 @@ pub fn pool_to_proto(p: &store::PoolRecord) -> pb::Pool {
         capacity: Some(pb::Capacity::from(&capacity)),
         usage: Some(pb::Capacity::from(&usage)),
         free: Some(free_of(&p.state)),
+        max_hold: p.row.max_hold_micros.map(time::to_duration),
+        version: p.row.version,
+        create_time: Some(time::to_timestamp(p.row.create_time)),
+        update_time: Some(time::to_timestamp(p.row.update_time)),
+    }
+}
+
+/// The pool as `PoolChanged` carries it: the events' own message, built
+/// field by field so that an API change does not change the event.
+fn pool_snapshot(p: &store::PoolRecord) -> ev::PoolSnapshot {
+    let capacity = Capacity::from_lines(p.state.capacity.iter().map(|(c, v)| (c, *v)));
+    let usage = Capacity::from_lines(p.state.used.iter().map(|(c, v)| (c, *v)));
+    let free = free_of(&p.state);
+    ev::PoolSnapshot {
+        pool_id: p.row.pool_id.clone(),
+        capacity: Some(ev::Capacity::from(&capacity)),
+        usage: Some(ev::Capacity::from(&usage)),
+        free: Some(ev::Capacity {
+            cpu_millis: free.cpu_millis,
+            memory_mib: free.memory_mib,
+            storage_gib: free.storage_gib,
+            gpus_by_model: free.gpus_by_model,
+            custom: free.custom,
+        }),
         max_hold: p.row.max_hold_micros.map(time::to_duration),
         version: p.row.version,
         create_time: Some(time::to_timestamp(p.row.create_time)),

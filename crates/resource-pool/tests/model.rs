@@ -23,7 +23,7 @@ use std::{
 };
 
 use gpualloc_domain::{Capacity, Class, GpuModel, PoolId, Resources, TenantId, time};
-use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as pb};
+use gpualloc_proto::events::v1 as ev;
 use gpualloc_resource_pool::{
     Error, MIGRATIONS,
     admin::{self, PoolSpec, QuotaSpec},
@@ -360,7 +360,7 @@ impl Harness {
             aggregate_version: 1,
             event_time: None,
             payload: Some(Payload::AllocationRequested(ev::AllocationRequested {
-                resources: Some(pb::Resources::from(&r.demand)),
+                resources: Some(ev::Resources::from(&r.demand)),
                 priority: r.priority,
                 lease: r.lease.map(time::to_duration),
                 create_time: Some(time::to_timestamp(r.request_time)),

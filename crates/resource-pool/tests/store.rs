@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use diesel::{RunQueryDsl, sql_query};
 use gpualloc_domain::{Capacity, Class, GpuModel, PoolId, Resources, TenantId, time};
-use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as pb};
+use gpualloc_proto::events::v1 as ev;
 use gpualloc_resource_pool::{
     Error, MIGRATIONS,
     admin::{self, PoolSpec, QuotaSpec},
@@ -79,7 +79,7 @@ fn request(id: &str, tenant: &str, r: &Resources) -> Event {
         aggregate_version: 1,
         event_time: None,
         payload: Some(Payload::AllocationRequested(ev::AllocationRequested {
-            resources: Some(pb::Resources::from(r)),
+            resources: Some(ev::Resources::from(r)),
             priority: 0,
             lease: None,
             create_time: Some(time::to_timestamp(time::now_micros())),

@@ -22,6 +22,7 @@ mod service;
 pub mod store;
 pub mod usage;
 pub mod watch;
+mod wire;
 
 pub use error::Error;
 pub use projection::Projection;

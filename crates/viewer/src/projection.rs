@@ -6,7 +6,7 @@
 use diesel::prelude::*;
 use gpualloc_domain::{AllocationId, TenantId};
 use gpualloc_domain::{Resources, State, time};
-use gpualloc_proto::{allocation::v1 as apb, events::v1 as ev};
+use gpualloc_proto::events::v1 as ev;
 use gpualloc_saga::{
     Delivery, Emitter, Event, Handler, MAX_PARKED, Outcome, Payload, version_gate,
 };
@@ -58,7 +58,7 @@ impl Handler for Projection {
 }
 
 fn state_name(v: i32) -> Result<&'static str, Error> {
-    State::from_proto(v)
+    State::from_event(v)
         .map(State::as_str)
         .ok_or_else(|| Error::BadEvent(format!("unknown state {v}")))
 }
@@ -106,8 +106,8 @@ pub fn validate(
                     a.version
                 ));
             }
-            if State::from_proto(a.state).is_none()
-                || (c.previous_state != 0 && State::from_proto(c.previous_state).is_none())
+            if State::from_event(a.state).is_none()
+                || (c.previous_state != 0 && State::from_event(c.previous_state).is_none())
                 || a.version < 1
             {
                 return bad(format!(
@@ -304,14 +304,14 @@ fn apply_change(
     let expire_time = a.expire_time.as_ref().map(time::from_timestamp);
     // A change within ALLOCATED is a lease renewal: announced as one when
     // it moved the end, not as a second "allocated".
-    let kind = match apb::State::try_from(a.state) {
-        Ok(apb::State::Allocated) if previous == state => {
+    let kind = match State::from_event(a.state) {
+        Some(State::Allocated) if previous == state => {
             let before = current.and_then(|(_, e)| e);
             (expire_time > before && before.is_some())
                 .then_some(crate::notifications::Kind::LeaseRenewed)
         }
-        Ok(s) => crate::notifications::Kind::of_state(s),
-        Err(_) => None,
+        Some(s) => crate::notifications::Kind::of_state(s),
+        None => None,
     };
     let current = current.map(|(v, _)| v);
     let create_time = a

@@ -6,7 +6,7 @@
 use base64::Engine;
 use diesel::prelude::*;
 use gpualloc_domain::{Resources, State, TenantId, time};
-use gpualloc_proto::{allocation::v1 as apb, viewer::v1 as pb};
+use gpualloc_proto::{events::v1 as ev, viewer::v1 as pb};
 use gpualloc_storage::{DbConnection, LiteralLimitExt, Native};
 use prost::Message;
 
@@ -31,9 +31,11 @@ pub struct ViewRow {
 
 impl ViewRow {
     pub fn to_proto(&self) -> Result<pb::AllocationView, Error> {
-        let allocation = apb::Allocation::decode(self.snapshot.as_slice()).map_err(|e| {
-            Error::BadEvent(format!("stored snapshot of {}: {e}", self.allocation_id))
-        })?;
+        let allocation = ev::AllocationSnapshot::decode(self.snapshot.as_slice())
+            .map(crate::wire::allocation)
+            .map_err(|e| {
+                Error::BadEvent(format!("stored snapshot of {}: {e}", self.allocation_id))
+            })?;
         Ok(pb::AllocationView {
             hold_position: if self.state == State::Held.as_str() {
                 self.hold_position
@@ -63,7 +65,7 @@ pub fn hold_positions(
     let mut queue: Vec<(i32, i64, String)> = rows
         .into_iter()
         .map(|(id, created, snapshot)| {
-            let priority = apb::Allocation::decode(snapshot.as_slice())
+            let priority = ev::AllocationSnapshot::decode(snapshot.as_slice())
                 .map(|a| a.priority)
                 .unwrap_or(0);
             (priority, created, id)
@@ -202,7 +204,7 @@ impl Selector {
 
 /// The labels of a stored view (from its snapshot).
 pub fn labels_of(row: &ViewRow) -> std::collections::BTreeMap<String, String> {
-    apb::Allocation::decode(row.snapshot.as_slice())
+    ev::AllocationSnapshot::decode(row.snapshot.as_slice())
         .map(|a| a.labels)
         .unwrap_or_default()
 }
@@ -273,7 +275,7 @@ pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantS
         .load_native(conn)?;
     let mut in_use = Resources::default();
     for snapshot in allocated {
-        let a = apb::Allocation::decode(snapshot.as_slice())
+        let a = ev::AllocationSnapshot::decode(snapshot.as_slice())
             .map_err(|e| Error::BadEvent(e.to_string()))?;
         let r = Resources::try_from(a.resources.unwrap_or_default())
             .map_err(|e| Error::BadEvent(e.to_string()))?;

@@ -10,7 +10,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use gpualloc_domain::{Resources, State};
-use gpualloc_proto::{allocation::v1 as apb, viewer::v1 as pb};
+use gpualloc_proto::{events::v1 as ev, viewer::v1 as pb};
 use prost::Message;
 use serde::Deserialize;
 
@@ -178,7 +178,7 @@ pub fn report(
             continue;
         }
         let hours = (end - start) as f64 / MICROS_PER_HOUR;
-        let a = apb::Allocation::decode(row.snapshot.as_slice()).map_err(|e| {
+        let a = ev::AllocationSnapshot::decode(row.snapshot.as_slice()).map_err(|e| {
             Error::BadEvent(format!("stored snapshot of {}: {e}", row.allocation_id))
         })?;
         let r = Resources::try_from(a.resources.clone().unwrap_or_default())

@@ -37,7 +37,7 @@ use std::{
 use tokio::time::Instant;
 
 use gpualloc_domain::time;
-use gpualloc_proto::{allocation::v1 as apb, viewer::v1 as pb};
+use gpualloc_proto::{events::v1 as ev, viewer::v1 as pb};
 use gpualloc_storage::Db;
 use prost::Message;
 use tokio::sync::{Notify, mpsc};
@@ -465,7 +465,8 @@ fn is_terminal(state: &str) -> bool {
 }
 
 fn history_view(row: &store::HistoryRow) -> Result<pb::AllocationView, Error> {
-    let allocation = apb::Allocation::decode(row.snapshot.as_slice())
+    let allocation = ev::AllocationSnapshot::decode(row.snapshot.as_slice())
+        .map(crate::wire::allocation)
         .map_err(|e| Error::BadEvent(format!("stored snapshot of {}: {e}", row.allocation_id)))?;
     Ok(pb::AllocationView {
         allocation: Some(allocation),

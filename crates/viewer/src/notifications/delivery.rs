@@ -18,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 use diesel::prelude::*;
 use futures::StreamExt;
 use gpualloc_domain::time;
-use gpualloc_proto::allocation::v1 as apb;
+use gpualloc_proto::events::v1 as ev;
 use gpualloc_storage::{Db, DbConnection};
 use hmac::{Hmac, Mac};
 use prost::Message;
@@ -486,7 +486,7 @@ async fn warn_leases(db: &Db, settings: &Arc<Settings>, window: Duration) -> Res
     let settings = settings.clone();
     db.write(move |c| {
         for (snapshot, expire) in &due {
-            let a = apb::Allocation::decode(snapshot.as_slice())
+            let a = ev::AllocationSnapshot::decode(snapshot.as_slice())
                 .map_err(|e| Error::BadEvent(format!("stored snapshot: {e}")))?;
             notify::enqueue(c, &settings, &notify::of_lease(&a, *expire, now), now)?;
         }

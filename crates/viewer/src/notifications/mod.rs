@@ -18,8 +18,9 @@ pub mod delivery;
 use std::{collections::BTreeSet, path::Path, time::Duration};
 
 use diesel::prelude::*;
+use gpualloc_domain::State;
 use gpualloc_domain::time;
-use gpualloc_proto::{allocation::v1 as apb, resourcepool::v1 as rp};
+use gpualloc_proto::events::v1 as ev;
 use gpualloc_storage::{DbConnection, Native};
 use serde::{Deserialize, Serialize};
 
@@ -203,12 +204,12 @@ impl Kind {
     }
 
     /// The kind a change into `state` is announced as, if any.
-    pub fn of_state(state: apb::State) -> Option<Kind> {
+    pub fn of_state(state: State) -> Option<Kind> {
         match state {
-            apb::State::Allocated => Some(Kind::Allocated),
-            apb::State::Rejected => Some(Kind::Rejected),
-            apb::State::Cancelled => Some(Kind::Cancelled),
-            apb::State::Expired => Some(Kind::Expired),
+            State::Allocated => Some(Kind::Allocated),
+            State::Rejected => Some(Kind::Rejected),
+            State::Cancelled => Some(Kind::Cancelled),
+            State::Expired => Some(Kind::Expired),
             // HELD is announced from the pool's ReservationHeld, which
             // carries the queue position.
             _ => None,
@@ -354,7 +355,7 @@ impl Settings {
 }
 
 /// The notification for a change of `a` into a state worth announcing.
-pub fn of_change(event_id: &str, kind: Kind, a: &apb::Allocation, now: i64) -> Notification {
+pub fn of_change(event_id: &str, kind: Kind, a: &ev::AllocationSnapshot, now: i64) -> Notification {
     let when = a
         .update_time
         .as_ref()
@@ -439,7 +440,7 @@ pub fn of_hold(
 }
 
 /// The warning that `a`'s lease ends soon.
-pub fn of_lease(a: &apb::Allocation, expire: i64, now: i64) -> Notification {
+pub fn of_lease(a: &ev::AllocationSnapshot, expire: i64, now: i64) -> Notification {
     let minutes = ((expire - now).max(0) + 59_999_999) / 60_000_000;
     Notification {
         id: lease_key(&a.allocation_id, expire),
@@ -468,7 +469,7 @@ pub fn lease_key(allocation_id: &str, expire: i64) -> String {
     format!("lease:{allocation_id}:{expire}")
 }
 
-fn resources_text(r: Option<&rp::Resources>) -> String {
+fn resources_text(r: Option<&ev::Resources>) -> String {
     let Some(r) = r else {
         return "no resources".into();
     };
