@@ -402,9 +402,7 @@ impl Allocation {
                         a.pool_version = version;
                         a.pool = Some(pool.clone());
                         a.expire_time = *expire_time;
-                        if a.resources.gpu_model.is_none() {
-                            a.resources.gpu_model = gpu_model.clone();
-                        }
+                        a.resources.fill_model(gpu_model.clone());
                     },
                 )
                 .done(),

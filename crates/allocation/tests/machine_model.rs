@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use gpualloc_allocation::machine::{
     Allocation, Fact, NewAllocation, PoolDecision, Refusal, Release, Step,
 };
-use gpualloc_domain::{AllocationId, GpuModel, PoolId, Resources, State, TenantId};
+use gpualloc_domain::{AllocationId, Class, GpuModel, PoolId, Resources, State, TenantId};
 use proptest::prelude::*;
 
 const SEC: i64 = 1_000_000;
@@ -252,10 +252,7 @@ impl Model {
 fn start(awaiting: bool, lease: bool) -> (Allocation, Model) {
     let new = NewAllocation {
         tenant: TenantId::parse("t0").unwrap(),
-        resources: Resources {
-            gpus: 1,
-            ..Default::default()
-        },
+        resources: Resources::from_lines([(&Class::Gpus, 1)]),
         request_id: None,
         priority: 0,
         lease: lease.then_some(60 * SEC),
@@ -400,10 +397,7 @@ fn run(awaiting: bool, lease: bool, actions: &[Action]) {
         assert_eq!(a.approved_time.is_some(), model.approved);
         assert_eq!(a.pool.as_ref().map(|p| p.as_str()), model.pool);
         assert_eq!(a.expire_time, model.expire);
-        assert_eq!(
-            a.resources.gpu_model.as_ref().map(|m| m.as_str()),
-            model.model
-        );
+        assert_eq!(a.resources.gpu_model().map(|m| m.as_str()), model.model);
         assert_eq!(a.pool_version, model.pool_version);
     }
 }

@@ -9,7 +9,7 @@ use gpualloc_allocation::{
     machine::{Allocation, NewAllocation},
     ops, store,
 };
-use gpualloc_domain::{AllocationId, Resources, State, TenantId, time};
+use gpualloc_domain::{AllocationId, Class, Resources, State, TenantId, time};
 use gpualloc_platform::Caller;
 use gpualloc_proto::events::v1 as ev;
 use gpualloc_saga::{Emitter, Event, Handler, Payload, subjects};
@@ -40,10 +40,7 @@ async fn op<T: Send + 'static>(
 fn new(request_id: Option<&str>, gpus: i64) -> NewAllocation {
     NewAllocation {
         tenant: TenantId::parse("t").unwrap(),
-        resources: Resources {
-            gpus,
-            ..Default::default()
-        },
+        resources: Resources::from_lines([(&Class::Gpus, gpus)]),
         request_id: request_id.map(Into::into),
         priority: 0,
         lease: None,
@@ -177,7 +174,7 @@ async fn the_state_machine_ignores_stale_and_duplicate_decisions(url: String) {
         ("ALLOCATED", 2, Some("p"))
     );
     assert_eq!(
-        now.resources.gpu_model.as_ref().map(|m| m.as_str()),
+        now.resources.gpu_model().map(|m| m.as_str()),
         Some("A100"),
         "granted model recorded"
     );

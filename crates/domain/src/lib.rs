@@ -19,6 +19,6 @@ mod violation;
 pub use backoff::Backoff;
 pub use caller::Caller;
 pub use ids::{AllocationId, CustomClass, GpuModel, PoolId, TenantId};
-pub use resources::{Capacity, Class, MAX_AMOUNT, MAX_CUSTOM_CLASSES, Resources};
+pub use resources::{Capacity, Class, MAX_AMOUNT, MAX_CUSTOM_CLASSES, ResourceField, Resources};
 pub use state::State;
 pub use violation::{ECHO_MAX, Violation, Violations, shown};

@@ -110,15 +110,29 @@ fn custom_map(raw: BTreeMap<String, i64>, v: &mut Violations) -> BTreeMap<Custom
 
 /// A bundle of resources: a request, a quota limit or a usage figure.
 /// Zero-valued custom classes are dropped, so equal bundles compare equal.
+/// The fields are private: a bundle comes from the parser (`TryFrom` a
+/// wire message), from counters ([`Resources::from_lines`]) or from the
+/// database it was stored in after parsing, so every amount in one is in
+/// range and a model never comes without GPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
-    pub cpu_millis: i64,
-    pub memory_mib: i64,
-    pub gpus: i64,
+    cpu_millis: i64,
+    memory_mib: i64,
+    gpus: i64,
     /// `None` means any model.
-    pub gpu_model: Option<GpuModel>,
-    pub storage_gib: i64,
-    pub custom: BTreeMap<CustomClass, i64>,
+    gpu_model: Option<GpuModel>,
+    storage_gib: i64,
+    custom: BTreeMap<CustomClass, i64>,
+}
+
+/// The countable fields of a bundle, as a partial update names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ResourceField {
+    CpuMillis,
+    MemoryMib,
+    Gpus,
+    StorageGib,
+    Custom,
 }
 
 /// Resources travel in two contracts with the same shape — the API's
@@ -188,6 +202,72 @@ impl Resources {
             ));
         }
         Ok(r)
+    }
+
+    pub fn cpu_millis(&self) -> i64 {
+        self.cpu_millis
+    }
+
+    pub fn memory_mib(&self) -> i64 {
+        self.memory_mib
+    }
+
+    pub fn gpus(&self) -> i64 {
+        self.gpus
+    }
+
+    /// `None` means any model.
+    pub fn gpu_model(&self) -> Option<&GpuModel> {
+        self.gpu_model.as_ref()
+    }
+
+    pub fn storage_gib(&self) -> i64 {
+        self.storage_gib
+    }
+
+    pub fn custom(&self) -> &BTreeMap<CustomClass, i64> {
+        &self.custom
+    }
+
+    /// Records the model a grant chose when any model was acceptable (a
+    /// bundle that names one keeps it).
+    pub fn fill_model(&mut self, granted: Option<GpuModel>) {
+        if self.gpu_model.is_none() && self.gpus > 0 {
+            self.gpu_model = granted;
+        }
+    }
+
+    /// `new`'s amounts for the fields `pick` names and this bundle's for
+    /// the rest: a partial update. The model goes with the GPUs.
+    pub fn merged(&self, new: &Resources, pick: impl Fn(ResourceField) -> bool) -> Resources {
+        let from = |f: ResourceField| if pick(f) { new } else { self };
+        Resources {
+            cpu_millis: from(ResourceField::CpuMillis).cpu_millis,
+            memory_mib: from(ResourceField::MemoryMib).memory_mib,
+            gpus: from(ResourceField::Gpus).gpus,
+            gpu_model: from(ResourceField::Gpus).gpu_model.clone(),
+            storage_gib: from(ResourceField::StorageGib).storage_gib,
+            custom: from(ResourceField::Custom).custom.clone(),
+        }
+    }
+
+    /// The sum of two bundles, saturating (the amounts may come from
+    /// events; a sum must not overflow inside a read). A sum of GPUs has
+    /// no single model.
+    pub fn saturating_add(&self, other: &Resources) -> Resources {
+        let mut custom = self.custom.clone();
+        for (c, v) in &other.custom {
+            let sum = custom.entry(c.clone()).or_default();
+            *sum = sum.saturating_add(*v);
+        }
+        Resources {
+            cpu_millis: self.cpu_millis.saturating_add(other.cpu_millis),
+            memory_mib: self.memory_mib.saturating_add(other.memory_mib),
+            gpus: self.gpus.saturating_add(other.gpus),
+            gpu_model: None,
+            storage_gib: self.storage_gib.saturating_add(other.storage_gib),
+            custom,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -432,6 +512,28 @@ mod tests {
             gpu_model: model.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_grant_fills_in_the_model_only_where_any_was_acceptable() {
+        let a100 = GpuModel::parse("A100").ok();
+        let mut any = Resources::try_from(req(0, 2, "")).unwrap();
+        any.fill_model(a100.clone());
+        assert_eq!(any.gpu_model(), a100.as_ref());
+        let mut named = Resources::try_from(req(0, 2, "H100")).unwrap();
+        named.fill_model(a100);
+        assert_eq!(named.gpu_model().map(|m| m.as_str()), Some("H100"));
+    }
+
+    #[test]
+    fn a_partial_update_takes_only_the_named_fields_and_sums_saturate() {
+        let current = Resources::try_from(req(1000, 4, "")).unwrap();
+        let new = Resources::try_from(req(9000, 8, "")).unwrap();
+        let merged = current.merged(&new, |f| f == ResourceField::Gpus);
+        assert_eq!((merged.cpu_millis(), merged.gpus()), (1000, 8));
+        let big = Resources::from_lines([(&Class::CpuMillis, i64::MAX)]);
+        assert_eq!(big.saturating_add(&current).cpu_millis(), i64::MAX);
+        assert_eq!(current.saturating_add(&new).gpus(), 12);
     }
 
     #[test]

@@ -77,10 +77,10 @@ impl PoolState {
     /// The ways `demand` could be laid out on this pool: one per GPU model
     /// it may use.
     fn layouts(&self, demand: &Resources) -> Vec<(Option<GpuModel>, Lines)> {
-        if demand.gpus == 0 {
+        if demand.gpus() == 0 {
             return vec![(None, demand.pool_lines(None))];
         }
-        match &demand.gpu_model {
+        match demand.gpu_model() {
             Some(m) => vec![(Some(m.clone()), demand.pool_lines(Some(m)))],
             None => self
                 .gpu_models()
@@ -109,13 +109,13 @@ pub fn place(demand: &Resources, pools: &[PoolState]) -> Option<Placement> {
                 continue;
             }
             let gpu_score = match &model {
-                Some(m) => pool.free(&Class::GpusOf(m.clone())) - demand.gpus,
+                Some(m) => pool.free(&Class::GpusOf(m.clone())) - demand.gpus(),
                 None => pool.free_gpus(),
             };
             let score = (
                 gpu_score,
-                pool.free(&Class::CpuMillis) - demand.cpu_millis,
-                pool.free(&Class::MemoryMib) - demand.memory_mib,
+                pool.free(&Class::CpuMillis) - demand.cpu_millis(),
+                pool.free(&Class::MemoryMib) - demand.memory_mib(),
             );
             let better = match &best {
                 None => true,
@@ -259,12 +259,16 @@ pub fn unsatisfiable_reason(demand: &Resources, pools: &[PoolState]) -> String {
             gpualloc_domain::shown(name)
         )
     };
-    if let Some(m) = &demand.gpu_model
+    if let Some(m) = demand.gpu_model()
         && !models.contains(m.as_str())
     {
         return unknown("GPU model", m.as_str(), &models);
     }
-    if let Some(c) = demand.custom.keys().find(|c| !customs.contains(c.as_str())) {
+    if let Some(c) = demand
+        .custom()
+        .keys()
+        .find(|c| !customs.contains(c.as_str()))
+    {
         return unknown("custom class", c.as_str(), &customs);
     }
     "no pool is large enough for this request, even when empty".into()
@@ -443,11 +447,12 @@ mod tests {
     }
 
     fn gpus(n: i64, model: &str) -> Resources {
-        Resources {
-            gpus: n,
-            gpu_model: (!model.is_empty()).then(|| GpuModel::parse(model).unwrap()),
+        Resources::try_from(gpualloc_proto::resourcepool::v1::Resources {
+            gpus: n as i32,
+            gpu_model: model.into(),
             ..Default::default()
-        }
+        })
+        .unwrap()
     }
 
     #[test]
@@ -511,10 +516,8 @@ mod tests {
             unsatisfiable_reason(&gpus(1, "a100"), &pools),
             "no pool has GPU model \"a100\" (names are case-sensitive: did you mean \"A100\"?); known: A100, H100"
         );
-        let seats = Resources {
-            custom: BTreeMap::from([(CustomClass::parse("SEAT").unwrap(), 1)]),
-            ..Default::default()
-        };
+        let seats =
+            Resources::from_lines([(&Class::Custom(CustomClass::parse("SEAT").unwrap()), 1)]);
         assert_eq!(
             unsatisfiable_reason(&seats, &pools),
             "no pool has custom class \"SEAT\"; known: none"
@@ -576,10 +579,7 @@ mod tests {
             pool("gpu", &[("A100", 8)], 64_000),
             pool("cpu", &[], 64_000),
         ];
-        let demand = Resources {
-            cpu_millis: 1000,
-            ..Default::default()
-        };
+        let demand = Resources::from_lines([(&Class::CpuMillis, 1000)]);
         assert_eq!(place(&demand, &pools).unwrap().pool.as_str(), "cpu");
     }
 
@@ -588,11 +588,7 @@ mod tests {
         let mut a = pool("a", &[("A100", 4)], 1000);
         let b = pool("b", &[], 8000);
         a.used.insert(Class::CpuMillis, 0);
-        let demand = Resources {
-            cpu_millis: 4000,
-            gpus: 1,
-            ..Default::default()
-        };
+        let demand = Resources::from_lines([(&Class::CpuMillis, 4000), (&Class::Gpus, 1)]);
         // GPUs only on a, CPU only enough on b: fits nowhere, ever.
         assert_eq!(place(&demand, &[a.clone(), b.clone()]), None);
         assert!(!ever_fits(&demand, &[a, b]));
@@ -603,8 +599,7 @@ mod tests {
         let seat = CustomClass::parse("SEAT").unwrap();
         let mut hall = pool("hall", &[], 0);
         hall.capacity.insert(Class::Custom(seat.clone()), 5);
-        let mut book = Resources::default();
-        book.custom.insert(seat.clone(), 3);
+        let book = Resources::from_lines([(&Class::Custom(seat.clone()), 3)]);
         let p = place(&book, std::slice::from_ref(&hall)).unwrap();
         hall.take(&p.lines);
         assert_eq!(hall.free(&Class::Custom(seat.clone())), 2);

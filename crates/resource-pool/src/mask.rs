@@ -9,28 +9,17 @@
 
 use std::collections::BTreeSet;
 
-use gpualloc_domain::{Capacity, Resources, Violations};
+use gpualloc_domain::{Capacity, ResourceField, Resources, Violations};
 
-/// The countable fields of a `Resources` bundle (quota limits and
-/// approval thresholds).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ResourceField {
-    CpuMillis,
-    MemoryMib,
-    Gpus,
-    StorageGib,
-    Custom,
-}
-
-impl ResourceField {
-    const ALL: [(&'static str, ResourceField); 5] = [
-        ("cpu_millis", ResourceField::CpuMillis),
-        ("memory_mib", ResourceField::MemoryMib),
-        ("gpus", ResourceField::Gpus),
-        ("storage_gib", ResourceField::StorageGib),
-        ("custom", ResourceField::Custom),
-    ];
-}
+/// The field paths of a `Resources` bundle (quota limits and approval
+/// thresholds).
+const RESOURCE_FIELDS: [(&str, ResourceField); 5] = [
+    ("cpu_millis", ResourceField::CpuMillis),
+    ("memory_mib", ResourceField::MemoryMib),
+    ("gpus", ResourceField::Gpus),
+    ("storage_gib", ResourceField::StorageGib),
+    ("custom", ResourceField::Custom),
+];
 
 /// The fields of a pool's `Capacity`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -147,12 +136,12 @@ impl QuotaMask {
             let field = format!("update_mask.paths[{i}]");
             if path == "max_hold" {
                 max_hold = true;
-            } else if let Some(r) = sub_path(path, "limits", &ResourceField::ALL) {
+            } else if let Some(r) = sub_path(path, "limits", &RESOURCE_FIELDS) {
                 match r {
                     Ok(f) => limits.extend(f),
                     Err(e) => v.add(field, e),
                 }
-            } else if let Some(r) = sub_path(path, "approval_above", &ResourceField::ALL) {
+            } else if let Some(r) = sub_path(path, "approval_above", &RESOURCE_FIELDS) {
                 match r {
                     Ok(f) => approval_above.extend(f),
                     Err(e) => v.add(field, e),
@@ -307,41 +296,14 @@ fn merge_resources(
     new: &Resources,
     fields: &BTreeSet<ResourceField>,
 ) -> Resources {
-    let pick = |f: ResourceField| fields.contains(&f);
-    Resources {
-        cpu_millis: if pick(ResourceField::CpuMillis) {
-            new.cpu_millis
-        } else {
-            current.cpu_millis
-        },
-        memory_mib: if pick(ResourceField::MemoryMib) {
-            new.memory_mib
-        } else {
-            current.memory_mib
-        },
-        gpus: if pick(ResourceField::Gpus) {
-            new.gpus
-        } else {
-            current.gpus
-        },
-        // Limits and thresholds never name a model (the parser refuses one).
-        gpu_model: None,
-        storage_gib: if pick(ResourceField::StorageGib) {
-            new.storage_gib
-        } else {
-            current.storage_gib
-        },
-        custom: if pick(ResourceField::Custom) {
-            new.custom.clone()
-        } else {
-            current.custom.clone()
-        },
-    }
+    current.merged(new, |f| fields.contains(&f))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+    use gpualloc_domain::Class;
+
     use super::*;
 
     fn paths(p: &[&str]) -> Vec<String> {
@@ -350,16 +312,12 @@ mod tests {
 
     fn quota(cpu: i64, gpus: i64, storage: i64, hold: Option<i64>) -> QuotaParts {
         QuotaParts {
-            limits: Resources {
-                cpu_millis: cpu,
-                gpus,
-                storage_gib: storage,
-                ..Default::default()
-            },
-            approval_above: Resources {
-                gpus: 4,
-                ..Default::default()
-            },
+            limits: Resources::from_lines([
+                (&Class::CpuMillis, cpu),
+                (&Class::Gpus, gpus),
+                (&Class::StorageGib, storage),
+            ]),
+            approval_above: Resources::from_lines([(&Class::Gpus, 4)]),
             max_hold: hold,
         }
     }

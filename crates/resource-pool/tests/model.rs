@@ -23,7 +23,7 @@ use std::{
 };
 
 use gpualloc_domain::{Capacity, Class, GpuModel, PoolId, Resources, TenantId, time};
-use gpualloc_proto::events::v1 as ev;
+use gpualloc_proto::{events::v1 as ev, resourcepool::v1 as pb};
 use gpualloc_resource_pool::{
     Error, MIGRATIONS,
     admin::{self, PoolSpec, QuotaSpec},
@@ -173,10 +173,10 @@ impl Model {
 
     /// Every way `demand` can be laid out on `pool`, with the GPU model.
     fn layouts(&self, pool: &str, demand: &Resources) -> Vec<Layout> {
-        if demand.gpus == 0 {
+        if demand.gpus() == 0 {
             return vec![(None, demand.pool_lines(None))];
         }
-        let models: Vec<String> = match &demand.gpu_model {
+        let models: Vec<String> = match demand.gpu_model() {
             Some(m) => vec![m.to_string()],
             None => self.capacity[pool]
                 .keys()
@@ -290,11 +290,10 @@ impl Harness {
             h.put_pool(p).unwrap();
         }
         for t in TENANTS {
-            let limits = Resources {
-                gpus: h.model.limits[t][&Class::Gpus],
-                cpu_millis: h.model.limits[t][&Class::CpuMillis],
-                ..Default::default()
-            };
+            let limits = Resources::from_lines([
+                (&Class::Gpus, h.model.limits[t][&Class::Gpus]),
+                (&Class::CpuMillis, h.model.limits[t][&Class::CpuMillis]),
+            ]);
             h.run(move |c, e| {
                 admin::set_quota(
                     c,
@@ -401,14 +400,16 @@ impl Harness {
                 self.next += 1;
                 let r = MRes {
                     tenant: TENANTS[tenant].into(),
-                    demand: Resources {
-                        gpus,
+                    demand: Resources::try_from(pb::Resources {
+                        gpus: gpus as i32,
                         gpu_model: model
                             .filter(|_| gpus > 0)
-                            .map(|m| GpuModel::parse(MODELS[m]).unwrap()),
+                            .map(|m| MODELS[m].to_owned())
+                            .unwrap_or_default(),
                         cpu_millis: cpus * 1_000,
                         ..Default::default()
-                    },
+                    })
+                    .unwrap(),
                     priority,
                     request_time: self.model.now,
                     lease: lease_secs.map(|s| s * SEC),
@@ -459,10 +460,7 @@ impl Harness {
                 let events = self.deliver(cancel_event(&id, t));
                 let r = MRes {
                     tenant: t.into(),
-                    demand: Resources {
-                        gpus,
-                        ..Default::default()
-                    },
+                    demand: Resources::from_lines([(&Class::Gpus, gpus)]),
                     priority: 0,
                     request_time: self.model.now,
                     lease: None,
@@ -579,14 +577,14 @@ impl Harness {
                 assert!(m.within_quota(&r.tenant, d), "{id} granted over quota");
                 r.state = self.granted(id, d, r.lease, g);
                 // Best fit: no other layout leaves fewer GPUs of its model.
-                if d.gpus > 0 {
+                if d.gpus() > 0 {
                     let chosen = match &r.state {
                         MState::Granted { pool, lines, .. } => {
                             let (c, _) = lines
                                 .iter()
                                 .find(|(c, _)| matches!(c, Class::GpusOf(_)))
                                 .unwrap();
-                            m.free(pool)[c] - d.gpus
+                            m.free(pool)[c] - d.gpus()
                         }
                         _ => unreachable!(),
                     };
@@ -598,7 +596,10 @@ impl Harness {
                                     .iter()
                                     .find(|(c, _)| matches!(c, Class::GpusOf(_)))
                                     .unwrap();
-                                assert!(free[c] - d.gpus >= chosen, "{id} not placed by best fit");
+                                assert!(
+                                    free[c] - d.gpus() >= chosen,
+                                    "{id} not placed by best fit"
+                                );
                             }
                         }
                     }

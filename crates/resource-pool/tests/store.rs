@@ -65,10 +65,7 @@ fn a100(n: i64) -> Capacity {
 }
 
 fn gpus(n: i64) -> Resources {
-    Resources {
-        gpus: n,
-        ..Default::default()
-    }
+    Resources::from_lines([(&Class::Gpus, n)])
 }
 
 fn request(id: &str, tenant: &str, r: &Resources) -> Event {
@@ -359,10 +356,7 @@ async fn masked_updates_change_only_what_they_name(url: String) {
         }
     };
     // Storage and the hold limit set, GPUs untouched (still 4).
-    let l = Resources {
-        storage_gib: 500,
-        ..Default::default()
-    };
+    let l = Resources::from_lines([(&Class::StorageGib, 500)]);
     let (row, state) = op(&db, quota(l, Some(7), &["limits.storage_gib", "max_hold"]))
         .await
         .unwrap()

@@ -280,16 +280,8 @@ pub fn summary(conn: &mut DbConnection, tenant: &TenantId) -> Result<pb::TenantS
         let r = Resources::try_from(a.resources.unwrap_or_default())
             .map_err(|e| Error::BadEvent(e.to_string()))?;
         // Saturating: the snapshots come from events, and a sum of
-        // forged amounts must not overflow (panic in debug, wrap in
-        // release) inside a read.
-        in_use.cpu_millis = in_use.cpu_millis.saturating_add(r.cpu_millis);
-        in_use.memory_mib = in_use.memory_mib.saturating_add(r.memory_mib);
-        in_use.gpus = in_use.gpus.saturating_add(r.gpus);
-        in_use.storage_gib = in_use.storage_gib.saturating_add(r.storage_gib);
-        for (c, v) in r.custom {
-            let sum = in_use.custom.entry(c).or_default();
-            *sum = sum.saturating_add(v);
-        }
+        // forged amounts must not overflow inside a read.
+        in_use = in_use.saturating_add(&r);
     }
     let quota: Option<String> = tenant_quota_views::table
         .find(tenant.as_str())

@@ -188,11 +188,7 @@ pub fn report(
                 pb::UsageLine {
                     allocation_id: row.allocation_id.clone(),
                     pool: a.pool.clone(),
-                    gpu_model: r
-                        .gpu_model
-                        .as_ref()
-                        .map(|m| m.to_string())
-                        .unwrap_or_default(),
+                    gpu_model: r.gpu_model().map(|m| m.to_string()).unwrap_or_default(),
                     labels: a.labels.clone(),
                     display_name: a.display_name.clone(),
                     tenant: tenant.to_owned(),
@@ -205,11 +201,11 @@ pub fn report(
         *first = (*first).min(start);
         *last = (*last).max(end);
         line.hours += hours;
-        line.gpu_hours += r.gpus as f64 * hours;
-        line.cpu_core_hours += r.cpu_millis as f64 / 1000.0 * hours;
-        line.memory_gib_hours += r.memory_mib as f64 / 1024.0 * hours;
-        line.storage_gib_hours += r.storage_gib as f64 * hours;
-        for (c, v) in &r.custom {
+        line.gpu_hours += r.gpus() as f64 * hours;
+        line.cpu_core_hours += r.cpu_millis() as f64 / 1000.0 * hours;
+        line.memory_gib_hours += r.memory_mib() as f64 / 1024.0 * hours;
+        line.storage_gib_hours += r.storage_gib() as f64 * hours;
+        for (c, v) in r.custom() {
             *line.custom_unit_hours.entry(c.to_string()).or_default() += *v as f64 * hours;
         }
     }
