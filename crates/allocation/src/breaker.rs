@@ -25,7 +25,9 @@ use failsafe::{
     StateMachine,
     failure_policy::{ConsecutiveFailures, consecutive_failures},
 };
-use gpualloc_telemetry::{METRICS, labels};
+use gpualloc_telemetry::labels;
+
+use crate::metrics::METRICS;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The breaker's settings.

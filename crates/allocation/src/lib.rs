@@ -19,6 +19,7 @@ pub mod breaker;
 mod error;
 mod handler;
 pub mod machine;
+mod metrics;
 pub mod ops;
 mod quota;
 mod reconciler;
@@ -195,6 +196,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    metrics::register();
     let platform = Platform::new(CONSUMER, SERVICE_NAME, METRICS_PORT, config.common.clone());
     let breaker = breaker::BreakerConfig {
         failures: config.breaker_failures,

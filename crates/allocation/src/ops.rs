@@ -98,7 +98,7 @@ fn announce(emit: &mut Emitter, next: &Allocation, facts: &[crate::machine::Fact
 /// `gpualloc_saga_transitions_total{state}`. Counted in the transaction: a
 /// rare retried transaction counts twice, which a rate does not notice.
 fn count_transition(to: State) {
-    gpualloc_telemetry::METRICS
+    crate::metrics::METRICS
         .saga_transitions
         .get_or_create(&gpualloc_telemetry::labels([("state", to.as_str())]))
         .inc();

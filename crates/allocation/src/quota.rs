@@ -12,12 +12,15 @@ use gpualloc_platform::{Caller, CallerExt, propagation};
 use gpualloc_proto::resourcepool::v1::{
     self as rp, resource_pool_service_client::ResourcePoolServiceClient,
 };
-use gpualloc_telemetry::{METRICS, labels, trace};
+use gpualloc_telemetry::{labels, trace};
 use tokio::time::Instant;
 use tonic::Code;
 use tracing::{Instrument, field::Empty};
 
-use crate::breaker::{Breaker, BreakerConfig, Outcome};
+use crate::{
+    breaker::{Breaker, BreakerConfig, Outcome},
+    metrics::METRICS,
+};
 
 /// What the pool said, or why it said nothing.
 #[derive(Debug)]

@@ -174,4 +174,29 @@ async fn capacity_metrics_come_from_the_resource_pool_only() {
             "{kind:?} counts health checks:\n{text}"
         );
     }
+    // Each service exports its own metrics and only those: the breaker and
+    // the quota checks are the allocation service's, notifications the
+    // viewer's.
+    let mut scrape_of = |kind: Svc| cluster.node(kind, 0).metrics_addr();
+    let allocation = scrape(&scrape_of(Svc::Allocation)).await;
+    assert!(
+        has_metric(&allocation, "gpualloc_breaker_state"),
+        "{allocation}"
+    );
+    assert!(
+        has_metric(&allocation, "gpualloc_check_quota_total"),
+        "{allocation}"
+    );
+    for (kind, foreign) in [
+        (Svc::ResourcePool, "gpualloc_breaker_state"),
+        (Svc::ResourcePool, "gpualloc_notifications"),
+        (Svc::Viewer, "gpualloc_check_quota"),
+        (Svc::Viewer, "gpualloc_saga_transitions"),
+    ] {
+        let text = scrape(&scrape_of(kind)).await;
+        assert!(
+            !text.contains(foreign),
+            "{kind:?} exports {foreign}:\n{text}"
+        );
+    }
 }

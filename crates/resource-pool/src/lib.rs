@@ -20,6 +20,7 @@ pub mod engine;
 mod error;
 mod handler;
 pub mod mask;
+mod metrics;
 mod quota_cache;
 pub mod saga;
 mod schema;
@@ -108,6 +109,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    metrics::register();
     let platform = Platform::new(CONSUMER, SERVICE_NAME, METRICS_PORT, config.common.clone());
     let service = PoolService::new(
         platform.db(),
@@ -146,7 +148,7 @@ async fn sample_capacity(db: gpualloc_storage::Db, cancel: tokio_util::sync::Can
     use diesel::prelude::*;
     use gpualloc_storage::Native as _;
     use gpualloc_telemetry::{labels, replace_gauges};
-    let m = gpualloc_telemetry::capacity_metrics();
+    let m = &*metrics::METRICS;
     let mut previous: [Vec<gpualloc_telemetry::Labels>; 6] = Default::default();
     loop {
         let snapshot = db

@@ -6,4 +6,5 @@
 pub mod metrics;
 pub mod trace;
 
-pub use metrics::{Labels, METRICS, capacity_metrics, labels, replace_gauges};
+pub use metrics::{Labels, METRICS, labels, latency_histogram, register_service, replace_gauges};
+pub use prometheus_client;

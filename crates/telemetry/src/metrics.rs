@@ -1,6 +1,7 @@
-//! The metrics every gpualloc service exports, in one process-wide
-//! registry, and a small HTTP endpoint serving them in the Prometheus text
-//! format.
+//! The metrics every gpualloc service exports (RPCs, the bus, the outbox,
+//! consumers) in one process-wide registry, the registries services add
+//! for metrics of their own, and the `/metrics` endpoint serving them in
+//! the Prometheus text format.
 //!
 //! One registry per process: in production a process is one service. Labels
 //! carry what differs within a process (method, consumer, channel).
@@ -8,7 +9,7 @@
 use std::{
     fmt::Write as _,
     net::SocketAddr,
-    sync::{LazyLock, OnceLock, atomic::AtomicU64},
+    sync::{LazyLock, Mutex, atomic::AtomicU64},
 };
 
 use prometheus_client::{
@@ -40,8 +41,6 @@ pub struct Metrics {
     pub rpc_requests: Family<Labels, Counter>,
     /// gRPC handling time, by method.
     pub rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
-    /// Allocation state transitions, by the state entered.
-    pub saga_transitions: Family<Labels, Counter>,
     /// Whether the service's NATS connection is up (1) or not (0).
     pub nats_connected: Family<Labels, Gauge>,
     /// Unpublished outbox rows, and the age of the oldest, by service.
@@ -62,15 +61,6 @@ pub struct Metrics {
     pub events_parked: Family<Labels, Counter>,
     /// Outbox rows set aside after failing to publish, by service.
     pub outbox_poison: Family<Labels, Gauge>,
-    /// Circuit breaker state per target: 0 closed, 1 open, 2 half-open.
-    pub breaker_state: Family<Labels, Gauge>,
-    pub breaker_transitions: Family<Labels, Counter>,
-    /// CheckQuota calls by outcome (verdict, timeout, error, or
-    /// breaker_open: held back by the open breaker) and their duration.
-    pub check_quota: Family<Labels, Counter>,
-    pub check_quota_duration: Family<Labels, Histogram, fn() -> Histogram>,
-    /// Notification delivery attempts by channel and outcome.
-    pub notifications: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -79,7 +69,6 @@ impl Metrics {
         let m = Metrics {
             rpc_requests: Family::default(),
             rpc_duration: Family::new_with_constructor(latency),
-            saga_transitions: Family::default(),
             nats_connected: Family::default(),
             outbox_backlog: Family::default(),
             outbox_oldest_age: Family::default(),
@@ -91,11 +80,6 @@ impl Metrics {
             events_poison: Family::default(),
             events_parked: Family::default(),
             outbox_poison: Family::default(),
-            breaker_state: Family::default(),
-            breaker_transitions: Family::default(),
-            check_quota: Family::default(),
-            check_quota_duration: Family::new_with_constructor(latency),
-            notifications: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -108,11 +92,6 @@ impl Metrics {
             "rpc_duration_seconds",
             "gRPC handling time by method",
             m.rpc_duration.clone(),
-        );
-        r.register(
-            "saga_transitions",
-            "Allocation state transitions by the state entered",
-            m.saga_transitions.clone(),
         );
         r.register(
             "nats_connected",
@@ -169,47 +148,25 @@ impl Metrics {
             "Outbox rows set aside after failing to publish (see `outbox --poisoned`)",
             m.outbox_poison.clone(),
         );
-        r.register(
-            "breaker_state",
-            "Circuit breaker state: 0 closed, 1 open, 2 half-open",
-            m.breaker_state.clone(),
-        );
-        r.register(
-            "breaker_transitions",
-            "Circuit breaker transitions by the state entered",
-            m.breaker_transitions.clone(),
-        );
-        r.register(
-            "check_quota",
-            "CheckQuota calls by outcome",
-            m.check_quota.clone(),
-        );
-        r.register(
-            "check_quota_duration_seconds",
-            "CheckQuota time by outcome (breaker_open: held back by the open breaker)",
-            m.check_quota_duration.clone(),
-        );
-        r.register(
-            "notifications",
-            "Notification delivery attempts by channel and outcome",
-            m.notifications.clone(),
-        );
         Metrics { registry, ..m }
     }
 
-    /// The Prometheus text exposition of everything, with the capacity
-    /// metrics when this process keeps them.
+    /// The Prometheus text exposition of everything: the shared metrics
+    /// and those the service registered ([`register_service`]).
     pub fn render(&self) -> String {
         let mut out = String::new();
         if encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");
         }
-        if let Some(capacity) = CAPACITY.get() {
-            // One exposition: the first registry's end marker goes.
+        let services = SERVICE_REGISTRIES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for registry in services.iter() {
+            // One exposition: the previous registry's end marker goes.
             if let Some(body) = out.strip_suffix("# EOF\n") {
                 out.truncate(body.len());
             }
-            if encode(&mut out, &capacity.registry).is_err() {
+            if encode(&mut out, registry).is_err() {
                 let _ = writeln!(out, "# encoding failed");
             }
         }
@@ -217,79 +174,23 @@ impl Metrics {
     }
 }
 
-/// What the resource pool knows: capacity, usage and what is free per
-/// pool and class; quota and usage per tenant and class; the hold queue.
-/// Only a process that calls [`capacity_metrics`] (the resource pool)
-/// exports them, so no other service reports a meaningless 0.
-pub struct CapacityMetrics {
-    registry: Registry,
-    /// Requests in the hold queue.
-    pub hold_queue_depth: Gauge,
-    /// Per pool and class (`gpus.A100`, `cpu_millis`, `custom.SEAT`, …).
-    pub pool_capacity: Family<Labels, Gauge>,
-    pub pool_usage: Family<Labels, Gauge>,
-    pub pool_free: Family<Labels, Gauge>,
-    /// Per tenant and class: the quota's limit, what is granted, and what
-    /// is charged (granted plus held).
-    pub tenant_quota: Family<Labels, Gauge>,
-    pub tenant_usage: Family<Labels, Gauge>,
-    pub tenant_charged: Family<Labels, Gauge>,
+/// Metrics a service keeps of its own (the allocation service's breaker
+/// and quota checks, the pool's capacity, the viewer's notifications).
+static SERVICE_REGISTRIES: Mutex<Vec<Registry>> = Mutex::new(Vec::new());
+
+/// Adds a service's own metrics to what `/metrics` serves. Only the
+/// process that registers them exports them, so no other service reports
+/// a meaningless 0. The registry should use the `gpualloc` prefix.
+pub fn register_service(registry: Registry) {
+    SERVICE_REGISTRIES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(registry);
 }
 
-static CAPACITY: OnceLock<CapacityMetrics> = OnceLock::new();
-
-/// The capacity metrics, registered on first use.
-pub fn capacity_metrics() -> &'static CapacityMetrics {
-    CAPACITY.get_or_init(|| {
-        let mut registry = Registry::with_prefix("gpualloc");
-        let m = CapacityMetrics {
-            registry: Registry::default(),
-            hold_queue_depth: Gauge::default(),
-            pool_capacity: Family::default(),
-            pool_usage: Family::default(),
-            pool_free: Family::default(),
-            tenant_quota: Family::default(),
-            tenant_usage: Family::default(),
-            tenant_charged: Family::default(),
-        };
-        let r = &mut registry;
-        r.register(
-            "hold_queue_depth",
-            "Requests waiting in the hold queue",
-            m.hold_queue_depth.clone(),
-        );
-        r.register(
-            "pool_capacity",
-            "A pool's capacity by class",
-            m.pool_capacity.clone(),
-        );
-        r.register(
-            "pool_usage",
-            "What is granted on a pool, by class",
-            m.pool_usage.clone(),
-        );
-        r.register(
-            "pool_free",
-            "Capacity minus usage on a pool, by class",
-            m.pool_free.clone(),
-        );
-        r.register(
-            "tenant_quota",
-            "A tenant's quota limit by class",
-            m.tenant_quota.clone(),
-        );
-        r.register(
-            "tenant_usage",
-            "What is granted to a tenant, by class",
-            m.tenant_usage.clone(),
-        );
-        r.register(
-            "tenant_charged",
-            "What counts against a tenant's quota (granted plus held), by class",
-            m.tenant_charged.clone(),
-        );
-        CapacityMetrics { registry, ..m }
-    })
+/// The histogram every latency is measured in: 100 µs to ~13 s.
+pub fn latency_histogram() -> Histogram {
+    latency()
 }
 
 /// Sets `family` to exactly `values`: series that are gone since the last
@@ -356,7 +257,12 @@ mod tests {
             .rpc_requests
             .get_or_create(&labels([("method", "/x.Y/Z"), ("code", "OK")]))
             .inc();
-        capacity_metrics().hold_queue_depth.set(3);
+        // A service's own metric, in one exposition with the shared ones.
+        let mut own = Registry::with_prefix("gpualloc");
+        let depth = Gauge::<i64>::default();
+        own.register("hold_queue_depth", "test", depth.clone());
+        register_service(own);
+        depth.set(3);
         METRICS
             .rpc_duration
             .get_or_create(&labels([("method", "/x.Y/Z")]))
@@ -371,5 +277,6 @@ mod tests {
             text.contains("# TYPE gpualloc_rpc_duration_seconds histogram"),
             "{text}"
         );
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     }
 }

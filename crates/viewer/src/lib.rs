@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tonic::server::NamedService;
 
 mod error;
+mod metrics;
 pub mod notifications;
 pub mod projection;
 mod rebuild;
@@ -155,6 +156,7 @@ pub async fn run(
         .map(notifications::Settings::load)
         .transpose()?
         .map(Arc::new);
+    metrics::register();
     let platform = Platform::new(CONSUMER, SERVICE_NAME, METRICS_PORT, config.common.clone());
     let changes = watch::Changes::default();
     let api = ViewerApi::new(platform.db(), changes.clone(), platform.stopping(), rates)

@@ -232,7 +232,7 @@ fn record(
         Outcome::Retry { .. } => "retry",
         Outcome::Park(_) => "parked",
     };
-    gpualloc_telemetry::METRICS
+    crate::metrics::METRICS
         .notifications
         .get_or_create(&gpualloc_telemetry::labels([
             ("channel", &d.channel),
