@@ -345,7 +345,7 @@ impl Db {
                         attempt += 1;
                         // Runs on a blocking-pool thread, so sleeping here
                         // does not stall the async runtime.
-                        std::thread::sleep(Duration::from_millis(2u64 << attempt.min(6)));
+                        std::thread::sleep(crate::TX_RETRY.delay(attempt - 1));
                     }
                     other => break other,
                 }

@@ -7,12 +7,9 @@
 //! group's commit; if the commit fails, every write in it fails. Nothing
 //! waits to fill a group: a write on an idle database commits at once.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
 };
 
 use diesel::Connection;
@@ -129,7 +126,7 @@ fn commit(conn: &mut DbConnection, mut group: Vec<Box<dyn Work>>, writes: &Atomi
             // again.
             Err(e) if crate::is_retryable(&e) && attempt < ATTEMPTS => {
                 attempt += 1;
-                std::thread::sleep(Duration::from_millis(2u64 << attempt.min(6)));
+                std::thread::sleep(crate::TX_RETRY.delay(attempt - 1));
             }
             other => break other.map_err(DbError::from),
         }

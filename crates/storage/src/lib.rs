@@ -44,3 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
 
 /// Re-exported so that services build queries against the same diesel.
 pub use diesel;
+
+/// The wait before retrying a transaction that lost a race (a busy
+/// SQLite, a PostgreSQL serialization failure): 4 ms, doubling up to
+/// 128 ms.
+const TX_RETRY: gpualloc_domain::Backoff = gpualloc_domain::Backoff::new(
+    std::time::Duration::from_millis(4),
+    std::time::Duration::from_millis(128),
+);

@@ -7,6 +7,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use clap::Args;
+use gpualloc_domain::Backoff;
 use gpualloc_proto::viewer::v1 as vpb;
 use tokio_stream::StreamExt;
 
@@ -48,7 +49,7 @@ pub async fn run(session: &Session, w: Watch) -> Result<(), Failure> {
         .watch_allocations(request(&resume))
         .await?
         .into_inner();
-    let mut retry = Duration::from_millis(200);
+    let mut retry = 0u32;
     let live = p.tty && !p.raw();
     let mut views: BTreeMap<String, vpb::AllocationView> = BTreeMap::new();
     let mut drawn_lines = 0usize;
@@ -77,7 +78,7 @@ pub async fn run(session: &Session, w: Watch) -> Result<(), Failure> {
             }
             continue;
         };
-        retry = Duration::from_millis(200);
+        retry = 0;
         if let Some(a) = event.view.as_ref().and_then(|v| v.allocation.as_ref()) {
             let v = resume.entry(a.allocation_id.clone()).or_default();
             *v = (*v).max(a.version);
@@ -136,20 +137,24 @@ fn resumable(code: tonic::Code) -> bool {
     )
 }
 
+/// Waits before each attempt to open the stream again: 200 ms, doubling
+/// up to 5 s.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+
 /// `false` when Ctrl-C ended the wait.
 async fn reconnect(
     session: &Session,
     stream: &mut tonic::Streaming<vpb::WatchAllocationsResponse>,
     request: vpb::WatchAllocationsRequest,
-    retry: &mut Duration,
+    retry: &mut u32,
 ) -> bool {
     loop {
         eprintln!("watch: the stream broke; reconnecting…");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => return false,
-            _ = tokio::time::sleep(*retry) => {}
+            _ = tokio::time::sleep(RECONNECT.delay(*retry)) => {}
         }
-        *retry = (*retry * 2).min(Duration::from_secs(5));
+        *retry = retry.saturating_add(1);
         if let Ok(s) = session
             .viewer
             .clone()
