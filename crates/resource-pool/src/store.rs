@@ -525,26 +525,50 @@ pub fn set_pool_capacity(
     old: &BTreeMap<Class, i64>,
     new: &BTreeMap<Class, i64>,
 ) -> Result<(), Error> {
-    let classes: BTreeSet<&Class> = old.keys().chain(new.keys()).collect();
-    for class in classes {
-        let name = class.to_string();
+    for (name, change) in class_changes(old, new) {
         let row = pool_resources::table
             .filter(pool_resources::pool_id.eq(id))
             .filter(pool_resources::class.eq(&name));
-        match (old.contains_key(class), new.get(class)) {
-            (true, Some(cap)) => {
+        match change {
+            ClassChange::Set(cap) => {
                 diesel::update(row)
                     .set(pool_resources::capacity.eq(cap))
                     .execute_native(conn)?;
             }
-            (true, None) => {
+            ClassChange::Removed => {
                 diesel::delete(row).execute_native(conn)?;
             }
-            (false, Some(cap)) => insert_pool_resource(conn, id, &name, *cap)?,
-            (false, None) => {}
+            ClassChange::Added(cap) => insert_pool_resource(conn, id, &name, cap)?,
         }
     }
     Ok(())
+}
+
+/// How one class's row changes when a per-class map (a pool's capacity, a
+/// tenant's limits) goes from `old` to `new`.
+enum ClassChange {
+    Set(i64),
+    Removed,
+    Added(i64),
+}
+
+fn class_changes(
+    old: &BTreeMap<Class, i64>,
+    new: &BTreeMap<Class, i64>,
+) -> Vec<(String, ClassChange)> {
+    let classes: BTreeSet<&Class> = old.keys().chain(new.keys()).collect();
+    classes
+        .into_iter()
+        .filter_map(|class| {
+            let change = match (old.contains_key(class), new.get(class)) {
+                (true, Some(v)) => ClassChange::Set(*v),
+                (true, None) => ClassChange::Removed,
+                (false, Some(v)) => ClassChange::Added(*v),
+                (false, None) => return None,
+            };
+            Some((class.to_string(), change))
+        })
+        .collect()
 }
 
 pub fn insert_pool(
@@ -622,23 +646,20 @@ pub fn set_quota_limits(
     old: &BTreeMap<Class, i64>,
     new: &BTreeMap<Class, i64>,
 ) -> Result<(), Error> {
-    let classes: BTreeSet<&Class> = old.keys().chain(new.keys()).collect();
-    for class in classes {
-        let name = class.to_string();
+    for (name, change) in class_changes(old, new) {
         let q = tenant_usage::table
             .filter(tenant_usage::tenant.eq(tenant))
             .filter(tenant_usage::class.eq(&name));
-        match (old.contains_key(class), new.get(class)) {
-            (true, Some(limit)) => {
+        match change {
+            ClassChange::Set(limit) => {
                 diesel::update(q)
                     .set(tenant_usage::quota_limit.eq(limit))
                     .execute_native(conn)?;
             }
-            (true, None) => {
+            ClassChange::Removed => {
                 diesel::delete(q).execute_native(conn)?;
             }
-            (false, Some(limit)) => insert_usage(conn, tenant, &name, *limit)?,
-            (false, None) => {}
+            ClassChange::Added(limit) => insert_usage(conn, tenant, &name, limit)?,
         }
     }
     Ok(())
