@@ -26,7 +26,7 @@ mod reconciler;
 mod schema;
 mod service;
 pub mod store;
-mod wire;
+pub mod wire;
 
 pub use error::Error;
 pub use handler::PoolDecisions;

@@ -8,6 +8,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
+pub mod floor;
 pub mod load;
 pub mod mesh;
 pub mod report;

@@ -38,6 +38,14 @@ pub async fn node(service: &str, args: Vec<String>) -> anyhow::Result<()> {
             t.shutdown();
             r
         }
+        "floor" => {
+            let c = gpualloc_allocation::Config::parse_from(argv);
+            let t = gpualloc_platform::telemetry::init(c.log_format, "gpualloc-bench-floor");
+            let l = tokio::net::TcpListener::bind(c.listen).await?;
+            let r = crate::floor::run(c, l, shutdown).await;
+            t.shutdown();
+            r
+        }
         "viewer" => {
             let c = gpualloc_viewer::Config::parse_from(argv);
             let t = gpualloc_platform::telemetry::init(c.log_format, "gpualloc-viewer");
@@ -58,6 +66,12 @@ pub struct Proc {
     pub metrics_port: u16,
     pub db: PathBuf,
     child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 /// Peak resident memory (KiB) and CPU seconds of a process so far.
@@ -99,12 +113,20 @@ pub struct Mesh {
 
 impl Mesh {
     pub async fn start(exe: &Path) -> anyhow::Result<Mesh> {
+        Mesh::start_services(exe, &SERVICES).await
+    }
+
+    /// `services` only (each a `node` name), against a NATS server of
+    /// their own; the first is the one the others call for quota checks.
+    pub async fn start_services(exe: &Path, services: &[&'static str]) -> anyhow::Result<Mesh> {
         let nats = NatsServer::start();
         let dir = tempfile::tempdir()?;
-        let ports: Vec<u16> = SERVICES.iter().map(|_| free_port()).collect();
+        let ports: Vec<u16> = services.iter().map(|_| free_port()).collect();
         let pool_url = format!("http://127.0.0.1:{}", ports[0]);
         let mut procs = Vec::new();
-        for (name, port) in SERVICES.iter().zip(&ports) {
+        for (name, port) in services.iter().zip(&ports) {
+            // The floor stands in for the allocation service, on the bus too.
+            let user = if *name == "floor" { "allocation" } else { name };
             let db = dir.path().join(format!("{name}.db"));
             let metrics_port = free_port();
             let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
@@ -117,10 +139,10 @@ impl Mesh {
                 )
                 .env("GPUALLOC_NATS_URL", nats.url())
                 // The service names are their NATS users.
-                .env("GPUALLOC_NATS_USER", name)
+                .env("GPUALLOC_NATS_USER", user)
                 .env(
                     "GPUALLOC_NATS_PASSWORD",
-                    gpualloc_testkit::nats_password(name),
+                    gpualloc_testkit::nats_password(user),
                 )
                 .env(
                     "GPUALLOC_JWKS",

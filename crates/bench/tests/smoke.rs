@@ -68,6 +68,15 @@ fn every_scenario_runs_and_is_reported() {
             .unwrap()
             .contains("0 used, 0 held")
     );
+    // The create scenario measured its floor: the same RPC on the same
+    // stack committing the same rows, nothing else.
+    let floor = scenarios[1]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "floor_rps")
+        .unwrap();
+    assert!(floor["value"].as_f64().unwrap() > 0.0, "{floor}");
     let md = std::fs::read_to_string(out.path().join("smoke.md")).unwrap();
     assert!(md.contains("| target | measured | goal | met |"), "{md}");
     let svg = std::fs::read_to_string(out.path().join("smoke.svg")).unwrap();
