@@ -39,7 +39,7 @@ pub struct RunArgs {
     /// A short run of every scenario that checks the harness, not the speed.
     #[arg(long)]
     pub smoke: bool,
-    /// Scenarios to run (default: all): quota-check, create, saga, churn, scale.
+    /// Scenarios to run (default: all): quota-check, create, saga, churn, scale, fanout.
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// Seconds per measurement.

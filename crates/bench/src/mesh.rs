@@ -223,6 +223,10 @@ impl Mesh {
             .unwrap_or_else(|_| unreachable_channel())
     }
 
+    pub fn proc_usage(&self, name: &str) -> Usage {
+        usage(self.proc(name).pid())
+    }
+
     pub fn usage(&self) -> Vec<(&'static str, Usage)> {
         self.procs
             .iter()

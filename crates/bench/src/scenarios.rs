@@ -87,12 +87,13 @@ impl ScenarioResult {
 type ScenarioFn =
     fn(PathBuf, RunArgs) -> Pin<Box<dyn Future<Output = anyhow::Result<ScenarioResult>> + Send>>;
 
-pub const ALL: [(&str, ScenarioFn); 5] = [
+pub const ALL: [(&str, ScenarioFn); 6] = [
     ("quota-check", |e, a| Box::pin(quota_check(e, a))),
     ("create", |e, a| Box::pin(create(e, a))),
     ("saga", |e, a| Box::pin(saga(e, a))),
     ("churn", |e, a| Box::pin(churn(e, a))),
     ("scale", |e, a| Box::pin(scale(e, a))),
+    ("fanout", |e, a| Box::pin(fanout(e, a))),
 ];
 
 const TENANT: &str = "bench";
@@ -824,5 +825,155 @@ async fn scale(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
         );
     }
     out.usage = usage;
+    Ok(out)
+}
+
+/// Watchers `fanout` opens on one viewer.
+const WATCHERS: usize = 1_000;
+/// Of those, how many watch the tenant the saga runs for (each of its
+/// changes goes to all of them); the rest watch tenants with nothing
+/// happening, like dashboards left open.
+const BUSY_WATCHERS: usize = 10;
+
+/// 1,000 watchers on one viewer while the saga runs at half its maximum:
+/// how late changes reach watchers (receipt − the change's `update_time`),
+/// and what the watchers cost the viewer, against the same half-rate load
+/// without them in the same mesh.
+async fn fanout(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
+    let mesh = Mesh::start(&exe).await?;
+    setup(&mesh, i32::MAX).await?;
+    let mut out = ScenarioResult {
+        name: "fanout",
+        ..Default::default()
+    };
+    let arrivals = Arrivals::default();
+    watch_allocated(&mesh, arrivals.clone()).await?;
+    let d = args.duration();
+    let rate = match args.saga_rate {
+        Some(rate) => rate,
+        None => saga_max_rate(&mesh, &arrivals, &args).await?,
+    } / 2.0;
+    out.value("offered_rate", rate, "/s");
+    let viewer_cpu = || usage(mesh.proc("viewer").pid()).cpu_seconds;
+
+    // The same load without the watchers first.
+    let c0 = viewer_cpu();
+    let alone = load::open(rate, d, to_allocated_op(&mesh, &arrivals, "alone")).await;
+    let per_alloc = |cpu: f64, o: &Outcome| cpu * 1000.0 / (o.ok as f64).max(1.0);
+    out.value(
+        "viewer_cpu_ms_per_allocation_alone",
+        per_alloc(viewer_cpu() - c0, &alone),
+        "ms",
+    );
+
+    // The watchers, over ten connections, each with its snapshot done.
+    let deliveries = Arc::new(Mutex::new(load::histogram()));
+    let ready = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let channels: Vec<Channel> = (0..10).map(|_| mesh.channel("viewer")).collect();
+    for w in 0..WATCHERS {
+        let tenant = if w < BUSY_WATCHERS {
+            TENANT.to_owned()
+        } else {
+            format!("idle-{w}")
+        };
+        let mut viewer = ViewerServiceClient::new(channels[w % channels.len()].clone());
+        let mut stream = viewer
+            .watch_allocations(as_admin(vpb::WatchAllocationsRequest {
+                tenant,
+                allocation_id: String::new(),
+                resume_versions: Default::default(),
+            }))
+            .await?
+            .into_inner();
+        let (deliveries, ready) = (deliveries.clone(), ready.clone());
+        tokio::spawn(async move {
+            let mut mine = load::histogram();
+            while let Some(Ok(m)) = stream.next().await {
+                if m.r#type == vpb::WatchEventType::SnapshotEnd as i32 {
+                    ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    continue;
+                }
+                let changed = m
+                    .view
+                    .and_then(|v| v.allocation)
+                    .and_then(|a| a.update_time)
+                    .map(|t| gpualloc_domain::time::from_timestamp(&t));
+                if let (true, Some(changed)) =
+                    (m.r#type == vpb::WatchEventType::Change as i32, changed)
+                {
+                    let late = gpualloc_domain::time::now_micros() - changed;
+                    let _ = mine.record(late.max(1) as u64);
+                    if mine.len() >= 256
+                        && let Ok(mut all) = deliveries.lock()
+                    {
+                        let _ = all.add(&mine);
+                        mine.reset();
+                    }
+                }
+            }
+            if let Ok(mut all) = deliveries.lock() {
+                let _ = all.add(&mine);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ready.load(std::sync::atomic::Ordering::Relaxed) < WATCHERS {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {WATCHERS} watchers got their snapshot",
+            ready.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let c1 = viewer_cpu();
+    let watched = load::open(rate, d, to_allocated_op(&mesh, &arrivals, "watched")).await;
+    out.value(
+        "viewer_cpu_ms_per_allocation_watched",
+        per_alloc(viewer_cpu() - c1, &watched),
+        "ms",
+    );
+    // The last deliveries of the run arrive shortly after it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deliveries = deliveries
+        .lock()
+        .map(|h| h.clone())
+        .unwrap_or_else(|_| load::histogram());
+    anyhow::ensure!(!deliveries.is_empty(), "the busy watchers received nothing");
+    out.value("deliveries", deliveries.len() as f64, "");
+    out.value("delivery_p50_ms", ms(&deliveries, 0.5), "ms");
+    out.value("delivery_p99_ms", ms(&deliveries, 0.99), "ms");
+    out.value("p99_to_allocated_alone_ms", ms(&alone.latency, 0.99), "ms");
+    out.value(
+        "p99_to_allocated_watched_ms",
+        ms(&watched.latency, 0.99),
+        "ms",
+    );
+    out.value("lost_watched", watched.errors as f64, "");
+    let viewer_rss = mesh.proc_usage("viewer").peak_rss_kib as f64 / 1024.0;
+    out.value("viewer_peak_rss_mib", viewer_rss, "MiB");
+    out.target(
+        "watch delivery p99 ≤ 100 ms (1,000 watchers, saga at ½ max)",
+        ms(&deliveries, 0.99),
+        100.0,
+        false,
+    );
+    out.target(
+        "viewer RSS ≤ 200 MiB with 1,000 watchers",
+        viewer_rss,
+        200.0,
+        false,
+    );
+    out.latencies.push((
+        format!("watch delivery, {WATCHERS} watchers ({BUSY_WATCHERS} busy)"),
+        deliveries,
+    ));
+    out.latencies
+        .push(("request → ALLOCATED, no watchers".into(), alone.latency));
+    out.latencies.push((
+        format!("request → ALLOCATED, {WATCHERS} watchers"),
+        watched.latency,
+    ));
+    out.usage = mesh.usage();
     Ok(out)
 }

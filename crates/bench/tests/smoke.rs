@@ -24,7 +24,10 @@ fn every_scenario_runs_and_is_reported() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["quota-check", "create", "saga", "churn", "scale"]);
+    assert_eq!(
+        names,
+        ["quota-check", "create", "saga", "churn", "scale", "fanout"]
+    );
     for s in scenarios {
         let name = s["name"].as_str().unwrap();
         // Something was measured, with each service's memory and CPU.
