@@ -49,7 +49,11 @@ impl Handler for Projection {
 
     fn committed(&self, events: &[Event]) {
         if !events.is_empty() {
-            self.changes.notify();
+            self.changes.notify(
+                events
+                    .iter()
+                    .map(|e| (!e.tenant.is_empty()).then_some(e.tenant.as_str())),
+            );
             if self.notify.is_some() {
                 self.wake.notify();
             }

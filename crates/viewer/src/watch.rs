@@ -152,13 +152,63 @@ pub struct Filter {
 /// Most entries a resume point may have.
 pub const MAX_RESUME: usize = 10_000;
 
-/// Wakes watchers when this replica has projected something.
+/// Wakes watchers when this replica has projected something: the
+/// watchers of the tenants it changed, and those watching every tenant.
+/// A watcher of another tenant sleeps on (until its next [`POLL`]): with a
+/// thousand watchers open, waking all of them on every commit had each of
+/// them read the history for nothing (see docs/benchmarks.md).
 #[derive(Clone, Debug, Default)]
-pub struct Changes(Arc<Notify>);
+pub struct Changes(Arc<Wakers>);
+
+#[derive(Debug, Default)]
+struct Wakers {
+    /// Watchers of every tenant (administrators).
+    every: Arc<Notify>,
+    /// Per tenant watched so far. Entries stay: one per tenant, small.
+    tenants: std::sync::Mutex<HashMap<String, Arc<Notify>>>,
+}
 
 impl Changes {
-    pub fn notify(&self) {
-        self.0.notify_waiters();
+    /// Something was projected for `tenants`; `None` is a change of no
+    /// tenant in particular, which wakes every watcher.
+    pub fn notify<'a>(&self, tenants: impl IntoIterator<Item = Option<&'a str>>) {
+        let map = self
+            .0
+            .tenants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut everyone = false;
+        let mut woken = std::collections::HashSet::new();
+        for tenant in tenants {
+            match tenant {
+                Some(t) => {
+                    if woken.insert(t)
+                        && let Some(n) = map.get(t)
+                    {
+                        n.notify_waiters();
+                    }
+                }
+                None => everyone = true,
+            }
+        }
+        if everyone {
+            map.values().for_each(|n| n.notify_waiters());
+        }
+        self.0.every.notify_waiters();
+    }
+
+    /// What a watcher of `tenant` (`None`: every tenant) waits on.
+    fn waker(&self, tenant: Option<&str>) -> Arc<Notify> {
+        let Some(tenant) = tenant else {
+            return self.0.every.clone();
+        };
+        self.0
+            .tenants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(tenant.to_owned())
+            .or_default()
+            .clone()
     }
 }
 
@@ -319,8 +369,9 @@ async fn follow(
         HashMap::new();
     let mut since = start - LAG;
     let mut next_catch_up = Instant::now() + CATCH_UP;
+    let waker = changes.waker(filter.tenant.as_deref());
     loop {
-        let notified = changes.0.notified();
+        let notified = waker.notified();
         let poll_start = time::now_micros();
         // Keys first: most of an ordinary poll's window was sent already.
         let keys = read_window(db, filter, since, store::change_keys_since).await?;
@@ -473,4 +524,35 @@ fn history_view(row: &store::HistoryRow) -> Result<pb::AllocationView, Error> {
         hold_position: 0,
         project_time: Some(time::to_timestamp(row.project_time)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{future::Future, pin::pin, task::Poll};
+
+    use super::*;
+
+    /// Whether a `notified()` future created before `act` has fired.
+    fn woken(waker: &Arc<Notify>, act: impl FnOnce()) -> bool {
+        let mut notified = pin!(waker.notified());
+        notified.as_mut().enable();
+        act();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(notified.as_mut().poll(&mut cx), Poll::Ready(()))
+    }
+
+    #[test]
+    fn a_change_wakes_its_tenants_watchers_and_those_of_every_tenant_only() {
+        let changes = Changes::default();
+        let (a, b, every) = (
+            changes.waker(Some("a")),
+            changes.waker(Some("b")),
+            changes.waker(None),
+        );
+        assert!(woken(&a, || changes.notify([Some("a")])));
+        assert!(!woken(&b, || changes.notify([Some("a")])));
+        assert!(woken(&every, || changes.notify([Some("a")])));
+        // A change of no tenant in particular wakes everyone.
+        assert!(woken(&b, || changes.notify([None])));
+    }
 }
