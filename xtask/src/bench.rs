@@ -7,7 +7,9 @@ use crate::{install, procs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Passed to `gpualloc-bench run`, e.g. `-- --scenarios saga --seconds 20`.
+    /// Passed to `gpualloc-bench run`, e.g. `-- --scenarios saga --seconds 20`,
+    /// or `-- --database postgres://postgres@127.0.0.1:5432/postgres` to run
+    /// every scenario on PostgreSQL as well.
     #[arg(last = true)]
     bench_args: Vec<String>,
 }
@@ -31,12 +33,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         (_, p) => p.unwrap_or_default(),
     };
-    procs::run(
-        "gpualloc-bench run",
-        Command::new(root.join("target/release/gpualloc-bench"))
-            .current_dir(&root)
-            .env("PATH", path)
-            .arg("run")
-            .args(&args.bench_args),
-    )
+    let mut bench = Command::new(root.join("target/release/gpualloc-bench"));
+    bench
+        .current_dir(&root)
+        .env("PATH", path)
+        .arg("run")
+        .args(&args.bench_args);
+    // `--database`: the PostgreSQL pass reads against pgbench, which comes
+    // with the server's binaries.
+    if args.bench_args.iter().any(|a| a.starts_with("--database")) {
+        bench.env("GPUALLOC_PG_BIN", install::postgres_bin()?);
+    }
+    procs::run("gpualloc-bench run", &mut bench)
 }

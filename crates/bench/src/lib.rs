@@ -11,6 +11,7 @@ use std::{path::PathBuf, time::Duration};
 pub mod floor;
 pub mod load;
 pub mod mesh;
+pub mod pgbench;
 pub mod report;
 pub mod scenarios;
 
@@ -59,6 +60,11 @@ pub struct RunArgs {
     /// builds at the same offered load, where their maxima differ by noise.
     #[arg(long)]
     pub saga_rate: Option<f64>,
+    /// Run every scenario a second time with the services on this
+    /// PostgreSQL server (an URL that may create databases; each mesh gets
+    /// fresh ones), next to pgbench's simple-update TPS on the same server.
+    #[arg(long)]
+    pub database: Option<String>,
 }
 
 impl RunArgs {
@@ -82,6 +88,7 @@ impl RunArgs {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     let mut results = Vec::new();
+    mesh::use_postgres(None);
     for (name, f) in scenarios::ALL {
         if !args.wants(name) {
             continue;
@@ -90,6 +97,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         let r = f(exe.clone(), args.clone()).await?;
         eprintln!("bench: {name}: {}", r.summary());
         results.push(r);
+    }
+    if let Some(admin) = &args.database {
+        // The same scenarios with every service on PostgreSQL, and what the
+        // server itself does at its simplest on this machine right now.
+        let tps = pgbench::simple_update_tps(admin, args.duration())?;
+        eprintln!("bench: pgbench simple-update: {tps:.0} tps");
+        mesh::use_postgres(Some(admin.clone()));
+        for (name, f) in scenarios::ALL {
+            if !args.wants(name) {
+                continue;
+            }
+            eprintln!("bench: {name} on PostgreSQL");
+            let mut r = f(exe.clone(), args.clone()).await?;
+            r.name = Box::leak(format!("{name} (PostgreSQL)").into_boxed_str());
+            r.values
+                .push(("pgbench_simple_update_tps".into(), tps, "/s"));
+            eprintln!("bench: {}: {}", r.name, r.summary());
+            results.push(r);
+        }
+        mesh::use_postgres(None);
     }
     let written = report::write(&args, &results)?;
     for path in written {

@@ -4,7 +4,7 @@
 //! Separate processes so that each one's memory and CPU can be measured.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -64,8 +64,63 @@ pub struct Proc {
     pub name: &'static str,
     pub port: u16,
     pub metrics_port: u16,
-    pub db: PathBuf,
+    /// Its database: a SQLite file's URL, or a PostgreSQL database made
+    /// for this mesh.
+    pub db_url: String,
     child: Child,
+}
+
+/// The PostgreSQL server meshes use instead of SQLite files (an URL with
+/// the right to create databases), while set: `run --database` sets it for
+/// its second pass over the scenarios.
+static POSTGRES: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+pub fn use_postgres(admin_url: Option<String>) {
+    *POSTGRES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = admin_url;
+}
+
+pub fn postgres() -> Option<String> {
+    POSTGRES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// `url` naming database `name` instead of its own.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let server = match base.find("://") {
+        Some(scheme) => match base[scheme + 3..].find('/') {
+            Some(slash) => &base[..scheme + 3 + slash],
+            None => base,
+        },
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{server}/{name}?{q}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+/// A fresh PostgreSQL database on `admin`'s server; its URL.
+pub fn create_database(admin: &str, name: &str) -> anyhow::Result<String> {
+    use diesel::{Connection, PgConnection, RunQueryDsl};
+    let mut c = PgConnection::establish(admin)?;
+    diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\"")).execute(&mut c)?;
+    diesel::sql_query(format!("CREATE DATABASE \"{name}\"")).execute(&mut c)?;
+    Ok(with_database(admin, name))
+}
+
+pub fn drop_database(admin: &str, name: &str) {
+    use diesel::{Connection, PgConnection, RunQueryDsl};
+    if let Ok(mut c) = PgConnection::establish(admin) {
+        let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut c);
+    }
 }
 
 impl Proc {
@@ -109,6 +164,9 @@ pub struct Mesh {
     pub nats: NatsServer,
     pub dir: tempfile::TempDir,
     pub procs: Vec<Proc>,
+    /// PostgreSQL databases made for this mesh (server URL, names), dropped
+    /// with it.
+    databases: Option<(String, Vec<String>)>,
 }
 
 impl Mesh {
@@ -124,19 +182,34 @@ impl Mesh {
         let ports: Vec<u16> = services.iter().map(|_| free_port()).collect();
         let pool_url = format!("http://127.0.0.1:{}", ports[0]);
         let mut procs = Vec::new();
+        let postgres = postgres();
+        let mut databases = Vec::new();
         for (name, port) in services.iter().zip(&ports) {
             // The floor stands in for the allocation service, on the bus too.
             let user = if *name == "floor" { "allocation" } else { name };
-            let db = dir.path().join(format!("{name}.db"));
+            let db_url = match &postgres {
+                Some(admin) => {
+                    let db = format!(
+                        "gpualloc_bench_{}_{}_{}",
+                        std::process::id(),
+                        port,
+                        name.replace('-', "_")
+                    );
+                    let url = create_database(admin, &db)?;
+                    databases.push(db);
+                    url
+                }
+                None => format!(
+                    "sqlite://{}",
+                    dir.path().join(format!("{name}.db")).display()
+                ),
+            };
             let metrics_port = free_port();
             let log = std::fs::File::create(dir.path().join(format!("{name}.log")))?;
             let child = Command::new(exe)
                 .args(["node", name])
                 .env("GPUALLOC_LISTEN", format!("127.0.0.1:{port}"))
-                .env(
-                    "GPUALLOC_DATABASE_URL",
-                    format!("sqlite://{}", db.display()),
-                )
+                .env("GPUALLOC_DATABASE_URL", &db_url)
                 .env("GPUALLOC_NATS_URL", nats.url())
                 // The service names are their NATS users.
                 .env("GPUALLOC_NATS_USER", user)
@@ -164,11 +237,16 @@ impl Mesh {
                 name,
                 port: *port,
                 metrics_port,
-                db,
+                db_url,
                 child,
             });
         }
-        let mut mesh = Mesh { nats, dir, procs };
+        let mut mesh = Mesh {
+            nats,
+            dir,
+            procs,
+            databases: postgres.map(|admin| (admin, databases)),
+        };
         for i in 0..mesh.procs.len() {
             let name = mesh.procs[i].name;
             let channel = mesh.channel(name);
@@ -249,5 +327,28 @@ impl Drop for Mesh {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
+        if let Some((admin, names)) = &self.databases {
+            for name in names {
+                drop_database(admin, name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_url_names_another_database_on_the_same_server() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/postgres", "b1"),
+            "postgres://postgres@127.0.0.1:5432/b1"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h:5/db?sslmode=disable", "b2"),
+            "postgres://u:p@h:5/b2?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "b3"), "postgres://h/b3");
     }
 }

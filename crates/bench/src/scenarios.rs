@@ -712,40 +712,64 @@ async fn churn(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
 }
 
 /// Stores `n` finished allocations directly in the allocation and pool
-/// databases (history a long-running installation has).
+/// databases (history a long-running installation has), SQLite or
+/// PostgreSQL.
 fn seed(mesh: &Mesh, n: u64) -> anyhow::Result<()> {
-    use diesel::{Connection, RunQueryDsl, SqliteConnection};
+    use diesel::{Connection, PgConnection, RunQueryDsl, SqliteConnection};
     let now = gpualloc_domain::time::now_micros() - 86_400_000_000;
+    let pg = mesh.proc("allocation").db_url.starts_with("postgres");
+    // The row numbers 1..=n and ids made of them, in each dialect.
+    let (with, from, id, tenant) = if pg {
+        (
+            String::new(),
+            format!("generate_series(1, {n}) AS seq(n)"),
+            "'seed-' || lpad(n::text, 9, '0')",
+            "'seed-' || lpad((n % 500)::text, 3, '0')",
+        )
+    } else {
+        (
+            format!(
+                "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < {n}) "
+            ),
+            "seq".to_owned(),
+            "printf('seed-%09d', n)",
+            "printf('seed-%03d', n % 500)",
+        )
+    };
     for (service, sql) in [
         (
             "allocation",
             format!(
-                "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < {n}) \
-                 INSERT INTO allocations (allocation_id, tenant, state, reason, resources, pool_id, \
+                "{with}INSERT INTO allocations (allocation_id, tenant, state, reason, resources, pool_id, \
                  priority, request_id, fingerprint, labels, lease_micros, version, pool_version, \
                  approved_time, create_time, update_time, expire_time, redrives, redrive_time) \
-                 SELECT printf('seed-%09d', n), printf('seed-%03d', n % 500), 'CANCELLED', 'seeded', \
-                 '{{}}', 'bench', 0, printf('seed-%09d', n), '', '{{}}', NULL, 4, 2, NULL, \
-                 {now} + n, {now} + n, NULL, 0, NULL FROM seq"
+                 SELECT {id}, {tenant}, 'CANCELLED', 'seeded', \
+                 '{{}}', 'bench', 0, {id}, '', '{{}}', NULL, 4, 2, NULL, \
+                 {now} + n, {now} + n, NULL, 0, NULL FROM {from}"
             ),
         ),
         (
             "resource-pool",
             format!(
-                "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < {n}) \
-                 INSERT INTO reservations (allocation_id, tenant, state, demand, pool_id, gpu_model, \
+                "{with}INSERT INTO reservations (allocation_id, tenant, state, demand, pool_id, gpu_model, \
                  priority, request_time, lease_micros, hold_deadline, expire_time, reason, outcome, \
                  version, create_time, update_time) \
-                 SELECT printf('seed-%09d', n), printf('seed-%03d', n % 500), 'RELEASED', '{{}}', \
+                 SELECT {id}, {tenant}, 'RELEASED', '{{}}', \
                  'bench', 'A100', 0, {now} + n, NULL, NULL, NULL, 'seeded', 'CANCELLED', 2, \
-                 {now} + n, {now} + n FROM seq"
+                 {now} + n, {now} + n FROM {from}"
             ),
         ),
     ] {
-        let path = &mesh.proc(service).db;
-        let mut c = SqliteConnection::establish(&path.display().to_string())?;
-        diesel::sql_query("PRAGMA busy_timeout = 60000").execute(&mut c)?;
-        diesel::sql_query(sql).execute(&mut c)?;
+        let url = &mesh.proc(service).db_url;
+        if pg {
+            let mut c = PgConnection::establish(url)?;
+            diesel::sql_query(sql).execute(&mut c)?;
+        } else {
+            let path = url.trim_start_matches("sqlite://");
+            let mut c = SqliteConnection::establish(path)?;
+            diesel::sql_query("PRAGMA busy_timeout = 60000").execute(&mut c)?;
+            diesel::sql_query(sql).execute(&mut c)?;
+        }
     }
     Ok(())
 }
@@ -887,7 +911,6 @@ async fn fanout(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
             .into_inner();
         let (deliveries, ready) = (deliveries.clone(), ready.clone());
         tokio::spawn(async move {
-            let mut mine = load::histogram();
             while let Some(Ok(m)) = stream.next().await {
                 if m.r#type == vpb::WatchEventType::SnapshotEnd as i32 {
                     ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -902,17 +925,10 @@ async fn fanout(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
                     (m.r#type == vpb::WatchEventType::Change as i32, changed)
                 {
                     let late = gpualloc_domain::time::now_micros() - changed;
-                    let _ = mine.record(late.max(1) as u64);
-                    if mine.len() >= 256
-                        && let Ok(mut all) = deliveries.lock()
-                    {
-                        let _ = all.add(&mine);
-                        mine.reset();
+                    if let Ok(mut all) = deliveries.lock() {
+                        let _ = all.record(late.max(1) as u64);
                     }
                 }
-            }
-            if let Ok(mut all) = deliveries.lock() {
-                let _ = all.add(&mine);
             }
         });
     }

@@ -10,11 +10,15 @@ use std::process::Command;
 #[test]
 fn every_scenario_runs_and_is_reported() {
     let out = tempfile::tempdir().unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_gpualloc-bench"))
-        .args(["run", "--smoke", "--out"])
-        .arg(out.path())
-        .status()
-        .unwrap();
+    // With a PostgreSQL server to use (`cargo xtask test` provides one),
+    // every scenario runs on it as well.
+    let postgres = std::env::var("GPUALLOC_TEST_DATABASE_URL").ok();
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_gpualloc-bench"));
+    bench.args(["run", "--smoke", "--out"]).arg(out.path());
+    if let Some(url) = &postgres {
+        bench.args(["--database", url]);
+    }
+    let status = bench.status().unwrap();
     assert!(status.success(), "the smoke run failed: {status:?}");
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("smoke.json")).unwrap())
@@ -24,10 +28,24 @@ fn every_scenario_runs_and_is_reported() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        names,
-        ["quota-check", "create", "saga", "churn", "scale", "fanout"]
-    );
+    let sqlite = ["quota-check", "create", "saga", "churn", "scale", "fanout"];
+    assert_eq!(names[..sqlite.len()], sqlite);
+    if postgres.is_some() {
+        let on_postgres: Vec<String> = sqlite.iter().map(|n| format!("{n} (PostgreSQL)")).collect();
+        assert_eq!(names[sqlite.len()..], on_postgres);
+        // Each read against pgbench on the same server, in the same run.
+        for s in &scenarios[sqlite.len()..] {
+            let tps = s["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == "pgbench_simple_update_tps")
+                .unwrap();
+            assert!(tps["value"].as_f64().unwrap() > 0.0, "{s}");
+        }
+    } else {
+        assert_eq!(names.len(), sqlite.len());
+    }
     for s in scenarios {
         let name = s["name"].as_str().unwrap();
         // Something was measured, with each service's memory and CPU.
