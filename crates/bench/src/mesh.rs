@@ -301,6 +301,29 @@ impl Mesh {
             .unwrap_or_else(|_| unreachable_channel())
     }
 
+    /// Transactions committed so far in this mesh's PostgreSQL databases
+    /// (`pg_stat_database`, which backends report about once a second);
+    /// `None` on SQLite.
+    pub fn pg_commits(&self) -> Option<i64> {
+        use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl, sql_types::BigInt};
+        #[derive(QueryableByName)]
+        struct Commits {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        let (admin, names) = self.databases.as_ref()?;
+        let list: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+        let mut c = PgConnection::establish(admin).ok()?;
+        diesel::sql_query(format!(
+            "SELECT coalesce(sum(xact_commit), 0)::bigint AS n FROM pg_stat_database \
+             WHERE datname IN ({})",
+            list.join(", ")
+        ))
+        .get_result::<Commits>(&mut c)
+        .ok()
+        .map(|r| r.n)
+    }
+
     pub fn proc_usage(&self, name: &str) -> Usage {
         usage(self.proc(name).pid())
     }

@@ -566,7 +566,19 @@ async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
 
     // At half the maximum: request → ALLOCATED in the viewer.
     let cpu_before = mesh_cpu_seconds(&mesh);
+    let commits_before = mesh.pg_commits();
     let half = load::open(max_rate / 2.0, d, to_allocated_op(&mesh, &arrivals, "half")).await;
+    if let Some(before) = commits_before {
+        // On PostgreSQL: what each allocation costs the server in commits
+        // (its statistics lag by up to a second).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let after = mesh.pg_commits().unwrap_or(before);
+        out.value(
+            "pg_commits_per_allocation",
+            (after - before) as f64 / (half.ok as f64).max(1.0),
+            "",
+        );
+    }
     // What one allocation costs the mesh's processes at that rate: far
     // steadier between runs than the maximum, so changes show in it first.
     let cpu = mesh_cpu_seconds(&mesh) - cpu_before;
