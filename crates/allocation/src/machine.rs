@@ -165,13 +165,13 @@ impl PoolDecision {
 
 impl Allocation {
     /// A new allocation: PENDING, asking the pool, or AWAITING_APPROVAL,
-    /// waiting for an administrator.
+    /// waiting for an administrator; with the facts that announce it.
     pub fn create(
         id: AllocationId,
         new: &NewAllocation,
         awaiting_approval: bool,
         now: i64,
-    ) -> Step {
+    ) -> (Allocation, Vec<Fact>) {
         let (state, reason) = if awaiting_approval {
             (
                 State::AwaitingApproval,
@@ -210,7 +210,7 @@ impl Allocation {
         if state == State::Pending {
             facts.push(Fact::PlacementRequested);
         }
-        Step::Next { next, facts }
+        (next, facts)
     }
 
     /// Whether `caller` may see and act on it; to everyone else it does
@@ -458,12 +458,12 @@ impl Allocation {
     }
 }
 
-/// Builds a [`Step`] from one allocation: each change is a new version,
-/// announced with its snapshot.
+/// Builds a [`Step::Next`] from one allocation: each change is a new
+/// version, announced with its snapshot. (A step that changes nothing is
+/// [`Step::Same`], decided before one of these is made.)
 struct Changes {
     next: Allocation,
     facts: Vec<Fact>,
-    written: bool,
 }
 
 impl Changes {
@@ -471,7 +471,6 @@ impl Changes {
         Changes {
             next: from.clone(),
             facts: Vec::new(),
-            written: false,
         }
     }
 
@@ -529,14 +528,12 @@ impl Changes {
             previous: Some(previous),
             actor: actor.to_owned(),
         });
-        self.written = true;
         self
     }
 
     /// Records a decision's version without announcing anything.
     fn seen(mut self, version: i64) -> Self {
         self.next.pool_version = version;
-        self.written = true;
         self
     }
 
@@ -546,13 +543,9 @@ impl Changes {
     }
 
     fn done(self) -> Step {
-        if self.written {
-            Step::Next {
-                next: self.next,
-                facts: self.facts,
-            }
-        } else {
-            Step::Same
+        Step::Next {
+            next: self.next,
+            facts: self.facts,
         }
     }
 }

@@ -43,11 +43,7 @@ pub fn create(
     if let Some(a) = replay(conn, new)? {
         return Ok(a);
     }
-    let Step::Next { next, facts } =
-        Allocation::create(AllocationId::new(), new, awaiting_approval, emit.now())
-    else {
-        return Err(Error::Invariant("a creation that creates nothing".into()));
-    };
+    let (next, facts) = Allocation::create(AllocationId::new(), new, awaiting_approval, emit.now());
     // Every change of the allocation travels whole in an event: one the
     // broker would refuse must not be accepted (the per-field limits keep
     // requests far below this; this holds if they grow).

@@ -259,10 +259,7 @@ fn start(awaiting: bool, lease: bool) -> (Allocation, Model) {
         labels: BTreeMap::new(),
         display_name: String::new(),
     };
-    let Step::Next { next, facts } = Allocation::create(AllocationId::new(), &new, awaiting, T0)
-    else {
-        panic!("a creation that creates nothing")
-    };
+    let (next, facts) = Allocation::create(AllocationId::new(), &new, awaiting, T0);
     let state = if awaiting {
         State::AwaitingApproval
     } else {

@@ -569,10 +569,18 @@ async fn saga(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
     let commits_before = mesh.pg_commits();
     let half = load::open(max_rate / 2.0, d, to_allocated_op(&mesh, &arrivals, "half")).await;
     if let Some(before) = commits_before {
-        // On PostgreSQL: what each allocation costs the server in commits
-        // (its statistics lag by up to a second).
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let after = mesh.pg_commits().unwrap_or(before);
+        // On PostgreSQL: what each allocation costs the server in commits.
+        // Backends report their counts at most once a second, so the
+        // figure is read until it has held still for longer than that.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut after, mut since) = (mesh.pg_commits().unwrap_or(before), Instant::now());
+        while Instant::now() < deadline && since.elapsed() < Duration::from_millis(1100) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = mesh.pg_commits().unwrap_or(after);
+            if now != after {
+                (after, since) = (now, Instant::now());
+            }
+        }
         out.value(
             "pg_commits_per_allocation",
             (after - before) as f64 / (half.ok as f64).max(1.0),
@@ -961,8 +969,20 @@ async fn fanout(exe: PathBuf, args: RunArgs) -> anyhow::Result<ScenarioResult> {
         per_alloc(viewer_cpu() - c1, &watched),
         "ms",
     );
-    // The last deliveries of the run arrive shortly after it.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every allocation of the run reached ALLOCATED in the viewer; each
+    // busy watcher gets at least its PENDING and ALLOCATED versions, the
+    // last of them shortly after.
+    let expected = (BUSY_WATCHERS as u64) * 2 * watched.ok;
+    let received = || deliveries.lock().map_or(0, |h| h.len());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while received() < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::ensure!(
+        received() >= expected,
+        "the busy watchers received {} of at least {expected} changes",
+        received()
+    );
     let deliveries = deliveries
         .lock()
         .map(|h| h.clone())

@@ -63,18 +63,7 @@ pub fn put_pool(
     let new: BTreeMap<Class, i64> = spec.capacity.lines().into_iter().collect();
     match &existing {
         Some(p) => {
-            let below: Vec<String> = p
-                .state
-                .used
-                .iter()
-                .filter(|(c, used)| **used > new.get(*c).copied().unwrap_or(0))
-                .map(|(c, used)| {
-                    format!(
-                        "{c} (granted {used}, new capacity {})",
-                        new.get(c).copied().unwrap_or(0)
-                    )
-                })
-                .collect();
+            let below = above_new(&p.state.used, &new, "granted", "new capacity");
             if !below.is_empty() {
                 return Err(Error::Precondition {
                     reason: "CAPACITY_BELOW_USAGE",
@@ -197,17 +186,7 @@ pub fn set_quota(
         .map_err(|e| Error::Invariant(format!("encoding approval_above: {e}")))?;
     let version = match &existing {
         Some((row, state)) => {
-            let below: Vec<String> = state
-                .charged
-                .iter()
-                .filter(|(c, used)| **used > new.get(*c).copied().unwrap_or(0))
-                .map(|(c, used)| {
-                    format!(
-                        "{c} (in use {used}, new limit {})",
-                        new.get(c).copied().unwrap_or(0)
-                    )
-                })
-                .collect();
+            let below = above_new(&state.charged, &new, "in use", "new limit");
             if !below.is_empty() {
                 return Err(Error::Precondition {
                     reason: "QUOTA_BELOW_USAGE",
@@ -252,6 +231,22 @@ pub fn pool_to_proto(p: &store::PoolRecord) -> pb::Pool {
         create_time: Some(time::to_timestamp(p.row.create_time)),
         update_time: Some(time::to_timestamp(p.row.update_time)),
     }
+}
+
+/// The classes in which `used` exceeds the `new` per-class amounts (a
+/// class `new` leaves out has 0), described for the refusal.
+fn above_new(
+    used: &BTreeMap<Class, i64>,
+    new: &BTreeMap<Class, i64>,
+    used_as: &str,
+    new_as: &str,
+) -> Vec<String> {
+    used.iter()
+        .filter_map(|(c, used)| {
+            let limit = new.get(c).copied().unwrap_or(0);
+            (*used > limit).then(|| format!("{c} ({used_as} {used}, {new_as} {limit})"))
+        })
+        .collect()
 }
 
 /// The pool as `PoolChanged` carries it: the events' own message, built

@@ -122,22 +122,16 @@ pub fn on_requested(
         _ => {
             // Allocation validates before emitting; this is a defence
             // against a foreign publisher, not a normal path.
-            let reason = "the request is malformed";
-            let cause = ev::RejectCause::Unspecified;
-            insert_row(
+            return refuse(
                 conn,
+                emit,
                 event,
                 &info,
-                NewRow::ended(
-                    ReservationState::Rejected,
-                    &Resources::default(),
-                    reason,
-                    cause.as_str_name(),
-                ),
+                &Resources::default(),
+                "the request is malformed",
+                ev::RejectCause::Unspecified,
                 now,
-            )?;
-            emit.emit(id, &event.tenant, 1, rejected(reason, cause));
-            return Ok(());
+            );
         }
     };
     let pools = store::pool_states(conn)?;
@@ -167,38 +161,26 @@ pub fn on_requested(
         return Ok(());
     }
     match verdict {
-        Verdict::ExceedsQuota { reason, .. } => {
-            let cause = ev::RejectCause::ExceedsQuota;
-            insert_row(
-                conn,
-                event,
-                &info,
-                NewRow::ended(
-                    ReservationState::Rejected,
-                    &demand,
-                    &reason,
-                    cause.as_str_name(),
-                ),
-                now,
-            )?;
-            emit.emit(id, tenant.as_str(), 1, rejected(&reason, cause));
-        }
-        Verdict::Unsatisfiable(reason) => {
-            let cause = ev::RejectCause::Unsatisfiable;
-            insert_row(
-                conn,
-                event,
-                &info,
-                NewRow::ended(
-                    ReservationState::Rejected,
-                    &demand,
-                    &reason,
-                    cause.as_str_name(),
-                ),
-                now,
-            )?;
-            emit.emit(id, tenant.as_str(), 1, rejected(&reason, cause));
-        }
+        Verdict::ExceedsQuota { reason, .. } => refuse(
+            conn,
+            emit,
+            event,
+            &info,
+            &demand,
+            &reason,
+            ev::RejectCause::ExceedsQuota,
+            now,
+        )?,
+        Verdict::Unsatisfiable(reason) => refuse(
+            conn,
+            emit,
+            event,
+            &info,
+            &demand,
+            &reason,
+            ev::RejectCause::Unsatisfiable,
+            now,
+        )?,
         Verdict::Allowed(p) => {
             store::charge_tenant(conn, tenant.as_str(), &demand.quota_lines(), 1, true, true)?;
             store::take_pool(conn, &p.pool, &p.lines)?;
@@ -543,6 +525,40 @@ pub fn sweep(conn: &mut DbConnection, emit: &mut Emitter, batch: i64) -> Result<
         admit(conn, emit)?;
     }
     Ok(swept)
+}
+
+/// Records a request as refused on arrival (nothing reserved) and says so:
+/// reservation version 1.
+#[allow(clippy::too_many_arguments)] // the request's parts, each used once
+fn refuse(
+    conn: &mut DbConnection,
+    emit: &mut Emitter,
+    event: &Event,
+    info: &RequestInfo,
+    demand: &Resources,
+    reason: &str,
+    cause: ev::RejectCause,
+    now: i64,
+) -> Result<(), Error> {
+    insert_row(
+        conn,
+        event,
+        info,
+        NewRow::ended(
+            ReservationState::Rejected,
+            demand,
+            reason,
+            cause.as_str_name(),
+        ),
+        now,
+    )?;
+    emit.emit(
+        &event.allocation_id,
+        &event.tenant,
+        1,
+        rejected(reason, cause),
+    );
+    Ok(())
 }
 
 fn rejected(reason: &str, cause: ev::RejectCause) -> Payload {

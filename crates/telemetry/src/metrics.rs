@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 pub type Labels = Vec<(&'static str, String)>;
 type FloatGauge = Gauge<f64, AtomicU64>;
 
-fn latency() -> Histogram {
-    // 100 µs to ~13 s.
+/// The histogram every latency is measured in: 100 µs to ~13 s.
+pub fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 18))
 }
 
@@ -68,7 +68,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("gpualloc");
         let m = Metrics {
             rpc_requests: Family::default(),
-            rpc_duration: Family::new_with_constructor(latency),
+            rpc_duration: Family::new_with_constructor(latency_histogram),
             nats_connected: Family::default(),
             outbox_backlog: Family::default(),
             outbox_oldest_age: Family::default(),
@@ -186,11 +186,6 @@ pub fn register_service(registry: Registry) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .push(registry);
-}
-
-/// The histogram every latency is measured in: 100 µs to ~13 s.
-pub fn latency_histogram() -> Histogram {
-    latency()
 }
 
 /// Sets `family` to exactly `values`: series that are gone since the last
