@@ -231,7 +231,7 @@ impl AllocationService for AllocationApi {
         // A retry with the same key must not ask the pool again.
         if new.request_id.is_some() {
             let n = new.clone();
-            if let Some(row) = db.read(move |conn| ops::replay(conn, &n)).await? {
+            if let Some(row) = db.read_short(move |conn| ops::replay(conn, &n)).await? {
                 return respond(row);
             }
         }
@@ -271,7 +271,7 @@ impl AllocationService for AllocationApi {
             // winner's allocation.
             Err(e) if is_unique_violation(&e) => {
                 let n = new.clone();
-                match db.read(move |conn| ops::replay(conn, &n)).await? {
+                match db.read_short(move |conn| ops::replay(conn, &n)).await? {
                     Some(row) => respond(row),
                     None => Err(e.into()),
                 }
@@ -289,7 +289,7 @@ impl AllocationService for AllocationApi {
         let row = self
             .db
             .get()?
-            .read(move |conn| ops::load_for(conn, &id, &caller))
+            .read_short(move |conn| ops::load_for(conn, &id, &caller))
             .await?;
         respond(row)
     }

@@ -67,7 +67,7 @@ impl QuotaCache {
         }
         let t = tenant.to_owned();
         let (pools, state) = db
-            .read(move |conn| {
+            .read_short(move |conn| {
                 let pools = store::pool_states(conn)?;
                 let state = store::load_tenant(conn, &t)?.map(|(_, s)| s);
                 Ok::<_, Error>((pools, state))

@@ -168,7 +168,7 @@ pub async fn drain(db: &Db, bus: &Bus, config: &RelayConfig) -> anyhow::Result<u
         let grace = i64::try_from(config.foreign_grace.as_micros()).unwrap_or(i64::MAX);
         let batch = config.batch;
         let rows = db
-            .read(move |c| {
+            .read_short(move |c| {
                 Ok::<_, DbError>(outbox::pending(c, &origin, now_micros() - grace, batch)?)
             })
             .await?;

@@ -250,7 +250,42 @@ async fn a_panicking_write_fails_alone(url: String) {
     );
 }
 
+async fn short_pending(db: &Db) -> Result<Vec<outbox::PendingRow>, DbError> {
+    db.read_short(|c| Ok::<_, DbError>(outbox::pending(c, "a", 0, 100)?))
+        .await
+}
+
+/// A short read (run on the calling task on SQLite) sees what committed,
+/// and one that panics fails its caller alone: the reads after it, more
+/// than the pool has connections, still answer.
+async fn short_reads_see_commits_and_survive_a_panic(url: String) {
+    let db = open(&url).await;
+    db.write(|c| Ok::<_, DbError>(outbox::append(c, "a", 1, &[message(1, "x")])?))
+        .await
+        .unwrap();
+    assert_eq!(event_ids(&short_pending(&db).await.unwrap()), ["ev-1"]);
+    let panicked = db
+        .read_short(|c| {
+            let rows = outbox::pending(c, "a", 0, 100)?;
+            if std::hint::black_box(true) {
+                panic!("a bug in a read");
+            }
+            Ok::<_, DbError>(rows)
+        })
+        .await;
+    assert!(panicked.is_err());
+    for i in 2..40 {
+        db.write(move |c| Ok::<_, DbError>(outbox::append(c, "a", 1, &[message(i, "x")])?))
+            .await
+            .unwrap();
+        let rows = short_pending(&db).await.unwrap();
+        assert_eq!(rows.len(), i as usize, "a short read missed a commit");
+    }
+    assert_eq!(pending(&db, "a", 0, 100).await.len(), 39);
+}
+
 gpualloc_testkit::backend_tests!(
+    short_reads_see_commits_and_survive_a_panic,
     a_panicking_write_fails_alone,
     the_write_generation_moves_after_each_write,
     migrations_are_idempotent,

@@ -295,7 +295,7 @@ async fn follow(
         let f = filter.clone();
         let cursor = after.clone();
         let page = db
-            .read(move |c| {
+            .read_short(move |c| {
                 store::watch_snapshot(
                     c,
                     f.tenant.as_deref(),
@@ -350,7 +350,7 @@ async fn follow(
     }
     for (id, seen, current) in catch_up {
         let rows = db
-            .read(move |c| store::history_after(c, &id, seen, current))
+            .read_short(move |c| store::history_after(c, &id, seen, current))
             .await
             .map_err(Status::from)?;
         for row in rows {
@@ -489,7 +489,7 @@ async fn read_window<T: Send + 'static>(
     query: WindowQuery<T>,
 ) -> Result<Vec<T>, Status> {
     let f = filter.clone();
-    db.read(move |c| {
+    db.read_short(move |c| {
         query(
             c,
             f.tenant.as_deref(),
