@@ -1,15 +1,19 @@
 //! `cargo xtask bench`: the full benchmark in a release build (see
-//! docs/benchmarks.md). Arguments after `--` go to `gpualloc-bench run`.
+//! docs/benchmarks.md), on SQLite and on PostgreSQL. Arguments after `--`
+//! go to `gpualloc-bench run`.
 
 use std::process::Command;
 
-use crate::{install, procs};
+use crate::{install, procs, test};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Passed to `gpualloc-bench run`, e.g. `-- --scenarios saga --seconds 20`,
-    /// or `-- --database postgres://postgres@127.0.0.1:5432/postgres` to run
-    /// every scenario on PostgreSQL as well.
+    /// Only SQLite: no PostgreSQL pass.
+    #[arg(long)]
+    sqlite_only: bool,
+    /// Passed to `gpualloc-bench run`, e.g. `-- --scenarios saga --seconds 20`.
+    /// Without `-- --database postgres://…` the PostgreSQL pass runs on a
+    /// throwaway cluster started here with PostgreSQL's durable defaults.
     #[arg(last = true)]
     bench_args: Vec<String>,
 }
@@ -39,10 +43,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .env("PATH", path)
         .arg("run")
         .args(&args.bench_args);
-    // `--database`: the PostgreSQL pass reads against pgbench, which comes
-    // with the server's binaries.
-    if args.bench_args.iter().any(|a| a.starts_with("--database")) {
+    let given = args.bench_args.iter().any(|a| a.starts_with("--database"));
+    let scratch = std::env::temp_dir().join(format!("gpualloc-bench-{}", std::process::id()));
+    // Stopped (and its data removed) when dropped.
+    let cluster = if !given && !args.sqlite_only {
+        std::fs::create_dir_all(&scratch)?;
+        Some(test::Cluster::start(&scratch, true)?)
+    } else {
+        None
+    };
+    if let Some(c) = &cluster {
+        bench.args([
+            "--database",
+            &format!("postgres://postgres@127.0.0.1:{}/postgres", c.port),
+        ]);
+    }
+    // The PostgreSQL pass reads against pgbench, which comes with the
+    // server's binaries.
+    if given || !args.sqlite_only {
         bench.env("GPUALLOC_PG_BIN", install::postgres_bin()?);
     }
-    procs::run("gpualloc-bench run", &mut bench)
+    let result = procs::run("gpualloc-bench run", &mut bench);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
 }

@@ -129,7 +129,7 @@ fn postgres(scratch: &Path, own: bool) -> anyhow::Result<(String, Option<Cluster
     if !own && TcpStream::connect(("127.0.0.1", 5432)).is_ok() {
         return Ok(("postgres://postgres@127.0.0.1:5432/postgres".into(), None));
     }
-    let cluster = Cluster::start(scratch)?;
+    let cluster = Cluster::start(scratch, false)?;
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", cluster.port);
     Ok((url, Some(cluster)))
 }
@@ -139,7 +139,7 @@ fn postgres(scratch: &Path, own: bool) -> anyhow::Result<(String, Option<Cluster
 pub struct Cluster {
     bin: PathBuf,
     data: PathBuf,
-    port: u16,
+    pub port: u16,
     as_postgres: bool,
 }
 
@@ -155,7 +155,9 @@ impl Cluster {
         }
     }
 
-    fn start(scratch: &Path) -> anyhow::Result<Cluster> {
+    /// Starts a cluster on a free port. `durable: false` turns fsync off
+    /// (tests); the benchmark keeps PostgreSQL's durable defaults.
+    pub fn start(scratch: &Path, durable: bool) -> anyhow::Result<Cluster> {
         let bin = install::postgres_bin()?;
         let as_postgres = Command::new("id")
             .arg("-u")
@@ -188,9 +190,10 @@ impl Cluster {
                 .stdout(std::process::Stdio::null()),
         )?;
         let options = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c fsync=off",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300{}",
             cluster.port,
-            cluster.data.display()
+            cluster.data.display(),
+            if durable { "" } else { " -c fsync=off" }
         );
         procs::run(
             "pg_ctl start",

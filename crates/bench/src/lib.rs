@@ -52,7 +52,8 @@ pub struct RunArgs {
     /// Where the JSON, markdown and SVG go.
     #[arg(long, default_value = "docs/benchmarks")]
     pub out: PathBuf,
-    /// Stored allocations for the large half of `scale`.
+    /// Stored allocations at the far end of `scale`'s history curve (it
+    /// measures 10³, 10⁴, … up to this).
     #[arg(long, default_value_t = 1_000_000)]
     pub scale_large: u64,
     /// Run the saga's open-loop phases at half of this rate instead of half

@@ -98,8 +98,30 @@ fn every_scenario_runs_and_is_reported() {
         .find(|v| v["name"] == "floor_rps")
         .unwrap();
     assert!(floor["value"].as_f64().unwrap() > 0.0, "{floor}");
+    // The scale scenario's cost curves: by stored history and by pool
+    // count, p50 and p99 of both calls measured at every point.
+    let curves = scenarios[4]["curves"].as_array().unwrap();
+    let xs: Vec<&serde_json::Value> = curves.iter().map(|c| &c["xs"]).collect();
+    assert_eq!(
+        xs,
+        [
+            &serde_json::json!([1000.0, 10000.0]),
+            &serde_json::json!([10.0, 100.0])
+        ]
+    );
+    for c in curves {
+        let series = c["series"].as_array().unwrap();
+        assert_eq!(series.len(), 4, "{c}");
+        for s in series {
+            let ms = s["ms"].as_array().unwrap();
+            assert_eq!(ms.len(), 2, "{c}");
+            assert!(ms.iter().all(|v| v.as_f64().unwrap() > 0.0), "{c}");
+        }
+    }
     let md = std::fs::read_to_string(out.path().join("smoke.md")).unwrap();
+    assert!(md.contains("Cost by pools"), "{md}");
     assert!(md.contains("| target | measured | goal | met |"), "{md}");
     let svg = std::fs::read_to_string(out.path().join("smoke.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("Cost by stored allocations"), "{svg}");
 }
