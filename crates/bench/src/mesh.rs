@@ -160,6 +160,12 @@ pub fn usage(pid: u32) -> Usage {
     }
 }
 
+/// Resets a process's peak resident memory (`VmHWM`) to what it holds now,
+/// so that the next [`usage`] reports the peak of what follows.
+pub fn reset_peak_rss(pid: u32) -> std::io::Result<()> {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5")
+}
+
 pub struct Mesh {
     pub nats: NatsServer,
     pub dir: tempfile::TempDir,

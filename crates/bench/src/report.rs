@@ -92,12 +92,13 @@ pub fn to_markdown(results: &[ScenarioResult]) -> String {
         m["kernel"].as_str().unwrap_or(""),
         m["profile"].as_str().unwrap_or("")
     );
-    out.push_str("| target | measured | goal | met |\n|---|---:|---:|---|\n");
+    out.push_str("| scenario | target | measured | goal | met |\n|---|---|---:|---:|---|\n");
     for r in results {
         for t in &r.targets {
             let _ = writeln!(
                 out,
-                "| {} | {:.2} | {} {} | {} |",
+                "| {} | {} | {:.2} | {} {} | {} |",
+                r.name,
                 t.what,
                 t.value,
                 if t.at_least { "≥" } else { "≤" },

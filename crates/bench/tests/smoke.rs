@@ -120,7 +120,10 @@ fn every_scenario_runs_and_is_reported() {
     }
     let md = std::fs::read_to_string(out.path().join("smoke.md")).unwrap();
     assert!(md.contains("Cost by pools"), "{md}");
-    assert!(md.contains("| target | measured | goal | met |"), "{md}");
+    assert!(
+        md.contains("| scenario | target | measured | goal | met |"),
+        "{md}"
+    );
     let svg = std::fs::read_to_string(out.path().join("smoke.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("Cost by stored allocations"), "{svg}");
