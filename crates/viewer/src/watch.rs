@@ -345,8 +345,14 @@ async fn follow(
         r#type: pb::WatchEventType::SnapshotEnd as i32,
         view: None,
     };
-    if let Sent::Stop = send(tx, overflow, end) {
-        return Ok(());
+    // Like the snapshot, its end waits for room: the last page's sends
+    // leave the buffer full until the client reads, and a client reading
+    // a snapshot at its own pace has not fallen behind any change.
+    tokio::select! {
+        sent = tx.send(Ok(end)) => if sent.is_err() { return Ok(()) },
+        _ = stopping.cancelled() => {
+            return Err(Status::unavailable("the viewer is shutting down; reconnect to another replica"));
+        }
     }
     for (id, seen, current) in catch_up {
         let rows = db
