@@ -112,6 +112,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             eprintln!("bench: {name} on PostgreSQL");
             let mut r = f(exe.clone(), args.clone()).await?;
             r.name = Box::leak(format!("{name} (PostgreSQL)").into_boxed_str());
+            for c in &mut r.curves {
+                c.title.push_str(" on PostgreSQL");
+            }
             r.values
                 .push(("pgbench_simple_update_tps".into(), tps, "/s"));
             eprintln!("bench: {}: {}", r.name, r.summary());
